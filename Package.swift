@@ -1,0 +1,42 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "MoECheck",
+    products: [
+        .executable(name: "moecheck", targets: ["moecheck"]),
+        .library(name: "MoEVerify", targets: ["MoEVerify"]),
+        .library(name: "MoEReference", targets: ["MoEReference"]),
+        .library(name: "TensorIO", targets: ["TensorIO"]),
+        .library(name: "LowPrecision", targets: ["LowPrecision"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // OpenBLAS's cblas interface (Debian: libopenblas-dev), found through pkg-config.
+        .systemLibrary(
+            name: "COpenBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+        .target(name: "LowPrecision"),
+        .target(name: "TensorIO", dependencies: ["LowPrecision"]),
+        .target(name: "MoEReference", dependencies: ["LowPrecision", "TensorIO", "COpenBLAS"]),
+        .target(name: "KernelBridge", dependencies: ["TensorIO"]),
+        .target(name: "MoEVerify", dependencies: ["LowPrecision", "TensorIO", "MoEReference", "KernelBridge"]),
+        .executableTarget(
+            name: "moecheck",
+            dependencies: [
+                "MoEVerify", "MoEReference", "TensorIO", "KernelBridge",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "LowPrecisionTests", dependencies: ["LowPrecision"]),
+        .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "LowPrecision"]),
+        .testTarget(name: "MoEReferenceTests", dependencies: ["MoEReference", "TensorIO", "LowPrecision"]),
+        .testTarget(name: "KernelBridgeTests", dependencies: ["KernelBridge"]),
+        .testTarget(name: "MoEVerifyTests", dependencies: ["MoEVerify", "MoEReference", "TensorIO", "KernelBridge"]),
+    ],
+    swiftLanguageModes: [.v5]
+)
