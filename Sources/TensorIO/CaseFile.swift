@@ -1,0 +1,397 @@
+import Foundation
+import LowPrecision
+
+/// How the routed experts are laid out in a case file.
+public enum ExpertLayout: String, Codable, Sendable {
+    /// `experts.gate_up_proj [E, 2I, H]` (gate rows first) + `experts.down_proj [E, H, I]`.
+    case combined
+    /// `experts.{e}.{gate,up,down}_proj.weight`.
+    case perExpert = "per-expert"
+}
+
+/// One projection matrix `[rows, columns]` inside a tensor (a 2-D tensor, or slab `slab` of a
+/// 3-D one), with its optional block-scale tensor.
+struct Projection {
+    let weightName: String
+    let weight: Tensor
+    let scale: Tensor?
+    let scaleName: String?
+    let slab: Int?
+    let rows: Int
+    let columns: Int
+    /// First row of this projection inside the slab.
+    let rowStart: Int
+    /// Scale-block rows count from this row (0, or I when gate and up are blocked separately).
+    let blockOrigin: Int
+    /// Scale-block row index that `blockOrigin` maps to.
+    let scaleRowStart: Int
+
+    /// Decodes the projection into `out` (`rows × columns`), dequantizing fp8 with its block
+    /// scales; throws on NaN/Inf naming the tensor and element.
+    func decode(into out: UnsafeMutablePointer<Double>, file: String) throws {
+        let slabRows = weight.shape.count == 3 ? weight.shape[1] : rows
+        let base = (slab ?? 0) * slabRows * columns + rowStart * columns
+        weight.decode(base..<(base + rows * columns), into: out)
+        if let scale {
+            let sRows = scale.shape[scale.shape.count - 2], sCols = scale.shape[scale.shape.count - 1]
+            let sBase = (slab ?? 0) * sRows * sCols
+            var rowScales = [Double](repeating: 0, count: sCols)
+            for r in 0..<rows {
+                let br = (rowStart + r - blockOrigin) / 128 + scaleRowStart
+                rowScales.withUnsafeMutableBufferPointer { rs in scale.decode((sBase + br * sCols)..<(sBase + (br + 1) * sCols), into: rs.baseAddress!) }
+                let row = out + r * columns
+                for c in 0..<columns { row[c] *= rowScales[c >> 7] }
+            }
+        }
+        for i in 0..<(rows * columns) where !out[i].isFinite {
+            let r = i / columns, c = i % columns
+            let which = slab.map { "expert \($0), " } ?? ""
+            throw TensorIOError(file: file, tensor: weightName, "non-finite weight \(out[i]) at \(which)row \(rowStart + r), column \(c)")
+        }
+    }
+}
+
+/// A MoE case file: one layer in HF checkpoint naming plus (optionally) its input
+/// `hidden_states [T, H]` — DESIGN.md §4. The prefix (`model.layers.N.mlp.`) is found from the
+/// key ending in `mlp.gate.weight`; the config comes from `__metadata__["config"]` or a
+/// `config.json` beside the file. Opening validates every shape against the config.
+public final class MoECaseFile: MoELayerSource {
+    public let path: String
+    public let file: SafetensorsFile
+    public let prefix: String
+    public let config: MoEConfig
+    public let layout: ExpertLayout
+    public let weightFormat: WeightFormat
+    /// Where the config was read from.
+    public let configSource: String
+    /// `hidden_states [T, H]` when the file has inputs.
+    public let hiddenStates: Tensor?
+    let router: Tensor
+    let sharedGate: Tensor?
+    let gateProjections: [Projection]   // index e; E = shared when present
+    let upProjections: [Projection]
+    let downProjections: [Projection]
+
+    public var name: String { URL(fileURLWithPath: path).lastPathComponent }
+
+    public init(path: String, prefix requestedPrefix: String? = nil) throws {
+        self.path = path
+        let file = try SafetensorsFile(path: path)
+        self.file = file
+        // Prefix: the key ending in "mlp.gate.weight" (or a bare "gate.weight").
+        if let p = requestedPrefix {
+            guard file.contains(p + "gate.weight") else {
+                throw TensorIOError(file: path, tensor: p + "gate.weight", "not found (prefix '\(p)' given)")
+            }
+            prefix = p
+        } else {
+            let candidates = file.names.filter { $0.hasSuffix("mlp.gate.weight") }
+            if candidates.count > 1 {
+                throw TensorIOError(file: path, "several MoE layers (\(candidates.prefix(4).joined(separator: ", "))…); choose one with --prefix")
+            }
+            if let c = candidates.first { prefix = String(c.dropLast("gate.weight".count)) }
+            else if file.contains("gate.weight") { prefix = "" }
+            else {
+                throw TensorIOError(file: path, tensor: "*mlp.gate.weight", "missing required tensor: no router weight (a key ending in 'mlp.gate.weight') — is this an MoE layer?")
+            }
+        }
+        // Config.
+        var configObject: [String: Any]? = nil
+        var source = ""
+        if let text = file.metadata["config"] {
+            guard let data = text.data(using: .utf8), let o = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                throw TensorIOError(file: path, "__metadata__['config'] is not a JSON object")
+            }
+            configObject = o
+            source = "__metadata__"
+        } else {
+            let beside = URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent("config.json").path
+            if FileManager.default.fileExists(atPath: beside) {
+                guard let data = FileManager.default.contents(atPath: beside),
+                      let o = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                    throw TensorIOError(file: beside, "is not a JSON object")
+                }
+                configObject = o
+                source = beside
+            }
+        }
+        guard let configObject else {
+            throw TensorIOError(file: path, "no config: neither __metadata__['config'] nor a config.json beside the file")
+        }
+        let config = try MoEConfig.fromHuggingFace(configObject, file: source == "__metadata__" ? path : source)
+        self.config = config
+        self.configSource = source
+        let H = config.hidden, I = config.intermediate, E = config.experts, Is = config.sharedIntermediate
+
+        func need(_ name: String) throws -> Tensor {
+            guard file.contains(name) else { throw TensorIOError(file: path, tensor: name, "missing required tensor") }
+            return try file.tensor(name)
+        }
+        func expectShape(_ t: Tensor, _ name: String, _ shape: [Int], _ what: String) throws {
+            guard t.shape == shape else {
+                throw TensorIOError(file: path, tensor: name, "shape \(t.shape) disagrees with the config: expected \(shape) (\(what))")
+            }
+        }
+        func expectFloat(_ t: Tensor, _ name: String) throws {
+            guard t.dtype.isFloatingPoint else { throw TensorIOError(file: path, tensor: name, "dtype \(t.dtype) is not a floating-point type") }
+        }
+
+        // Inputs.
+        if file.contains("hidden_states") {
+            let x = try file.tensor("hidden_states")
+            guard x.shape.count == 2, x.shape[1] == H, x.shape[0] >= 1 else {
+                throw TensorIOError(file: path, tensor: "hidden_states", "shape \(x.shape) disagrees with the config: expected [T, \(H)] with T >= 1")
+            }
+            try expectFloat(x, "hidden_states")
+            if let bad = x.firstNonFinite() {
+                throw TensorIOError(file: path, tensor: "hidden_states", "non-finite input \(bad.value) at \(x.position(of: bad.index))")
+            }
+            hiddenStates = x
+        } else {
+            hiddenStates = nil
+        }
+        // Router and shared gate.
+        let routerName = prefix + "gate.weight"
+        router = try need(routerName)
+        try expectShape(router, routerName, [E, H], "[num_experts, hidden_size]")
+        try expectFloat(router, routerName)
+        let sgName = prefix + "shared_expert_gate.weight"
+        if Is > 0 {
+            let sg = try need(sgName)
+            guard sg.shape == [1, H] || sg.shape == [H] else {
+                throw TensorIOError(file: path, tensor: sgName, "shape \(sg.shape) disagrees with the config: expected [1, \(H)]")
+            }
+            try expectFloat(sg, sgName)
+            sharedGate = sg
+        } else {
+            sharedGate = nil
+        }
+
+        // Scales: "<weight>_scale_inv" beside "<...>.weight" is "<...>.weight_scale_inv"; for the
+        // combined 3-D tensors "<prefix>experts.gate_up_proj_scale_inv".
+        func scale(for weightName: String, weight: Tensor, rows: Int, columns: Int, slabs: Int?) throws -> (Tensor?, String?) {
+            guard weight.dtype.fp8Format != nil else { return (nil, nil) }
+            let name = weightName + "_scale_inv"
+            guard file.contains(name) else {
+                throw TensorIOError(file: path, tensor: name, "missing required tensor: fp8 weight '\(weightName)' needs its block scales")
+            }
+            let s = try file.tensor(name)
+            try expectFloat(s, name)
+            if let bad = s.firstNonFinite() {
+                throw TensorIOError(file: path, tensor: name, "non-finite scale \(bad.value) at \(s.position(of: bad.index))")
+            }
+            let cols = (columns + 127) / 128
+            let rowsA = (rows + 127) / 128
+            if let slabs {
+                // combined gate_up may be blocked over all 2I rows or per half (sglang layout)
+                let halves = rows == 2 * I ? 2 * ((I + 127) / 128) : rowsA
+                guard s.shape.count == 3, s.shape[0] == slabs, s.shape[2] == cols, s.shape[1] == rowsA || s.shape[1] == halves else {
+                    throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(slabs), \(rowsA), \(cols)]")
+                }
+            } else {
+                guard s.shape == [rowsA, cols] else {
+                    throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(rowsA), \(cols)] (ceil(out/128), ceil(in/128))")
+                }
+            }
+            return (s, name)
+        }
+
+        func perExpert(_ base: String, inter: Int) throws -> (Projection, Projection, Projection) {
+            var out: [Projection] = []
+            for (proj, rows, cols) in [("gate_proj", inter, H), ("up_proj", inter, H), ("down_proj", H, inter)] {
+                let n = base + proj + ".weight"
+                let w = try need(n)
+                try expectShape(w, n, [rows, cols], proj == "down_proj" ? "[hidden_size, intermediate]" : "[intermediate, hidden_size]")
+                try expectFloat(w, n)
+                let (s, sn) = try scale(for: n, weight: w, rows: rows, columns: cols, slabs: nil)
+                out.append(Projection(weightName: n, weight: w, scale: s, scaleName: sn, slab: nil, rows: rows, columns: cols,
+                                      rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
+            }
+            return (out[0], out[1], out[2])
+        }
+
+        var gates: [Projection] = [], ups: [Projection] = [], downs: [Projection] = []
+        let combinedName = prefix + "experts.gate_up_proj"
+        if file.contains(combinedName) {
+            layout = .combined
+            let gu = try file.tensor(combinedName)
+            try expectShape(gu, combinedName, [E, 2 * I, H], "[num_experts, 2*moe_intermediate_size, hidden_size]")
+            try expectFloat(gu, combinedName)
+            let dn = prefix + "experts.down_proj"
+            let d = try need(dn)
+            try expectShape(d, dn, [E, H, I], "[num_experts, hidden_size, moe_intermediate_size]")
+            try expectFloat(d, dn)
+            let (gs, gsn) = try scale(for: combinedName, weight: gu, rows: 2 * I, columns: H, slabs: E)
+            let (ds, dsn) = try scale(for: dn, weight: d, rows: H, columns: I, slabs: E)
+            let separate = gs.map { $0.shape[1] != (2 * I + 127) / 128 } ?? false
+            for e in 0..<E {
+                gates.append(Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
+                                        rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
+                ups.append(Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
+                                      rowStart: I, blockOrigin: separate ? I : 0, scaleRowStart: separate ? (I + 127) / 128 : 0))
+                downs.append(Projection(weightName: dn, weight: d, scale: ds, scaleName: dsn, slab: e, rows: H, columns: I,
+                                        rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
+            }
+        } else {
+            guard file.contains(prefix + "experts.0.gate_proj.weight") else {
+                throw TensorIOError(file: path, tensor: combinedName,
+                                    "missing required tensor: routed experts found in neither layout ('\(combinedName)' nor '\(prefix)experts.0.gate_proj.weight')")
+            }
+            layout = .perExpert
+            for e in 0..<E {
+                let (g, u, d) = try perExpert(prefix + "experts.\(e).", inter: I)
+                gates.append(g); ups.append(u); downs.append(d)
+            }
+        }
+        if Is > 0 {
+            let (g, u, d) = try perExpert(prefix + "shared_expert.", inter: Is)
+            gates.append(g); ups.append(u); downs.append(d)
+        }
+        // One storage format for all projections.
+        let formats = Set((gates + ups + downs).map { WeightFormat(dtype: $0.weight.dtype) })
+        guard formats.count == 1, let format = formats.first else {
+            throw TensorIOError(file: path, "expert projections mix storage formats \(formats.map(\.rawValue).sorted()); MoECheck needs one format per layer")
+        }
+        if format.fp8 != nil, let q = configObject["quantization_config"] as? [String: Any],
+           let block = q["weight_block_size"] as? [Int], block != [128, 128] {
+            throw TensorIOError(file: path, "unsupported quantization_config weight_block_size \(block): only [128, 128] block scales are supported")
+        }
+        weightFormat = format
+        gateProjections = gates
+        upProjections = ups
+        downProjections = downs
+        // Router weights must be finite too (small: checked eagerly).
+        if let bad = router.firstNonFinite() {
+            throw TensorIOError(file: path, tensor: routerName, "non-finite weight \(bad.value) at \(router.position(of: bad.index))")
+        }
+        if let sg = sharedGate, let bad = sg.firstNonFinite() {
+            throw TensorIOError(file: path, tensor: sgName, "non-finite weight \(bad.value) at \(sg.position(of: bad.index))")
+        }
+    }
+
+    public var tokens: Int { hiddenStates?.shape[0] ?? 0 }
+
+    public func routerWeight() throws -> [Double] { router.doubles() }
+
+    public func sharedGateWeight() throws -> [Double]? { sharedGate?.doubles() }
+
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+        try checkExpert(e)
+        let g = gateProjections[e]
+        try g.decode(into: out, file: path)
+        try upProjections[e].decode(into: out + g.rows * g.columns, file: path)
+    }
+
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+        try checkExpert(e)
+        try downProjections[e].decode(into: out, file: path)
+    }
+
+    private func checkExpert(_ e: Int) throws {
+        guard e >= 0, e < gateProjections.count else {
+            throw TensorIOError(file: path, "expert \(e) out of range 0..<\(gateProjections.count)")
+        }
+    }
+
+    /// Input rows as `Double` `[T, H]`.
+    public func inputs() throws -> [Double] {
+        guard let x = hiddenStates else {
+            throw TensorIOError(file: path, tensor: "hidden_states", "missing required tensor: the case has no inputs")
+        }
+        return x.doubles()
+    }
+
+    /// Storage dtypes by role, for reports.
+    public var dtypeSummary: [String: String] {
+        var d: [String: String] = ["router": router.dtype.rawValue, "experts": weightFormat.rawValue]
+        if let x = hiddenStates { d["hidden_states"] = x.dtype.rawValue }
+        if let sg = sharedGate { d["shared_expert_gate"] = sg.dtype.rawValue }
+        if let s = gateProjections.first?.scale { d["scales"] = s.dtype.rawValue }
+        return d
+    }
+
+    /// The fused view of sglang PR #20736: the shared expert in slot E of the kernel layout
+    /// `w13 [E+1, 2I, H]` (gate rows, then up rows), `w2 [E+1, H, I]`, and for fp8 the scales
+    /// `[E+1, 2·ceil(I/128), ceil(H/128)]` / `[E+1, ceil(H/128), ceil(I/128)]`. Raw codes are copied,
+    /// never converted. Throws when the shared expert cannot fuse (`Is != I`) or the weights are
+    /// neither BF16 nor FP8.
+    public func fusedKernelWeights() throws -> FusedWeights {
+        guard config.fusable else {
+            throw TensorIOError(file: path, "shared expert cannot fuse: shared_expert_intermediate_size \(config.sharedIntermediate) != moe_intermediate_size \(config.intermediate)")
+        }
+        return try kernelWeights(slots: config.experts + 1)
+    }
+
+    /// Kernel layout of the routed experts only (`E` slots), for unfused dispatch.
+    public func routedKernelWeights() throws -> FusedWeights { try kernelWeights(slots: config.experts) }
+
+    private func kernelWeights(slots: Int) throws -> FusedWeights {
+        let H = config.hidden, I = config.intermediate
+        guard weightFormat == .bf16 || weightFormat.fp8 != nil else {
+            throw TensorIOError(file: path, "kernel weights must be BF16 or FP8; this case stores \(weightFormat.rawValue)")
+        }
+        let esize = weightFormat == .bf16 ? 2 : 1
+        let sh = (H + 127) / 128, si = (I + 127) / 128
+        var w13 = [UInt8](repeating: 0, count: slots * 2 * I * H * esize)
+        var w2 = [UInt8](repeating: 0, count: slots * H * I * esize)
+        var s13 = [Float](repeating: 0, count: weightFormat.fp8 != nil ? slots * 2 * si * sh : 0)
+        var s2 = [Float](repeating: 0, count: weightFormat.fp8 != nil ? slots * sh * si : 0)
+        func copyRows(_ p: Projection, into dst: inout [UInt8], at byteOffset: Int) {
+            let slabRows = p.weight.shape.count == 3 ? p.weight.shape[1] : p.rows
+            let src = ((p.slab ?? 0) * slabRows + p.rowStart) * p.columns * esize
+            let n = p.rows * p.columns * esize
+            dst.withUnsafeMutableBytes { d in
+                d.baseAddress!.advanced(by: byteOffset).copyMemory(from: p.weight.rawBytes.baseAddress!.advanced(by: src), byteCount: n)
+            }
+        }
+        func copyScales(_ p: Projection, into dst: inout [Float], at rowOffset: Int, blockRows: Int) {
+            guard let s = p.scale else { return }
+            let sCols = s.shape[s.shape.count - 1], sRows = s.shape[s.shape.count - 2]
+            var row = [Double](repeating: 0, count: sCols)
+            for br in 0..<blockRows {
+                let srcRow = (p.rowStart - p.blockOrigin) / 128 + p.scaleRowStart + br
+                let base = (p.slab ?? 0) * sRows * sCols + srcRow * sCols
+                row.withUnsafeMutableBufferPointer { s.decode(base..<(base + sCols), into: $0.baseAddress!) }
+                for c in 0..<sCols { dst[(rowOffset + br) * sCols + c] = Float(row[c]) }
+            }
+        }
+        for e in 0..<slots {
+            let g = gateProjections[e], u = upProjections[e], d = downProjections[e]
+            copyRows(g, into: &w13, at: e * 2 * I * H * esize)
+            copyRows(u, into: &w13, at: (e * 2 * I + I) * H * esize)
+            copyRows(d, into: &w2, at: e * H * I * esize)
+            if weightFormat.fp8 != nil {
+                if u.blockOrigin == 0 && u.rowStart == I && I % 128 != 0 && u.scale != nil && g.slab != nil {
+                    throw TensorIOError(file: path, tensor: u.scaleName,
+                                        "gate_up scales blocked across the gate/up boundary (I=\(I) not a multiple of 128) cannot be laid out per half for a kernel")
+                }
+                copyScales(g, into: &s13, at: e * 2 * si, blockRows: si)
+                var upCopy = u
+                if u.blockOrigin == 0 && u.rowStart == I { // combined blocking with I % 128 == 0: same as per half
+                    upCopy = Projection(weightName: u.weightName, weight: u.weight, scale: u.scale, scaleName: u.scaleName, slab: u.slab,
+                                        rows: u.rows, columns: u.columns, rowStart: u.rowStart, blockOrigin: 0, scaleRowStart: 0)
+                }
+                copyScales(upCopy, into: &s13, at: e * 2 * si + si, blockRows: si)
+                copyScales(d, into: &s2, at: e * sh, blockRows: sh)
+            }
+        }
+        return FusedWeights(format: weightFormat, slots: slots, hidden: H, intermediate: I, w13: w13, w2: w2, w13Scale: s13, w2Scale: s2)
+    }
+}
+
+/// Expert weights in the kernel layout of `Kernels/include/moe_kernels.h` (raw bf16 / fp8 bytes).
+public struct FusedWeights: Sendable {
+    public let format: WeightFormat
+    public let slots: Int
+    public let hidden: Int
+    public let intermediate: Int
+    public let w13: [UInt8]
+    public let w2: [UInt8]
+    public let w13Scale: [Float]
+    public let w2Scale: [Float]
+
+    public init(format: WeightFormat, slots: Int, hidden: Int, intermediate: Int, w13: [UInt8], w2: [UInt8], w13Scale: [Float], w2Scale: [Float]) {
+        self.format = format; self.slots = slots; self.hidden = hidden; self.intermediate = intermediate
+        self.w13 = w13; self.w2 = w2; self.w13Scale = w13Scale; self.w2Scale = w2Scale
+    }
+}
