@@ -499,6 +499,25 @@ def own_fused_fp8(c: Case, W, x, fmt: str):
     return out, logits, ids.astype(np.int32), w, g
 
 
+def canonical_header(path: str) -> None:
+    """safetensors writes __metadata__ from a hash map, so its key order changes from run to run.
+    Rewrite the header in place with the metadata keys sorted (same length, same offsets), so the
+    files are byte-for-byte reproducible."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        h = json.loads(raw, object_pairs_hook=lambda kv: dict(kv))
+        if "__metadata__" in h:
+            h["__metadata__"] = dict(sorted(h["__metadata__"].items()))
+            order = ["__metadata__"] + [k for k in h if k != "__metadata__"]
+            h = {k: h[k] for k in order}
+        new = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:
+            return  # keep as written (never happens for the files made here)
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -592,6 +611,8 @@ def main():
                 "weights": c.store, "producer": producer, "note": (note + (" " + c.note if c.note else "")).strip(),
                 "normalize_topk": str(c.norm is None or bool(c.norm)).lower(), **versions}
         save_file(exp, exp_path, metadata=meta)
+        canonical_header(case_path)
+        canonical_header(exp_path)
         size = os.path.getsize(case_path) + os.path.getsize(exp_path)
         rows.append((c, size, hf_vs_own))
 
