@@ -140,9 +140,10 @@ public struct FP8Codec: Sendable {
         let nanCode: UInt8 = format == .e4m3fn ? 0x7F : 0x80
         if r.isNaN { return nanCode }
         let bias = format == .e4m3fn ? 7 : 8
-        let sign: UInt8 = (r.sign == .minus && format == .e4m3fn) ? 0x80 : 0
+        let sign: UInt8 = r.sign == .minus ? 0x80 : 0
         let a = Swift.abs(r)
-        if a == 0 { return sign }
+        // fnuz has no −0 (0x80 is its NaN): a zero result is always 0x00 there.
+        if a == 0 { return format == .e4m3fnuz ? 0 : sign }
         let minNormal = Double(sign: .plus, exponent: 1 - bias, significand: 1)
         if a < minNormal {
             // subnormal: a = m/8 * 2^(1-bias)
