@@ -1,0 +1,23 @@
+import COpenBLAS
+
+/// The OpenBLAS calls the reference makes; nothing else touches the C symbols.
+public enum BLAS {
+    /// Pins OpenBLAS's thread count (recorded in every output's metadata).
+    public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }
+
+    public static var threads: Int { Int(openblas_get_num_threads()) }
+
+    /// `C[m,n] = A[m,k] · B[n,k]ᵀ` in float64, all row-major.
+    static func gemmABt(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, _ c: UnsafeMutablePointer<Double>, m: Int, n: Int, k: Int) {
+        guard m > 0, n > 0 else { return }
+        if k == 0 { c.update(repeating: 0, count: m * n); return }
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(k), 0, c, Int32(n))
+    }
+
+    /// `C[m,n] = A[m,k] · B[n,k]ᵀ` in float32, all row-major (bounds on non-negative data).
+    static func sgemmABt(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>, m: Int, n: Int, k: Int) {
+        guard m > 0, n > 0 else { return }
+        if k == 0 { c.update(repeating: 0, count: m * n); return }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(k), 0, c, Int32(n))
+    }
+}

@@ -1,0 +1,485 @@
+import Foundation
+import LowPrecision
+import TensorIO
+
+/// Options of one reference run.
+public struct ReferenceOptions: Sendable {
+    /// Compute the per-element error bound (DESIGN §3). Costs one float32 GEMM per float64 GEMM.
+    public var computeBounds: Bool = true
+    /// Keep stage 1's intermediate (before any fp8 requantization) and its bound per (token, slot).
+    public var keepIntermediate: Bool = false
+    /// Value GEMMs in float32 (`sgemm`) instead of float64: the fast mode, itself a "kernel" that
+    /// must stay inside the float64 oracle's bounds.
+    public var float32: Bool = false
+    /// Fuse the shared expert as slot K with id E (the layout of a fused kernel's outputs). The
+    /// value is the same either way; only the routing outputs differ (K vs K+1 columns).
+    public var fuseShared: Bool = true
+
+    public init(computeBounds: Bool = true, keepIntermediate: Bool = false, float32: Bool = false, fuseShared: Bool = true) {
+        self.computeBounds = computeBounds
+        self.keepIntermediate = keepIntermediate
+        self.float32 = float32
+        self.fuseShared = fuseShared
+    }
+}
+
+/// Routed experts chosen per token by someone else (a kernel's router), used for teacher forcing.
+public struct RoutingOverride: Sendable {
+    /// `[T][K]` expert ids.
+    public var ids: [[Int]]
+    public init(ids: [[Int]]) { self.ids = ids }
+}
+
+/// Everything the reference computes for one case.
+public struct ReferenceResult: Sendable {
+    public let tokens: Int
+    public let hidden: Int
+    public let experts: Int
+    public let topK: Int
+    /// Columns of the routing outputs: K, plus 1 when the shared expert is fused as slot K.
+    public let slots: Int
+    public let sharedFused: Bool
+    public let recipe: Recipe
+    /// Exact value of the layer under the recipe's rounding points, before the output rounding `[T, H]`.
+    public var output: [Double]
+    /// Per-element bound: a correct kernel's output lies within `bound` of `output` `[T, H]`.
+    public var bound: [Double]
+    /// Router logits after the recipe's rounding `[T, E]`, and their bound.
+    public var routerLogits: [Double]
+    public var routerLogitBound: [Double]
+    /// `[T, slots]`; with the shared expert fused, the last column is id E.
+    public var topkIds: [Int32]
+    public var topkWeights: [Double]
+    public var topkWeightBound: [Double]
+    /// Shared gate g `[T]` (0 without a shared expert) and its bound.
+    public var sharedGate: [Double]
+    public var sharedGateBound: [Double]
+    /// Tokens whose K-th and (K+1)-th logits are within the logit error: either choice is correct.
+    public var ambiguousTokens: [Bool]
+    /// Tolerance used to compare logits when judging a router's choice `[T]`.
+    public var routerTolerance: [Double]
+    /// `[T·slots, Imax]` stage-1 intermediate before fp8 requantization, when kept.
+    public var intermediate: [Double]?
+    public var intermediateBound: [Double]?
+    public var intermediateWidth: Int
+
+    /// Relative bound width, for reports: max over elements of bound / max(|output|).
+    public var maxBound: Double { bound.max() ?? 0 }
+}
+
+/// The float64 oracle: router, shared-expert gate, SwiGLU experts on OpenBLAS and the weighted
+/// combine, with the recipe's rounding points modelled and a rigorous per-element bound.
+///
+/// The bound derivation is written down in `docs/error-bounds.md`. In short: every value carries
+/// a radius; an fp32 dot product of n terms adds `γ_n · Σ|a||b|` (γ_n = nu/(1−nu)); an input
+/// radius propagates through `|W|`; a rounding point maps `[v−r, v+r]` to
+/// `[round(v−r), round(v+r)]` (rounding is monotone), which is exact and tight, and is where the
+/// "a correct kernel may round either way" ambiguity is captured.
+public final class MoEReferenceEngine {
+    public let layer: MoELayerSource
+    public let recipe: Recipe
+    public let options: ReferenceOptions
+
+    public init(layer: MoELayerSource, recipe: Recipe, options: ReferenceOptions = ReferenceOptions()) throws {
+        self.layer = layer
+        self.recipe = recipe
+        self.options = options
+        if let problem = recipe.check(weights: layer.weightFormat.rawValue, isFP8: layer.weightFormat.fp8 != nil) {
+            throw ReferenceError.unsupported(problem)
+        }
+    }
+
+    @inline(__always)
+    static func gamma(_ n: Int, _ u: Double) -> Double {
+        let nu = Double(n) * u
+        return nu / (1 - nu)
+    }
+
+    /// Rounds `v` with radius `r` at a rounding point: (rounded value, radius around it).
+    @inline(__always)
+    static func roundInterval(_ v: Double, _ r: Double, _ rounding: Rounding) -> (Double, Double) {
+        guard let f = rounding.format else { return (v, r) }
+        let rv = f.round(v)
+        if r == 0 { return (rv, 0) }
+        let lo = f.round(v - r), hi = f.round(v + r)
+        return (rv, Swift.max(Swift.abs(lo - rv), Swift.abs(hi - rv)))
+    }
+
+    @inline(__always)
+    static func sigmoid(_ x: Double) -> Double { 1 / (1 + Foundation.exp(-x)) }
+
+    /// Runs the layer on `x` (`[T, H]` row-major).
+    public func run(inputs x: [Double], tokens T: Int, routing: RoutingOverride? = nil) throws -> ReferenceResult {
+        let c = layer.config
+        let H = c.hidden, E = c.experts, K = c.topK
+        guard T >= 1 else { throw ReferenceError.invalid("tokens must be >= 1, got \(T)") }
+        guard x.count == T * H else { throw ReferenceError.invalid("inputs hold \(x.count) values, expected T·H = \(T)·\(H)") }
+        if let i = x.firstIndex(where: { !$0.isFinite }) {
+            throw ReferenceError.invalid("hidden_states has a non-finite value \(x[i]) at token \(i / H), column \(i % H)")
+        }
+        let bounds = options.computeBounds
+        let u = recipe.accumulatorUnitRoundoff
+        let trans = recipe.transcendentalRelativeError
+        let shared = c.hasSharedExpert
+        let fused = shared && options.fuseShared
+        let S = K + (fused ? 1 : 0)
+        let slotsAll = K + (shared ? 1 : 0)
+
+        // ---- router --------------------------------------------------------------------------
+        let wg = try layer.routerWeight()
+        var logits = [Double](repeating: 0, count: T * E)
+        var logitBound = [Double](repeating: 0, count: T * E)
+        x.withUnsafeBufferPointer { xp in wg.withUnsafeBufferPointer { wp in logits.withUnsafeMutableBufferPointer { lp in
+            BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H)
+        } } }
+        let absX: [Float] = x.map { Float(Swift.abs($0)) }
+        if bounds {
+            let g = Self.gamma(H + 4, u)
+            let absW = wg.map { Float(Swift.abs($0)) }
+            var tmp = [Float](repeating: 0, count: T * E)
+            absX.withUnsafeBufferPointer { a in absW.withUnsafeBufferPointer { b in tmp.withUnsafeMutableBufferPointer { t in
+                BLAS.sgemmABt(a.baseAddress!, b.baseAddress!, t.baseAddress!, m: T, n: E, k: H)
+            } } }
+            let safety = 1 + Double(H + 8) * 0x1p-23
+            for i in 0..<(T * E) { logitBound[i] = g * Double(tmp[i]) * safety }
+        }
+        for i in 0..<(T * E) {
+            (logits[i], logitBound[i]) = Self.roundInterval(logits[i], logitBound[i], recipe.routerLogits)
+        }
+
+        var topkIds = [Int32](repeating: 0, count: T * S)
+        var topkWeights = [Double](repeating: 0, count: T * S)
+        var topkWeightBound = [Double](repeating: 0, count: T * S)
+        var sharedGate = [Double](repeating: 0, count: T)
+        var sharedGateBound = [Double](repeating: 0, count: T)
+        var ambiguous = [Bool](repeating: false, count: T)
+        var routerTolerance = [Double](repeating: 0, count: T)
+        // per token: routed (expert, weight, weight bound) plus shared
+        var slotExpert = [Int](repeating: 0, count: T * slotsAll)
+        var slotWeight = [Double](repeating: 0, count: T * slotsAll)
+        var slotWeightBound = [Double](repeating: 0, count: T * slotsAll)
+
+        let ws = try layer.sharedGateWeight()
+        for t in 0..<T {
+            let row = Array(logits[(t * E)..<((t + 1) * E)])
+            let rb = Array(logitBound[(t * E)..<((t + 1) * E)])
+            let order = (0..<E).sorted { row[$0] != row[$1] ? row[$0] > row[$1] : $0 < $1 }
+            let maxLogit = row[order[0]]
+            // fp32 softmax evaluation slack on the comparison of two logits
+            let slack = 4 * u * (1 + Swift.abs(maxLogit)) + 2 * trans
+            routerTolerance[t] = slack
+            if K < E {
+                let a = order[K - 1], b = order[K]
+                if row[a] - row[b] <= rb[a] + rb[b] + slack { ambiguous[t] = true }
+            }
+            var chosen = Array(order.prefix(K))
+            if let routing {
+                guard routing.ids.count == T, routing.ids[t].count == K else {
+                    throw ReferenceError.invalid("routing override has the wrong shape at token \(t): expected \(K) ids")
+                }
+                chosen = routing.ids[t]
+                for e in chosen where e < 0 || e >= E {
+                    throw ReferenceError.invalid("routing override: expert id \(e) at token \(t) is out of range 0..<\(E)")
+                }
+                guard Set(chosen).count == K else {
+                    throw ReferenceError.invalid("routing override: token \(t) selects an expert twice: \(chosen)")
+                }
+            }
+            // softmax over all E in float64 (from the max for stability)
+            var denom = 0.0
+            for e in 0..<E { denom += Foundation.exp(row[e] - maxLogit) }
+            var p = chosen.map { Foundation.exp(row[$0] - maxLogit) / denom }
+            var setMax = 0.0
+            for e in chosen { setMax = Swift.max(setMax, rb[e]) }
+            if c.renormalize {
+                let s = p.reduce(0, +)
+                p = p.map { $0 / s }
+            } else {
+                setMax = rb.max() ?? 0
+            }
+            let rel = Foundation.expm1(2 * setMax) + 2 * trans + Double(E + K + 8) * u
+            // slots in descending weight (ties: lower id) — the order kernels report them in
+            let ranked = zip(chosen, p).sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }
+            for (s, (e, w)) in ranked.enumerated() {
+                let (wr, wb) = Self.roundInterval(w, bounds ? rel * w : 0, recipe.routingWeights)
+                slotExpert[t * slotsAll + s] = e
+                slotWeight[t * slotsAll + s] = wr
+                slotWeightBound[t * slotsAll + s] = wb
+                topkIds[t * S + s] = Int32(e)
+                topkWeights[t * S + s] = wr
+                topkWeightBound[t * S + s] = wb
+            }
+            if shared, let ws {
+                var dot = 0.0, absDot = 0.0
+                for h in 0..<H { dot += x[t * H + h] * ws[h]; absDot += Swift.abs(x[t * H + h] * ws[h]) }
+                var db = bounds ? Self.gamma(H + 4, u) * absDot : 0
+                (dot, db) = Self.roundInterval(dot, db, recipe.sharedGate)
+                var g = Self.sigmoid(dot)
+                var gb = bounds ? 0.25 * db + trans * g : 0
+                (g, gb) = Self.roundInterval(g, gb, recipe.sharedGate)
+                sharedGate[t] = g
+                sharedGateBound[t] = gb
+                slotExpert[t * slotsAll + K] = E
+                slotWeight[t * slotsAll + K] = g
+                slotWeightBound[t * slotsAll + K] = gb
+                if fused {
+                    topkIds[t * S + K] = Int32(E)
+                    topkWeights[t * S + K] = g
+                    topkWeightBound[t * S + K] = gb
+                }
+            }
+        }
+
+        // ---- activations (fp8 quantization per token per 1×128 group) -------------------------
+        var xin = x
+        var xinRadius = [Float](repeating: 0, count: bounds && recipe.activationFP8 ? T * H : 0)
+        if recipe.activationFP8, let f = layer.weightFormat.fp8 {
+            let q = GroupQuantizer(format: f, convention: recipe.scaleConvention)
+            for t in 0..<T {
+                let row = x[(t * H)..<((t + 1) * H)].map { Float($0) }
+                let deq = q.fakeQuantize(row: row)
+                for h in 0..<H { xin[t * H + h] = deq[h] }
+                if bounds {
+                    // A kernel whose x·(1/scale) differs in the last bit may pick the other code where
+                    // the scaled value sits on a rounding midpoint: one fp8 step there.
+                    Self.midpointRadius(row: row.map(Double.init), quantizer: q) { i, r in xinRadius[t * H + i] = Float(r) }
+                }
+            }
+        }
+
+        // ---- experts ---------------------------------------------------------------------------
+        var out = [Double](repeating: 0, count: T * H)
+        var outBound = [Double](repeating: 0, count: T * H)
+        var absSum = [Double](repeating: 0, count: T * H)
+        let Imax = Swift.max(c.intermediate, c.sharedIntermediate)
+        var inter: [Double]? = options.keepIntermediate ? [Double](repeating: 0, count: T * S * Imax) : nil
+        var interBound: [Double]? = options.keepIntermediate ? [Double](repeating: 0, count: T * S * Imax) : nil
+
+        // rows routed to each expert: (token, slot)
+        var rowsOf = [[(Int, Int)]](repeating: [], count: E + 1)
+        for t in 0..<T {
+            for s in 0..<slotsAll { rowsOf[slotExpert[t * slotsAll + s]].append((t, s)) }
+        }
+        let fp8q: GroupQuantizer? = recipe.intermediateFP8 ? layer.weightFormat.fp8.map { GroupQuantizer(format: $0, convention: recipe.scaleConvention) } : nil
+
+        for e in 0...E where !rowsOf[e].isEmpty {
+            let rows = rowsOf[e]
+            let n = rows.count
+            let Ie = c.intermediate(ofExpert: e)
+            var w13 = [Double](repeating: 0, count: 2 * Ie * H)
+            var w2 = [Double](repeating: 0, count: H * Ie)
+            try w13.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+            try w2.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+
+            // gather inputs
+            var xe = [Double](repeating: 0, count: n * H)
+            for (r, (t, _)) in rows.enumerated() {
+                for h in 0..<H { xe[r * H + h] = xin[t * H + h] }
+            }
+            var gu = [Double](repeating: 0, count: n * 2 * Ie)
+            gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
+            var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
+            if bounds {
+                let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
+                var a = [Float](repeating: 0, count: n * H)
+                for (r, (t, _)) in rows.enumerated() {
+                    for h in 0..<H {
+                        a[r * H + h] = Float(g1 * Swift.abs(xin[t * H + h])) + (xinRadius.isEmpty ? 0 : xinRadius[t * H + h])
+                    }
+                }
+                boundGemm(a, w13, &guBound, m: n, n: 2 * Ie, k: H)
+            }
+            // SwiGLU with the recipe's rounding points
+            var act = [Double](repeating: 0, count: n * Ie)
+            var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
+            for r in 0..<n {
+                for i in 0..<Ie {
+                    var g = gu[r * 2 * Ie + i], up = gu[r * 2 * Ie + Ie + i]
+                    var gb = bounds ? guBound[r * 2 * Ie + i] : 0, ub = bounds ? guBound[r * 2 * Ie + Ie + i] : 0
+                    (g, gb) = Self.roundInterval(g, gb, recipe.gateUp)
+                    (up, ub) = Self.roundInterval(up, ub, recipe.gateUp)
+                    var s = g * Self.sigmoid(g)
+                    var sb = 1.1 * gb + trans * Swift.abs(s)
+                    (s, sb) = Self.roundInterval(s, sb, recipe.activation)
+                    var h = s * up
+                    var hb = Swift.abs(up) * sb + Swift.abs(s) * ub + sb * ub + (trans + 2 * u) * Swift.abs(h)
+                    (h, hb) = Self.roundInterval(h, bounds ? hb : 0, recipe.intermediate)
+                    act[r * Ie + i] = h
+                    if bounds { actBound[r * Ie + i] = hb }
+                }
+            }
+            if inter != nil {
+                for (r, (t, s)) in rows.enumerated() where s < S {
+                    for i in 0..<Ie {
+                        inter![(t * S + s) * Imax + i] = act[r * Ie + i]
+                        if bounds { interBound![(t * S + s) * Imax + i] = actBound[r * Ie + i] }
+                    }
+                }
+            }
+            if let q = fp8q {
+                for r in 0..<n {
+                    Self.requantize(row: &act, rowBound: &actBound, offset: r * Ie, count: Ie, quantizer: q, bounds: bounds)
+                }
+            }
+            // stage 2
+            var y = [Double](repeating: 0, count: n * H)
+            gemm(act, w2, &y, m: n, n: H, k: Ie)
+            var yBound = [Double](repeating: 0, count: bounds ? n * H : 0)
+            if bounds {
+                let g2 = Self.gamma(Ie + 2 * ((Ie + 127) / 128) + 4, u)
+                var a = [Float](repeating: 0, count: n * Ie)
+                for i in 0..<(n * Ie) { a[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
+                boundGemm(a, w2, &yBound, m: n, n: H, k: Ie)
+            }
+            // weighted combine
+            for (r, (t, s)) in rows.enumerated() {
+                let w = slotWeight[t * slotsAll + s], wb = slotWeightBound[t * slotsAll + s]
+                for h in 0..<H {
+                    var yv = y[r * H + h], yb = bounds ? yBound[r * H + h] : 0
+                    (yv, yb) = Self.roundInterval(yv, yb, recipe.down)
+                    var cv = w * yv
+                    var cb = bounds ? Swift.abs(w) * yb + wb * (Swift.abs(yv) + yb) + u * Swift.abs(cv) : 0
+                    (cv, cb) = Self.roundInterval(cv, cb, recipe.weighted)
+                    out[t * H + h] += cv
+                    if bounds {
+                        outBound[t * H + h] += cb
+                        absSum[t * H + h] += Swift.abs(cv) + cb
+                    }
+                }
+            }
+        }
+        var finalBound = outBound
+        if bounds {
+            let combineFactor: Double
+            switch recipe.combine {
+            case .exact: combineFactor = Self.gamma(slotsAll + 2, 0x1p-53)
+            case .fp32: combineFactor = Self.gamma(slotsAll + 2, 0x1p-24)
+            case .bf16: combineFactor = Double(slotsAll + 1) * 0x1p-8
+            }
+            let smallest = recipe.combine == .bf16 ? 0x1p-133 : 0x1p-149
+            for i in 0..<(T * H) {
+                let b = outBound[i] + combineFactor * absSum[i] + Double(slotsAll) * smallest
+                let (rv, _) = Self.roundInterval(out[i], 0, recipe.output)
+                if let f = recipe.output.format {
+                    let lo = f.round(out[i] - b), hi = f.round(out[i] + b)
+                    finalBound[i] = Swift.max(Swift.abs(lo - out[i]), Swift.abs(hi - out[i]), Swift.abs(rv - out[i]))
+                } else {
+                    finalBound[i] = b
+                }
+            }
+        }
+        return ReferenceResult(
+            tokens: T, hidden: H, experts: E, topK: K, slots: S, sharedFused: fused, recipe: recipe,
+            output: out, bound: finalBound, routerLogits: logits, routerLogitBound: logitBound,
+            topkIds: topkIds, topkWeights: topkWeights, topkWeightBound: topkWeightBound,
+            sharedGate: sharedGate, sharedGateBound: sharedGateBound, ambiguousTokens: ambiguous,
+            routerTolerance: routerTolerance, intermediate: inter, intermediateBound: interBound, intermediateWidth: Imax)
+    }
+
+    // MARK: GEMM helpers
+
+    /// `C = A · Bᵀ`: float64, or float32 in the fast mode.
+    private func gemm(_ a: [Double], _ b: [Double], _ c: inout [Double], m: Int, n: Int, k: Int) {
+        if options.float32 {
+            let af = a.map(Float.init), bf = b.map(Float.init)
+            var cf = [Float](repeating: 0, count: m * n)
+            af.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
+                BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
+            } } }
+            for i in 0..<(m * n) { c[i] = Double(cf[i]) }
+        } else {
+            a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeMutableBufferPointer { cp in
+                BLAS.gemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
+            } } }
+        }
+    }
+
+    /// `C = A · |B|ᵀ` for non-negative `A` in float32, rounded up by the float32 GEMM's own
+    /// worst-case error so the result is an upper bound.
+    private func boundGemm(_ a: [Float], _ b: [Double], _ c: inout [Double], m: Int, n: Int, k: Int) {
+        let bf = b.map { Float(Swift.abs($0)) }
+        var cf = [Float](repeating: 0, count: m * n)
+        a.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
+            BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
+        } } }
+        let safety = 1 + Double(k + 8) * 0x1p-23
+        for i in 0..<(m * n) { c[i] = Double(cf[i]) * safety }
+    }
+
+    // MARK: fp8 requantization with bounds
+
+    /// Calls `radius(i, r)` for each element whose scaled value lies so close to an fp8 rounding
+    /// midpoint that a kernel computing `x·(1/scale)` slightly differently may pick the other code.
+    static func midpointRadius(row: [Double], quantizer q: GroupQuantizer, _ radius: (Int, Double) -> Void) {
+        let n = row.count
+        var start = 0
+        while start < n {
+            let end = Swift.min(start + q.groupSize, n)
+            var amax: Float = 0
+            for i in start..<end { amax = Swift.max(amax, Float(Swift.abs(row[i]))) }
+            let s = q.scale(amax: amax)
+            for i in start..<end {
+                let v = Double(q.scaled(Float(row[i]), scale: s))
+                let eps = Swift.abs(v) * 0x1p-21 + 0x1p-60
+                let lo = q.codec.round(v - eps, saturating: true), hi = q.codec.round(v + eps, saturating: true)
+                if lo != hi { radius(i, Swift.abs(hi - lo) * Double(s)) }
+            }
+            start = end
+        }
+    }
+
+    /// Requantizes `row[offset..<offset+count]` (the bf16 intermediate) to fp8 per 1×128 group
+    /// and dequantizes it in place, widening `rowBound` where the kernel's own intermediate (within
+    /// the bound) could quantize differently.
+    static func requantize(row: inout [Double], rowBound: inout [Double], offset: Int, count: Int, quantizer q: GroupQuantizer, bounds: Bool) {
+        var start = 0
+        while start < count {
+            let end = Swift.min(start + q.groupSize, count)
+            var amax = 0.0, amaxLo = 0.0, amaxHi = 0.0
+            for i in start..<end {
+                let v = Swift.abs(row[offset + i]), r = bounds ? rowBound[offset + i] : 0
+                amax = Swift.max(amax, v)
+                amaxLo = Swift.max(amaxLo, Swift.max(0, v - r))
+                amaxHi = Swift.max(amaxHi, v + r)
+            }
+            let s = q.scale(amax: Float(amax))
+            let scaleIsCertain = !bounds || (q.scale(amax: Float(amaxLo)) == s && q.scale(amax: Float(amaxHi)) == s && Double(Float(amaxHi)) == amaxHi)
+            let fmax = q.codec.maximum
+            for i in start..<end {
+                let v = row[offset + i]
+                let deq = Double(q.codec.value(q.codec.code(q.scaled(Float(v), scale: s), saturating: true))) * Double(s)
+                if bounds {
+                    let r = rowBound[offset + i]
+                    if scaleIsCertain {
+                        // same scale: the code interval of [v−r, v+r], plus a midpoint allowance
+                        let lo = Double(q.scaled(Float(v - r), scale: s)), hi = Double(q.scaled(Float(v + r), scale: s))
+                        let eps = Swift.max(Swift.abs(lo), Swift.abs(hi)) * 0x1p-21 + 0x1p-60
+                        let clo = q.codec.round(Swift.max(-fmax, lo - eps), saturating: true) * Double(s)
+                        let chi = q.codec.round(Swift.min(fmax, hi + eps), saturating: true) * Double(s)
+                        rowBound[offset + i] = Swift.max(Swift.abs(clo - deq), Swift.abs(chi - deq))
+                    } else {
+                        // the scale itself may differ: one fp8 step at the largest scale on each side
+                        let sHi = Double(q.scale(amax: Float(amaxHi)))
+                        let ratio = Swift.min((Swift.abs(v) + r) / Double(q.scale(amax: Float(amaxLo))), fmax)
+                        let step = q.codec.format.ulp(of: ratio) * sHi
+                        rowBound[offset + i] = Swift.abs(deq - v) + r + step
+                    }
+                }
+                row[offset + i] = deq
+            }
+            start = end
+        }
+    }
+}
+
+public enum ReferenceError: Error, CustomStringConvertible {
+    case invalid(String)
+    case unsupported(String)
+
+    public var description: String {
+        switch self {
+        case .invalid(let s): return "invalid input: \(s)"
+        case .unsupported(let s): return "unsupported: \(s)"
+        }
+    }
+}

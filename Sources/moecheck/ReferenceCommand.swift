@@ -1,0 +1,64 @@
+import ArgumentParser
+import Foundation
+import MoEReference
+import TensorIO
+
+struct Reference: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the float64 reference on a case file and write output, routing and per-element bounds.",
+        discussion: """
+        Recipes: \(Recipe.named.map(\.name).joined(separator: ", ")). The output file holds output, bound, \
+        router_logits, router_logit_bound, topk_ids, topk_weights, topk_weight_bound, shared_gate, shared_gate_bound, \
+        ambiguous_tokens (see README: case-file schema).
+        """)
+
+    @Option(name: .customLong("case"), help: "The case file (safetensors, HF checkpoint naming, with hidden_states).")
+    var caseFile: String
+
+    @Option(help: "Recipe name (default: fused-fp8 for fp8 weights, fused-bf16 otherwise).")
+    var recipe: String?
+
+    @Option(help: "Where to write the result (safetensors).")
+    var output: String
+
+    @Option(help: "Tensor-name prefix of the layer.")
+    var prefix: String?
+
+    @Flag(help: "Report the shared expert unfused (topk columns = K) instead of as slot E.")
+    var unfused = false
+
+    @Flag(help: "Float32 value GEMMs (fast mode).")
+    var float32 = false
+
+    @OptionGroup var blas: BLASOptions
+
+    func run() throws {
+        blas.apply()
+        let c: MoECaseFile
+        do { c = try MoECaseFile(path: caseFile, prefix: prefix) } catch { throw fail("moecheck reference: \(error)") }
+        let r = try resolveRecipe(recipe, for: c.weightFormat)
+        let x: [Double]
+        do { x = try c.inputs() } catch { throw fail("moecheck reference: \(error)") }
+        let start = Date()
+        do {
+            let engine = try MoEReferenceEngine(layer: c, recipe: r, options: ReferenceOptions(float32: float32, fuseShared: !unfused))
+            let result = try engine.run(inputs: x, tokens: c.tokens)
+            try result.write(to: output, extra: ["case": URL(fileURLWithPath: caseFile).lastPathComponent])
+            let amb = result.ambiguousTokens.filter { $0 }.count
+            print("reference: \(c.tokens) tokens, \(c.config), recipe \(r.name), \(String(format: "%.2f", Date().timeIntervalSince(start))) s, " +
+                  "\(amb) ambiguous token(s), max bound \(String(format: "%.3e", result.maxBound)) -> \(output)")
+        } catch let e as ToolFailure {
+            throw e
+        } catch {
+            throw fail("moecheck reference: \(caseFile): \(error)")
+        }
+    }
+}
+
+func resolveRecipe(_ name: String?, for format: WeightFormat) throws -> Recipe {
+    guard let name else { return format.fp8 != nil ? .fusedFP8 : .fusedBF16 }
+    guard let r = Recipe.named(name) else {
+        throw fail("unknown recipe '\(name)' (known: \(Recipe.named.map(\.name).joined(separator: ", ")))")
+    }
+    return r
+}
