@@ -94,7 +94,8 @@ public struct GroupQuantizer: Sendable {
 /// Static block quantization of a weight matrix `[rows, columns]` into fp8 codes with one binary32
 /// scale per `block × block` tile (`weight_scale_inv`, a multiplier: value = code · scale).
 ///
-/// `scale = amax_tile / MAX` (binary32; tiles of zeros get scale 1), `code = fp8(w / scale)`
+/// `scale = amax_tile / MAX` (binary32; tiles of zeros, or so tiny that `amax / MAX` underflows to 0,
+/// get scale 1), `code = fp8(w / scale)`
 /// saturating RNE. Tail tiles where a dimension is not a multiple of `block` are smaller; the
 /// scale tensor has shape `[ceil(rows/block), ceil(columns/block)]`.
 public struct BlockQuantizer: Sendable {
@@ -124,7 +125,10 @@ public struct BlockQuantizer: Sendable {
                 let c0 = bc * block, c1 = Swift.min(c0 + block, columns)
                 var amax: Float = 0
                 for r in r0..<r1 { for c in c0..<c1 { amax = Swift.max(amax, Swift.abs(values[r * columns + c])) } }
-                let s: Float = amax > 0 ? amax / maxValue : 1
+                // A tile whose scale would be 0 (all zeros, or amax/MAX underflowing binary32)
+                // gets scale 1: a zero scale would turn 0/0 into NaN codes.
+                let tileScale = amax / maxValue
+                let s: Float = tileScale > 0 ? tileScale : 1
                 scales[br * sc + bc] = s
                 for r in r0..<r1 {
                     for c in c0..<c1 { codes[r * columns + c] = codec.code(Double(values[r * columns + c] / s), saturating: true) }
