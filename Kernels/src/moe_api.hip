@@ -72,6 +72,7 @@ static moe_status dev_fail(const char* fn, const char* what, hipError_t e) {
     } while (0)
 
 /* ---- faults ---------------------------------------------------------------------------- */
+#ifdef MOE_FAULTS
 static const char* const k_fault_names[MOE_FAULT_COUNT] = {
     "",
     "splitk_workspace_not_zeroed",
@@ -90,6 +91,7 @@ static const char* const k_fault_names[MOE_FAULT_COUNT] = {
     "benign_tie_order_high",
     "benign_fp32_shared_gate",
 };
+#endif
 static int32_t g_fault = MOE_FAULT_NONE;
 
 #ifdef MOE_FAULTS

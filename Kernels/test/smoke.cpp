@@ -98,6 +98,8 @@ struct Rng {
 struct Case {
     int64_t T, H, I;
     int32_t E, K, renorm, fuse, fmt, split;
+    int32_t zero_router = 0; // all logits equal: exact probability ties
+    int32_t big = 0;         // w13 scales x 2^14: split partials above 65504
 };
 
 struct HostData {
@@ -123,7 +125,7 @@ static HostData make_data(const Case& c, uint64_t seed) {
     d.x.resize(c.T * c.H);
     for (auto& v : d.x) v = f2bf(r.uni());
     d.wg.resize((int64_t)c.E * c.H);
-    for (auto& v : d.wg) v = f2bf(r.uni() * 0.2f);
+    for (auto& v : d.wg) v = f2bf(c.zero_router ? 0.0f : r.uni() * 0.2f);
     d.ws.resize(c.H);
     for (auto& v : d.ws) v = f2bf(r.uni() * 0.1f);
     const int64_t n13 = d.E1 * 2 * c.I * c.H, n2 = d.E1 * c.H * c.I;
@@ -149,6 +151,7 @@ static HostData make_data(const Case& c, uint64_t seed) {
         const float base = fnuz ? 2.0f : 1.0f;
         for (auto& v : d.w13s) v = base * ldexpf(1.0f, -(8 + (int)(r.next() % 4))) * 4.0f / sqrtf((float)c.H) * 8.0f;
         for (auto& v : d.w2s) v = base * ldexpf(1.0f, -(8 + (int)(r.next() % 4))) * 4.0f / sqrtf((float)c.I) * 8.0f;
+        if (c.big) for (auto& v : d.w13s) v *= 16384.0f;
         for (int64_t i = 0; i < n13; ++i) d.w13f[i] = fp8_decode(d.w13q[i], fnuz);
         for (int64_t i = 0; i < n2; ++i) d.w2f[i] = fp8_decode(d.w2q[i], fnuz);
     }
@@ -325,7 +328,8 @@ static std::vector<double> ref_forward(const HostData& d) {
     return out;
 }
 
-struct Err { double max_abs = 0, ref_max = 0, max_rel = 0; int64_t nonfinite = 0; };
+struct Err { double max_abs = 0, ref_max = 0, max_rel = 0; int64_t nonfinite = 0, max_ulp = 0, n_ulp = 0; };
+static int64_t bf_ord(uint16_t b) { return (b & 0x8000) ? -(int64_t)(b & 0x7FFF) : (int64_t)b; }
 template <class F> static Err compare(int64_t n, F get) { // get(i) -> pair(kernel, ref)
     Err e;
     for (int64_t i = 0; i < n; ++i) {
@@ -339,6 +343,10 @@ template <class F> static Err compare(int64_t n, F get) { // get(i) -> pair(kern
         double k, r;
         get(i, k, r);
         if (std::isfinite(k)) e.max_rel = std::max(e.max_rel, fabs(k - r) / std::max(fabs(r), 1e-2 * e.ref_max));
+        // distance in bf16 ulps between the kernel value and bf16(reference)
+        int64_t u = llabs(bf_ord(f2bf((float)k)) - bf_ord(f2bf((float)r)));
+        e.max_ulp = std::max(e.max_ulp, u);
+        e.n_ulp += u != 0;
     }
     return e;
 }
@@ -346,15 +354,37 @@ static double nrel(const Err& e) { return e.ref_max > 0 ? e.max_abs / e.ref_max 
 static void report(const char* what, const Err& e, double tol) {
     bool ok = e.nonfinite == 0 && nrel(e) <= tol;
     if (!ok) g_failures++;
-    printf("    %-8s max|err|/max|ref| = %.3e  max rel (floor 1%% of max) = %.3e  nonfinite %lld  %s\n", what,
-           nrel(e), e.max_rel, (long long)e.nonfinite, ok ? "ok" : "FAIL");
+    printf("    %-8s max|err|/max|ref| = %.3e  max rel (floor 1%% of max) = %.3e  bf16 ulps vs bf16(ref): max %lld, %lld elements off  nonfinite %lld  %s\n", what,
+           nrel(e), e.max_rel, (long long)e.max_ulp, (long long)e.n_ulp, (long long)e.nonfinite, ok ? "ok" : "FAIL");
+}
+
+static void check_align(const std::vector<int32_t>& kids, const std::vector<int32_t>& ksorted,
+                        const std::vector<int32_t>& kbexp, int32_t pad, int64_t pairs, int64_t E1, int64_t capacity) {
+    const int BM = moe_align_block_size();
+    std::vector<int> seen(pairs, 0);
+    bool ok = pad % BM == 0 && pad <= capacity;
+    int last_e = -1;
+    for (int64_t i = 0; ok && i < capacity; ++i) {
+        int be = kbexp[i / BM];
+        if (i >= pad) { ok = ksorted[i] == pairs && be == -1; continue; }
+        ok = be >= last_e && be >= 0 && be < E1;
+        last_e = be;
+        int pr = ksorted[i];
+        if (pr == pairs) continue;
+        ok = ok && pr >= 0 && pr < pairs && kids[pr] == be;
+        if (ok) seen[pr]++;
+    }
+    for (int64_t i = 0; ok && i < pairs; ++i) ok = seen[i] == 1;
+    if (!ok) g_failures++;
+    printf("    align    pairs=%lld padded_count=%d capacity=%lld  %s\n", (long long)pairs, pad, (long long)capacity, ok ? "ok" : "FAIL");
 }
 
 static const char* fmt_name(int f) { return f == 0 ? "bf16" : f == 1 ? "fp8-e4m3fn" : "fp8-e4m3fnuz"; }
 
 [[maybe_unused]] static void run_case(const Case& c, uint64_t seed) {
-    printf("case T=%lld H=%lld I=%lld E=%d K=%d renorm=%d fuse=%d %s split_k=%d\n", (long long)c.T,
-           (long long)c.H, (long long)c.I, c.E, c.K, c.renorm, c.fuse, fmt_name(c.fmt), c.split);
+    printf("case T=%lld H=%lld I=%lld E=%d K=%d renorm=%d fuse=%d %s split_k=%d%s\n", (long long)c.T,
+           (long long)c.H, (long long)c.I, c.E, c.K, c.renorm, c.fuse, fmt_name(c.fmt), c.split,
+           c.zero_router ? " (router all zero: exact ties)" : "");
     HostData d = make_data(c, seed);
     Dev v = make_dev(d);
     moe_problem p = problem_of(c);
@@ -375,26 +405,7 @@ static const char* fmt_name(int f) { return f == 0 ? "bf16" : f == 1 ? "fp8-e4m3
     auto ksorted = download<int32_t>(v.sorted, v.capacity);
     auto kbexp = download<int32_t>(v.bexp, v.capacity / moe_align_block_size());
     auto kpad = download<int32_t>(v.pad, 1);
-    // align structure
-    {
-        const int BM = moe_align_block_size();
-        std::vector<int> seen(pairs, 0);
-        bool ok = kpad[0] % BM == 0 && kpad[0] <= v.capacity;
-        int last_e = -1;
-        for (int64_t i = 0; ok && i < v.capacity; ++i) {
-            int be = kbexp[i / BM];
-            if (i >= kpad[0]) { ok = ksorted[i] == pairs && be == -1; continue; }
-            ok = be >= last_e && be >= 0 && be < d.E1;
-            last_e = be;
-            int pr = ksorted[i];
-            if (pr == pairs) continue;
-            ok = ok && pr >= 0 && pr < pairs && kids[pr] == be;
-            if (ok) seen[pr]++;
-        }
-        for (int64_t i = 0; ok && i < pairs; ++i) ok = seen[i] == 1;
-        if (!ok) g_failures++;
-        printf("    align    padded_count=%d capacity=%lld  %s\n", kpad[0], (long long)v.capacity, ok ? "ok" : "FAIL");
-    }
+    check_align(kids, ksorted, kbexp, kpad[0], pairs, d.E1, v.capacity);
     // router
     std::vector<float> rlog, rg;
     std::vector<int32_t> rids;
@@ -462,7 +473,7 @@ static void check_errors(void) {
     moe_weights w{};
     st = moe_forward(&p, &w, nullptr, nullptr, nullptr);
     if (st != MOE_ERR_INVALID_ARGUMENT) g_failures++;
-    printf("  %-24s -> %d \"%s\"\n", "NULL w13", (int)st, moe_last_error());
+    printf("  %-24s -> %d \"%s\"\n", "NULL router pointer", (int)st, moe_last_error());
     st = moe_set_fault("no_such_fault");
 #ifdef SMOKE_FAULTS
     if (st != MOE_ERR_INVALID_ARGUMENT) g_failures++;
@@ -514,6 +525,7 @@ static void check_fill(void) {
         {1024, 2048, 512, 256, 8, MOE_WEIGHTS_BF16, 1},
         {1024, 2048, 512, 256, 8, MOE_WEIGHTS_FP8_E4M3FN, 1},
         {1, 4096, 512, 512, 10, MOE_WEIGHTS_FP8_E4M3FN, 16},
+        {8192, 1024, 128, 512, 16, MOE_WEIGHTS_BF16, 1},
     };
     printf("timing (device-generated data via moe_fill_counter)\n");
     for (auto& s : shapes) {
@@ -565,6 +577,8 @@ static void check_fill(void) {
             CK(moe_forward(&p, &w, x, out, work));
             CK(moe_timer_end(&ms[4]));
         }
+        check_align(download<int32_t>(ids, pairs), download<int32_t>(sorted, cap), download<int32_t>(bexp, cap / BM),
+                    download<int32_t>(pad, 1)[0], pairs, E1, cap);
         auto o = download<uint16_t>(out, c.T * c.H);
         int64_t nonfinite = 0, zeros = 0;
         for (auto b : o) { float f = bf2f(b); nonfinite += !std::isfinite(f); zeros += f == 0.0f; }
@@ -599,6 +613,7 @@ static void check_faults(void) {
         {"splitk_workspace_not_zeroed", {1, 256, 128, 8, 2, 1, 1, FN, 2}, true},
         {"splitk_bf16_partials", {17, 512, 128, 8, 2, 1, 1, FN, 4}, true},
         {"splitk_fp16_partials", {17, 512, 128, 8, 2, 1, 1, FN, 4}, true},
+        {"splitk_fp16_partials", {17, 512, 128, 8, 2, 1, 1, FN, 4, 0, 1}, true}, // big: inf
         {"wrong_kblock_scale", {17, 320, 96, 8, 2, 1, 1, FN, 1}, true},
         {"shared_slot_dropped", {17, 256, 128, 8, 2, 1, 1, BF, 1}, true},
         {"shared_gate_no_sigmoid", {17, 256, 128, 8, 2, 1, 1, BF, 1}, true},
@@ -610,6 +625,7 @@ static void check_faults(void) {
         {"renormalize_ignored", {17, 256, 128, 8, 2, 1, 1, BF, 1}, true},
         {"benign_reverse_accumulation", {17, 320, 96, 8, 2, 1, 1, BF, 1}, false},
         {"benign_tie_order_high", {17, 256, 128, 8, 2, 1, 1, BF, 1}, false},
+        {"benign_tie_order_high", {17, 256, 128, 8, 2, 1, 1, BF, 1, 1}, false}, // all logits tie
         {"benign_fp32_shared_gate", {17, 256, 128, 8, 2, 1, 1, BF, 1}, false},
     };
     for (auto& f : fs) {
@@ -623,8 +639,8 @@ static void check_faults(void) {
         Err e0 = compare((int64_t)base.size(), [&](int64_t i, double& k, double& r) { k = bf2f(base[i]); r = rf[i]; });
         bool ok = f.harmful ? ndiff > 0 : true;
         if (!ok) g_failures++;
-        printf("  %-28s %s: %5lld/%zu outputs changed; vs float64 ref: clean %.2e, faulty %.2e (nonfinite %lld)  %s\n", f.name,
-               fmt_name(f.c.fmt), (long long)ndiff, base.size(), nrel(e0), nrel(e), (long long)e.nonfinite,
+        printf("  %-28s %s%s: %5lld/%zu outputs changed; vs float64 ref: clean %.2e, faulty %.2e (nonfinite %lld)  %s\n", f.name,
+               fmt_name(f.c.fmt), f.c.zero_router ? " ties" : f.c.big ? " big" : "", (long long)ndiff, base.size(), nrel(e0), nrel(e), (long long)e.nonfinite,
                ok ? (f.harmful ? "detected" : "ran") : "NOT DETECTED");
     }
 }
@@ -658,6 +674,7 @@ int main(int argc, char** argv) {
                 run_case(Case{s[0], s[1], s[2], 8, 2, 1, 1, fmt, split}, seed++);
             }
     run_case(Case{17, 256, 128, 8, 2, 0, 0, MOE_WEIGHTS_BF16, 1}, seed++);
+    run_case(Case{17, 256, 128, 8, 3, 1, 1, MOE_WEIGHTS_BF16, 1, 1}, seed++); // exact ties: ids 0,1,2
     run_case(Case{17, 320, 96, 8, 3, 0, 0, MOE_WEIGHTS_FP8_E4M3FNUZ, 3}, seed++);
     if (argc < 2 || strcmp(argv[1], "--no-timing") != 0) timing();
 #endif
