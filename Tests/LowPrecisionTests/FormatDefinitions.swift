@@ -1,0 +1,217 @@
+import LowPrecision
+import Testing
+
+// Test support for the LowPrecision suites.
+//
+// `ReferenceFormat` decodes codes straight from the format definitions in FACTS §3
+// (sign × 2^(e−bias) × (1 + m/2^mbits), subnormals, and each format's inf/NaN/−0 rules).
+// It never calls the codecs under test, so the suites compare two independent implementations.
+
+/// 2^k as a `Double` (exact for every k these formats need).
+func powerOfTwo(_ k: Int) -> Double { Double(sign: .plus, exponent: k, significand: 1) }
+
+/// A sign–exponent–mantissa format described only by its field widths, bias and special-value rule.
+struct ReferenceFormat: Sendable, CustomStringConvertible {
+    /// How the format spends codes on non-finite values and signed zero.
+    enum SpecialValues: Sendable {
+        /// IEEE 754: exponent all ones is ±infinity (mantissa 0) or NaN; −0 exists.
+        case ieee
+        /// OCP "fn": no infinities; S.1111.111 is NaN; −0 exists.
+        case finiteNegativeZero
+        /// "fnuz": no infinities; the negative-zero code (sign bit alone) is the only NaN.
+        case finiteUnsignedZero
+    }
+
+    let name: String
+    let exponentBits: Int
+    let mantissaBits: Int
+    let bias: Int
+    let specials: SpecialValues
+
+    var description: String { name }
+    var codeCount: Int { 1 << (1 + exponentBits + mantissaBits) }
+    var signBit: UInt32 { 1 << UInt32(exponentBits + mantissaBits) }
+    var hexDigits: Int { codeCount > 256 ? 4 : 2 }
+
+    static let bfloat16 = ReferenceFormat(name: "bf16", exponentBits: 8, mantissaBits: 7, bias: 127, specials: .ieee)
+    static let float16 = ReferenceFormat(name: "fp16", exponentBits: 5, mantissaBits: 10, bias: 15, specials: .ieee)
+    static let e4m3fn = ReferenceFormat(name: "e4m3fn", exponentBits: 4, mantissaBits: 3, bias: 7,
+                                        specials: .finiteNegativeZero)
+    static let e4m3fnuz = ReferenceFormat(name: "e4m3fnuz", exponentBits: 4, mantissaBits: 3, bias: 8,
+                                          specials: .finiteUnsignedZero)
+
+    /// The value of `code` by the format definition (NaN for NaN codes, ±infinity where defined).
+    func value(_ code: UInt32) -> Double {
+        precondition(Int(code) < codeCount, "\(name): code \(code) out of range")
+        let negative = code & signBit != 0
+        let exponentField = Int((code >> UInt32(mantissaBits)) & UInt32((1 << exponentBits) - 1))
+        let mantissaField = Int(code & UInt32((1 << mantissaBits) - 1))
+        let exponentAllOnes = exponentField == (1 << exponentBits) - 1
+        let mantissaAllOnes = mantissaField == (1 << mantissaBits) - 1
+        switch specials {
+        case .ieee:
+            if exponentAllOnes { return mantissaField == 0 ? (negative ? -.infinity : .infinity) : .nan }
+        case .finiteNegativeZero:
+            if exponentAllOnes && mantissaAllOnes { return .nan }
+        case .finiteUnsignedZero:
+            if code == signBit { return .nan }
+        }
+        let fraction = Double(mantissaField) / powerOfTwo(mantissaBits)
+        let magnitude = exponentField == 0
+            ? fraction * powerOfTwo(1 - bias)                       // subnormal: 0.m × 2^(1−bias)
+            : (1 + fraction) * powerOfTwo(exponentField - bias)     // normal:    1.m × 2^(e−bias)
+        return negative ? -magnitude : magnitude
+    }
+
+    /// Codes of the non-negative finite values in increasing order: 0, 1, 2, … up to the largest
+    /// finite positive code (sign–magnitude formats order their positive codes by value).
+    var positiveFiniteCodes: [UInt32] {
+        var codes: [UInt32] = []
+        var code: UInt32 = 0
+        while code < signBit && value(code).isFinite { codes.append(code); code += 1 }
+        return codes
+    }
+
+    /// The code of −value(`code`) for a positive-side code (fnuz has no −0: zero stays 0x00).
+    func negated(_ code: UInt32) -> UInt32 {
+        if code == 0 && specials == .finiteUnsignedZero { return 0 }
+        return code | signBit
+    }
+
+    var greatestFiniteMagnitude: Double { value(positiveFiniteCodes.last!) }
+    var smallestSubnormal: Double { powerOfTwo(1 - bias - mantissaBits) }
+
+    /// Spacing of the format's values in the binade of `x` (subnormal spacing below the normals).
+    func ulp(of x: Double) -> Double {
+        let a = Swift.abs(x)
+        let binade = a == 0 ? 1 - bias : Swift.max(Int(a.exponent), 1 - bias)
+        return powerOfTwo(binade - mantissaBits)
+    }
+
+    func hex(_ code: UInt32) -> String {
+        let digits = String(code, radix: 16, uppercase: true)
+        return "0x" + String(repeating: "0", count: Swift.max(0, hexDigits - digits.count)) + digits
+    }
+}
+
+/// A codec of the LowPrecision module paired with the reference definition of its format.
+enum FormatUnderTest: String, CaseIterable, Sendable, CustomStringConvertible {
+    case bfloat16 = "bf16"
+    case float16 = "fp16"
+    case e4m3fn
+    case e4m3fnuz
+
+    var description: String { rawValue }
+
+    var reference: ReferenceFormat {
+        switch self {
+        case .bfloat16: return .bfloat16
+        case .float16: return .float16
+        case .e4m3fn: return .e4m3fn
+        case .e4m3fnuz: return .e4m3fnuz
+        }
+    }
+
+    /// Decodes with the codec under test.
+    func decode(_ code: UInt32) -> Double {
+        switch self {
+        case .bfloat16: return Double(BFloat16.float(UInt16(code)))
+        case .float16: return Float16Codec.value(UInt16(code))
+        case .e4m3fn: return Double(FP8Codec.e4m3fn.value(UInt8(code)))
+        case .e4m3fnuz: return Double(FP8Codec.e4m3fnuz.value(UInt8(code)))
+        }
+    }
+}
+
+/// One encoding entry point of the module, seen as Double → code.
+struct EncoderUnderTest: Sendable, CustomStringConvertible {
+    let name: String
+    let format: FormatUnderTest
+    /// The entry point takes `Float`: probes must be `Float` values (they are converted exactly).
+    let takesFloat: Bool
+    let encode: @Sendable (Double) -> UInt32
+
+    var description: String { name }
+
+    static let all: [EncoderUnderTest] = [
+        EncoderUnderTest(name: "BFloat16.bits(Double)", format: .bfloat16, takesFloat: false) {
+            UInt32(BFloat16.bits($0))
+        },
+        EncoderUnderTest(name: "BFloat16.bits(Float)", format: .bfloat16, takesFloat: true) {
+            UInt32(BFloat16.bits(Float($0)))
+        },
+        EncoderUnderTest(name: "Float16Codec.bits(Double)", format: .float16, takesFloat: false) {
+            UInt32(Float16Codec.bits($0))
+        },
+        EncoderUnderTest(name: "e4m3fn.code(Double)", format: .e4m3fn, takesFloat: false) {
+            UInt32(FP8Codec.e4m3fn.code($0))
+        },
+        EncoderUnderTest(name: "e4m3fn.code(Double, saturating)", format: .e4m3fn, takesFloat: false) {
+            UInt32(FP8Codec.e4m3fn.code($0, saturating: true))
+        },
+        EncoderUnderTest(name: "e4m3fn.code(Float)", format: .e4m3fn, takesFloat: true) {
+            UInt32(FP8Codec.e4m3fn.code(Float($0)))
+        },
+        EncoderUnderTest(name: "e4m3fnuz.code(Double)", format: .e4m3fnuz, takesFloat: false) {
+            UInt32(FP8Codec.e4m3fnuz.code($0))
+        },
+        EncoderUnderTest(name: "e4m3fnuz.code(Double, saturating)", format: .e4m3fnuz, takesFloat: false) {
+            UInt32(FP8Codec.e4m3fnuz.code($0, saturating: true))
+        },
+        EncoderUnderTest(name: "e4m3fnuz.code(Float)", format: .e4m3fnuz, takesFloat: true) {
+            UInt32(FP8Codec.e4m3fnuz.code(Float($0)))
+        },
+    ]
+}
+
+/// Whether two decoded values agree: both NaN, or equal with the same sign (so −0 ≠ +0).
+func sameValue(_ a: Double, _ b: Double) -> Bool {
+    if a.isNaN || b.isNaN { return a.isNaN && b.isNaN }
+    return a == b && a.sign == b.sign
+}
+
+/// Records at most `limit` failures of a combinatorial sweep, then a total, so a broken codec
+/// reports a handful of named cases instead of 65,536.
+struct FailureLog {
+    let context: String
+    let limit: Int
+    private(set) var failures = 0
+    private(set) var checks = 0
+
+    init(_ context: String, limit: Int = 8) {
+        self.context = context
+        self.limit = limit
+    }
+
+    mutating func check(_ condition: Bool, _ message: @autoclosure () -> String,
+                        sourceLocation: SourceLocation = #_sourceLocation) {
+        checks += 1
+        if condition { return }
+        failures += 1
+        if failures <= limit {
+            Issue.record(Comment(rawValue: "\(context): \(message())"), sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Records the total when failures were capped; expects that something was checked at all.
+    func finish(sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(checks > 0, "\(context): no cases were checked", sourceLocation: sourceLocation)
+        if failures > limit {
+            Issue.record(Comment(rawValue: "\(context): \(failures) of \(checks) checks failed (first \(limit) shown)"),
+                         sourceLocation: sourceLocation)
+        }
+    }
+}
+
+/// SplitMix64: a small seeded generator so every random case is repeatable.
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
