@@ -130,11 +130,12 @@ extern "C" moe_status moe_set_fault(const char* name) {
     return fail(MOE_ERR_INVALID_ARGUMENT, "moe_set_fault: unknown fault '%s'; valid names: %s", name,
                 fault_list());
 #else
-    if (name == NULL || name[0] == '\0') return ok();
+    /* The header's contract: builds without FAULTS=1 answer MOE_ERR_UNSUPPORTED to every call
+     * (also NULL / ""), so a harness can probe for fault support. */
     return fail(MOE_ERR_UNSUPPORTED,
                 "moe_set_fault: this library was built without fault injection (make FAULTS=1 "
                 "builds libmoekernels_faults.so); cannot select '%s'",
-                name);
+                name ? name : "(null)");
 #endif
 }
 
