@@ -23,8 +23,9 @@ let package = Package(
         .target(name: "LowPrecision"),
         .target(name: "TensorIO", dependencies: ["LowPrecision"]),
         .target(name: "MoEReference", dependencies: ["LowPrecision", "TensorIO", "COpenBLAS"]),
-        .target(name: "KernelBridge", dependencies: ["TensorIO"]),
-        .target(name: "MoEVerify", dependencies: ["LowPrecision", "TensorIO", "MoEReference", "KernelBridge"]),
+        .target(name: "CMoEKernelABI"),
+        .target(name: "KernelBridge", dependencies: ["CMoEKernelABI"]),
+        .target(name: "MoEVerify", dependencies: ["LowPrecision", "TensorIO", "MoEReference", "KernelBridge", "CMoEKernelABI"]),
         .executableTarget(
             name: "moecheck",
             dependencies: [
@@ -35,7 +36,7 @@ let package = Package(
         .testTarget(name: "LowPrecisionTests", dependencies: ["LowPrecision"]),
         .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "LowPrecision"]),
         .testTarget(name: "MoEReferenceTests", dependencies: ["MoEReference", "TensorIO", "LowPrecision"]),
-        .testTarget(name: "KernelBridgeTests", dependencies: ["KernelBridge"]),
+        .testTarget(name: "KernelBridgeTests", dependencies: ["KernelBridge", "CMoEKernelABI"]),
         .testTarget(name: "MoEVerifyTests", dependencies: ["MoEVerify", "MoEReference", "TensorIO", "KernelBridge"]),
     ],
     swiftLanguageModes: [.v5]

@@ -86,9 +86,9 @@ public final class SyntheticLayer: MoELayerSource {
     }
 
     /// Power-of-two exponent that makes a dot product over `n` terms O(1).
-    static func bf16Param(_ n: Int) -> Int { Int((5.2 + log2(Double(Swift.max(n, 1))) / 2).rounded()) }
+    public static func bf16Param(_ n: Int) -> Int { Int((5.2 + log2(Double(Swift.max(n, 1))) / 2).rounded()) }
     /// fp8 codes are ~2^7 larger than the bf16 integers' unit; the scale takes it back.
-    static func fp8Param(_ n: Int) -> Int { Swift.max(0, bf16Param(n) - 7) }
+    public static func fp8Param(_ n: Int) -> Int { Swift.max(0, bf16Param(n) - 7) }
 
     public static let w13Stream = CounterGenerator.stream("w13")
     public static let w2Stream = CounterGenerator.stream("w2")

@@ -184,7 +184,7 @@ public final class MoECaseFile: MoELayerSource {
             let rowsA = (rows + 127) / 128
             if let slabs {
                 // combined gate_up may be blocked over all 2I rows or per half (sglang layout)
-                let halves = rows == 2 * I ? 2 * ((I + 127) / 128) : rowsA
+                let halves = weightName.hasSuffix("experts.gate_up_proj") ? 2 * ((I + 127) / 128) : rowsA
                 guard s.shape.count == 3, s.shape[0] == slabs, s.shape[2] == cols, s.shape[1] == rowsA || s.shape[1] == halves else {
                     throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(slabs), \(rowsA), \(cols)]")
                 }

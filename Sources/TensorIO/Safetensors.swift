@@ -123,7 +123,8 @@ public final class SafetensorsFile: @unchecked Sendable {
                 guard !overflow else { throw TensorIOError(file: path, tensor: name, "shape \(shape) overflows") }
                 elements = m
             }
-            let expected = elements * dtype.byteSize
+            let (expected, bytesOverflow) = elements.multipliedReportingOverflow(by: dtype.byteSize)
+            guard !bytesOverflow else { throw TensorIOError(file: path, tensor: name, "shape \(shape) of \(dtype) overflows (byte count)") }
             guard expected == en - b else {
                 throw TensorIOError(file: path, tensor: name,
                                     "shape \(shape) of \(dtype) needs \(expected) bytes but data_offsets [\(b), \(en)] hold \(en - b)")

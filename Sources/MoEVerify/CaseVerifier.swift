@@ -1,0 +1,225 @@
+import Foundation
+import LowPrecision
+import MoEReference
+import TensorIO
+
+/// A layer seen without its shared expert (for kernels that dispatch the routed experts only,
+/// as they must when `Is != I`).
+public final class RoutedOnlyLayer: MoELayerSource {
+    let base: MoELayerSource
+    public let config: MoEConfig
+    public init(_ base: MoELayerSource) {
+        self.base = base
+        var c = base.config
+        c.sharedIntermediate = 0
+        config = c
+    }
+    public var weightFormat: WeightFormat { base.weightFormat }
+    public var name: String { base.name + " (routed only)" }
+    public func routerWeight() throws -> [Double] { try base.routerWeight() }
+    public func sharedGateWeight() throws -> [Double]? { nil }
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try base.decodeGateUp(expert: e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try base.decodeDown(expert: e, into: out) }
+}
+
+/// The verdict of one stage of one case.
+public struct StageReport: Codable, Sendable {
+    public var stage: String
+    public var passed: Bool
+    public var verdict: Verdict?
+    /// Where the worst element sits, in the stage's own terms.
+    public var worst: String
+    public var problems: [String]
+}
+
+/// Everything verify says about one case.
+public struct CaseReport: Codable, Sendable {
+    public var name: String
+    public var spec: SyntheticSpec
+    public var splitK: Int
+    public var fused: Bool
+    public var recipe: String
+    public var passed: Bool
+    public var stages: [StageReport]
+    public var ambiguousTokens: Int
+    public var teacherForcedTokens: Int
+    public var runsIdentical: Bool
+    public var kernelMilliseconds: Double
+    public var referenceSeconds: Double
+    public var error: String?
+
+    /// The one line printed per case.
+    public var line: String {
+        if let error { return "FAIL \(name): \(error)" }
+        let marks = stages.map { "\($0.stage) \($0.passed ? "ok" : "FAIL")" }.joined(separator: ", ")
+        var s = "\(passed ? "PASS" : "FAIL") \(name): \(marks)"
+        if let fwd = stages.last(where: { $0.stage.hasPrefix("forward") })?.verdict { s += " | \(fwd)" }
+        s += String(format: " | kernel %.3f ms, reference %.2f s", kernelMilliseconds, referenceSeconds)
+        if ambiguousTokens > 0 { s += ", \(ambiguousTokens) ambiguous token(s), \(teacherForcedTokens) teacher-forced" }
+        if !runsIdentical { s += ", runs differ bitwise" }
+        for st in stages where !st.passed {
+            s += "\n    \(st.stage): worst at \(st.worst)"
+            for p in st.problems.prefix(5) { s += "\n    \(st.stage): \(p)" }
+        }
+        return s
+    }
+}
+
+/// Runs one case against a kernel and the reference, stage by stage.
+public struct CaseVerifier {
+    public let kernel: KernelUnderTest
+
+    public init(kernel: KernelUnderTest) { self.kernel = kernel }
+
+    public func verify(_ vc: VerifyCase) -> CaseReport {
+        var report = CaseReport(name: vc.name, spec: vc.spec, splitK: vc.splitK, fused: vc.fuseShared, recipe: "", passed: false, stages: [],
+                                ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0, referenceSeconds: 0, error: nil)
+        do {
+            try verify(vc, into: &report)
+        } catch {
+            report.error = "\(error)"
+            report.passed = false
+        }
+        return report
+    }
+
+    func verify(_ vc: VerifyCase, into report: inout CaseReport) throws {
+        let layer = try SyntheticLayer(vc.spec)
+        let c = layer.config
+        if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
+        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
+        let recipe = try kernel.recipe(for: vc.spec.format)
+        report.recipe = recipe.name
+        let T = vc.spec.tokens, H = c.hidden, E = c.experts, K = c.topK, I = c.intermediate
+        let x = layer.inputs()
+        let start = Date()
+        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: ReferenceOptions(keepIntermediate: true, fuseShared: vc.fuseShared))
+        let ref = try engine.run(inputs: x, tokens: T)
+        report.referenceSeconds = Date().timeIntervalSince(start)
+        let S = ref.slots
+        report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count
+
+        let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
+        report.kernelMilliseconds = run.forwardMilliseconds
+
+        // ---- router ----
+        var routerProblems: [String] = []
+        let logitVerdict = Verdict.compare(actual: run.logits.map(Double.init), reference: ref.routerLogits, bound: ref.routerLogitBound)
+        if !logitVerdict.passed {
+            routerProblems.append("router logits outside their bound: \(logitVerdict.violations) of \(logitVerdict.elements)")
+        }
+        var override = [[Int]]()
+        var forced = 0
+        for t in 0..<T {
+            let kSet = (0..<K).map { Int(run.ids[t * S + $0]) }
+            let rSet = (0..<K).map { Int(ref.topkIds[t * S + $0]) }
+            if Set(kSet) != Set(rSet) {
+                let plausible = ref.ambiguousTokens[t] && Self.plausible(chosen: kSet, logits: ref.routerLogits, bound: ref.routerLogitBound,
+                                                                          tolerance: ref.routerTolerance[t], token: t, experts: E)
+                if plausible {
+                    forced += 1
+                    override.append(kSet)
+                } else {
+                    routerProblems.append("token \(t): kernel chose experts \(kSet.sorted()), reference \(rSet.sorted())\(ref.ambiguousTokens[t] ? " (ambiguous, but not a possible choice)" : " (not ambiguous)")")
+                    override.append(rSet)
+                }
+            } else {
+                override.append(kSet)
+            }
+            if vc.fuseShared {
+                if run.ids[t * S + K] != Int32(E) {
+                    routerProblems.append("token \(t): shared slot has id \(run.ids[t * S + K]), expected \(E)")
+                }
+                let g = Double(run.weights[t * S + K])
+                if !(Swift.abs(g - ref.sharedGate[t]) <= ref.sharedGateBound[t]) {
+                    routerProblems.append(String(format: "token %d: shared weight %.6g, reference sigmoid gate %.6g ± %.2g", t, g, ref.sharedGate[t], ref.sharedGateBound[t]))
+                }
+            }
+            if routerProblems.count > 20 { break }
+        }
+        report.teacherForcedTokens = forced
+        // routed weights, matched by id, against the reference with the kernel's (accepted) choice
+        let forcedRef = forced > 0 ? try engine.run(inputs: x, tokens: T, routing: RoutingOverride(ids: override)) : ref
+        var wk: [Double] = [], wr: [Double] = [], wb: [Double] = []
+        for t in 0..<T where override.count == T {
+            for s in 0..<K {
+                let id = run.ids[t * S + s]
+                if let j = (0..<K).first(where: { forcedRef.topkIds[t * S + $0] == id }) {
+                    wk.append(Double(run.weights[t * S + s])); wr.append(forcedRef.topkWeights[t * S + j]); wb.append(forcedRef.topkWeightBound[t * S + j])
+                }
+            }
+        }
+        let weightVerdict = Verdict.compare(actual: wk, reference: wr, bound: wb)
+        if !weightVerdict.passed {
+            let i = weightVerdict.worstIndex
+            routerProblems.append(String(format: "routing weights outside their bound: %d of %d (worst: token %d, kernel %.6g, reference %.6g ± %.2g)",
+                                         weightVerdict.violations, weightVerdict.elements, i / Swift.max(K, 1), weightVerdict.worstValue, weightVerdict.worstReference, weightVerdict.worstBound))
+        }
+        report.stages.append(StageReport(stage: "router", passed: routerProblems.isEmpty, verdict: logitVerdict,
+                                         worst: logitVerdict.worstIndex >= 0 ? "token \(logitVerdict.worstIndex / E), expert \(logitVerdict.worstIndex % E)" : "-",
+                                         problems: routerProblems))
+
+        // ---- align ----
+        report.stages.append(StageReport(stage: "align", passed: run.alignProblems.isEmpty, verdict: nil, worst: "-", problems: run.alignProblems))
+
+        // ---- stage 1 (reference ids) ----
+        var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = []
+        let width = ref.intermediateWidth
+        for t in 0..<T {
+            for s in 0..<S {
+                for i in 0..<I {
+                    interRef.append(ref.intermediate![(t * S + s) * width + i])
+                    interBound.append(ref.intermediateBound![(t * S + s) * width + i])
+                    interK.append(run.intermediate[(t * S + s) * I + i])
+                }
+            }
+        }
+        let v1 = Verdict.compare(actual: interK, reference: interRef, bound: interBound)
+        report.stages.append(StageReport(stage: "stage1", passed: v1.passed, verdict: v1, worst: Self.pairLocation(v1.worstIndex, ids: ref.topkIds, S: S, width: I, v: v1),
+                                         problems: v1.passed ? [] : ["intermediate outside its bound: \(v1.violations) of \(v1.elements) (\(v1))"]))
+
+        // ---- stage 2 (reference ids and weights) ----
+        let v2 = Verdict.compare(actual: run.stagedOutput, reference: ref.output, bound: ref.bound)
+        report.stages.append(StageReport(stage: "stage2", passed: v2.passed, verdict: v2, worst: Self.outputLocation(v2.worstIndex, ids: ref.topkIds, S: S, H: H, v: v2),
+                                         problems: v2.passed ? [] : ["output outside its bound: \(v2.violations) of \(v2.elements)"]))
+
+        // ---- whole layer, twice ----
+        for (i, out) in run.forwardOutputs.enumerated() {
+            let v = Verdict.compare(actual: out, reference: forcedRef.output, bound: forcedRef.bound)
+            report.stages.append(StageReport(stage: "forward#\(i + 1)", passed: v.passed, verdict: v,
+                                             worst: Self.outputLocation(v.worstIndex, ids: forcedRef.topkIds, S: S, H: H, v: v),
+                                             problems: v.passed ? [] : ["output outside its bound: \(v.violations) of \(v.elements), \(v.nonFinite) non-finite"]))
+        }
+        if run.forwardOutputs.count == 2 {
+            let a = run.forwardOutputs[0], b = run.forwardOutputs[1]
+            report.runsIdentical = zip(a, b).allSatisfy { $0.bitPattern == $1.bitPattern }
+        }
+        report.passed = report.stages.allSatisfy(\.passed)
+    }
+
+    /// Whether `chosen` is a top-K choice consistent with the logits within their bounds: no
+    /// expert left out is certainly larger than one taken.
+    static func plausible(chosen: [Int], logits: [Double], bound: [Double], tolerance: Double, token t: Int, experts E: Int) -> Bool {
+        let taken = Set(chosen)
+        guard chosen.allSatisfy({ $0 >= 0 && $0 < E }), taken.count == chosen.count else { return false }
+        let minTakenHigh = chosen.map { logits[t * E + $0] + bound[t * E + $0] + tolerance }.min() ?? .infinity
+        for j in 0..<E where !taken.contains(j) {
+            if logits[t * E + j] - bound[t * E + j] - tolerance > minTakenHigh { return false }
+        }
+        return true
+    }
+
+    static func pairLocation(_ i: Int, ids: [Int32], S: Int, width: Int, v: Verdict) -> String {
+        guard i >= 0 else { return "-" }
+        let pair = i / width, col = i % width
+        return String(format: "token %d, slot %d (expert %d), column %d: kernel %.6g, reference %.6g ± %.3g", pair / S, pair % S, ids[pair], col,
+                      v.worstValue, v.worstReference, v.worstBound)
+    }
+
+    static func outputLocation(_ i: Int, ids: [Int32], S: Int, H: Int, v: Verdict) -> String {
+        guard i >= 0 else { return "-" }
+        let t = i / H, h = i % H
+        let experts = (0..<S).map { String(ids[t * S + $0]) }.joined(separator: ",")
+        return String(format: "token %d (experts %@), column %d: kernel %.6g, reference %.6g ± %.3g", t, experts, h, v.worstValue, v.worstReference, v.worstBound)
+    }
+}

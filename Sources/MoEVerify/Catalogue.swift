@@ -1,0 +1,149 @@
+import Foundation
+import MoEReference
+import TensorIO
+
+/// One named case of the verification catalogue.
+public struct VerifyCase: Codable, Sendable, CustomStringConvertible {
+    public var name: String
+    public var spec: SyntheticSpec
+    /// FP8 stage-1 split count (1 = off).
+    public var splitK: Int
+    /// Fuse the shared expert as slot E (only when it can fuse).
+    public var fuseShared: Bool
+
+    public init(name: String, spec: SyntheticSpec, splitK: Int = 1, fuseShared: Bool? = nil) {
+        self.name = name
+        self.spec = spec
+        self.splitK = splitK
+        self.fuseShared = fuseShared ?? spec.config.fusable
+    }
+
+    public var description: String { "\(name) [\(spec)\(splitK > 1 ? " split_k=\(splitK)" : "")\(fuseShared ? " fused" : "")]" }
+}
+
+/// The model shapes of FACTS §4, with the tensor-parallel degree their deployments divide I by.
+public struct ModelShape: Sendable {
+    public let name: String
+    public let family: ModelFamily
+    public let hidden: Int
+    public let intermediate: Int
+    public let sharedIntermediate: Int
+    public let experts: Int
+    public let topK: Int
+    public let renormalize: Bool
+    public let tensorParallel: Int
+
+    public var config: MoEConfig {
+        MoEConfig(family: family, hidden: hidden, intermediate: intermediate / tensorParallel,
+                  sharedIntermediate: sharedIntermediate / tensorParallel, experts: experts, topK: topK, renormalize: renormalize)
+    }
+
+    public static let all: [ModelShape] = [
+        ModelShape(name: "qwen3.5-397b-a17b-tp8", family: .qwen35Moe, hidden: 4096, intermediate: 1024, sharedIntermediate: 1024,
+                   experts: 512, topK: 10, renormalize: true, tensorParallel: 8),
+        ModelShape(name: "qwen3.5-122b-a10b-tp4", family: .qwen35Moe, hidden: 3072, intermediate: 1024, sharedIntermediate: 1024,
+                   experts: 256, topK: 8, renormalize: true, tensorParallel: 4),
+        ModelShape(name: "qwen3.5-35b-a3b-tp1", family: .qwen35Moe, hidden: 2048, intermediate: 512, sharedIntermediate: 512,
+                   experts: 256, topK: 8, renormalize: true, tensorParallel: 1),
+        ModelShape(name: "qwen3-next-80b-a3b-tp2", family: .qwen3Next, hidden: 2048, intermediate: 512, sharedIntermediate: 512,
+                   experts: 512, topK: 10, renormalize: true, tensorParallel: 2),
+        ModelShape(name: "qwen2-57b-a14b-tp4", family: .qwen2Moe, hidden: 3584, intermediate: 2560, sharedIntermediate: 20480,
+                   experts: 64, topK: 8, renormalize: false, tensorParallel: 4),
+        ModelShape(name: "qwen1.5-moe-a2.7b-tp1", family: .qwen2Moe, hidden: 2048, intermediate: 1408, sharedIntermediate: 5632,
+                   experts: 60, topK: 4, renormalize: false, tensorParallel: 1),
+    ]
+}
+
+/// Named case suites.
+public enum Catalogue {
+    public static let suites = ["smoke", "splitk", "catalogue", "all"]
+
+    static let formats: [WeightFormat] = [.bf16, .fp8e4m3fn, .fp8e4m3fnuz]
+
+    static func tag(_ f: WeightFormat) -> String {
+        switch f {
+        case .bf16: return "bf16"
+        case .fp8e4m3fn: return "fp8fn"
+        case .fp8e4m3fnuz: return "fp8fnuz"
+        default: return f.rawValue
+        }
+    }
+
+    /// The FP8 split-K accuracy cases (FACTS §5): H = 4096 (32 K-blocks), decode token counts,
+    /// block scales spread over 2^16 across K, large inputs so fp16 partials would overflow;
+    /// split counts 1…32, where 32 is one K tile per split (aiter #3997's KBatch = 1).
+    public static func splitK() -> [VerifyCase] {
+        var out: [VerifyCase] = []
+        let config = MoEConfig(family: .qwen35Moe, hidden: 4096, intermediate: 128, sharedIntermediate: 128, experts: 16, topK: 4)
+        for f in [WeightFormat.fp8e4m3fn, .fp8e4m3fnuz] {
+            for (t, tokens) in [1, 8].enumerated() {
+                for s in [1, 2, 4, 8, 16, 32] {
+                    let spec = SyntheticSpec(config: config, format: f, tokens: tokens, seed: 7000 + UInt64(t), routing: .uniform,
+                                             inputs: .large, scales: .spreadAcrossK)
+                    out.append(VerifyCase(name: "splitk-\(tag(f))-T\(tokens)-s\(s)", spec: spec, splitK: s))
+                }
+            }
+        }
+        return out
+    }
+
+    /// Small shapes: every format, odd sizes, each routing mode — seconds on any GPU.
+    public static func smoke() -> [VerifyCase] {
+        var out: [VerifyCase] = []
+        let configs: [(String, MoEConfig)] = [
+            ("q35-small", MoEConfig(family: .qwen35Moe, hidden: 256, intermediate: 128, sharedIntermediate: 128, experts: 8, topK: 2)),
+            ("odd-shapes", MoEConfig(family: .qwen3Next, hidden: 200, intermediate: 96, sharedIntermediate: 96, experts: 7, topK: 3)),
+            ("unfusable", MoEConfig(family: .qwen2Moe, hidden: 320, intermediate: 64, sharedIntermediate: 256, experts: 6, topK: 2, renormalize: false)),
+            ("e-equals-k", MoEConfig(family: .qwen35Moe, hidden: 128, intermediate: 64, sharedIntermediate: 64, experts: 4, topK: 4)),
+        ]
+        for f in formats {
+            for (name, c) in configs {
+                for t in [1, 17, 33] {
+                    out.append(VerifyCase(name: "smoke-\(name)-\(tag(f))-T\(t)", spec: SyntheticSpec(config: c, format: f, tokens: t, seed: UInt64(100 + t))))
+                }
+            }
+            let c = configs[0].1
+            for mode in RoutingMode.allCases where mode != .uniform {
+                out.append(VerifyCase(name: "smoke-routing-\(mode.rawValue)-\(tag(f))", spec: SyntheticSpec(config: c, format: f, tokens: 16, seed: 5, routing: mode)))
+            }
+            for mode in InputMode.allCases where mode != .normal {
+                out.append(VerifyCase(name: "smoke-inputs-\(mode.rawValue)-\(tag(f))", spec: SyntheticSpec(config: c, format: f, tokens: 16, seed: 6, inputs: mode)))
+            }
+        }
+        return out
+    }
+
+    /// The model catalogue: every family at its real (TP-divided) shape, T ∈ {1, 2, 16, 33, 256, 4096},
+    /// BF16 and both FP8 formats.
+    public static func models(tokens: [Int] = [1, 2, 16, 33, 256, 4096]) -> [VerifyCase] {
+        var out: [VerifyCase] = []
+        for m in ModelShape.all {
+            for f in formats {
+                for t in tokens {
+                    out.append(VerifyCase(name: "\(m.name)-\(tag(f))-T\(t)", spec: SyntheticSpec(config: m.config, format: f, tokens: t, seed: UInt64(t))))
+                }
+            }
+        }
+        return out
+    }
+
+    public static func suite(_ name: String) throws -> [VerifyCase] {
+        switch name {
+        case "smoke": return smoke()
+        case "splitk": return splitK()
+        case "catalogue": return models() + splitK()
+        case "all": return smoke() + models() + splitK()
+        default: throw VerifyError.usage("unknown suite '\(name)' (known: \(suites.joined(separator: ", ")))")
+        }
+    }
+}
+
+public enum VerifyError: Error, CustomStringConvertible {
+    case usage(String)
+    case failed(String)
+    public var description: String {
+        switch self {
+        case .usage(let s), .failed(let s): return s
+        }
+    }
+}
