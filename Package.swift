@@ -33,6 +33,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .executableTarget(name: "lowprecision-bench", dependencies: ["LowPrecision"]),
         .testTarget(name: "LowPrecisionTests", dependencies: ["LowPrecision"]),
         .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "LowPrecision"]),
         .testTarget(name: "MoEReferenceTests", dependencies: ["MoEReference", "TensorIO", "LowPrecision"]),

@@ -27,15 +27,20 @@ public enum InputMode: String, Codable, CaseIterable, Sendable {
     case large
     /// Values on the fp8 e4m3 grid (`code · 2^-4`).
     case fp8Grid = "fp8-grid"
+    /// `|m| · 2^-2`: large and all positive, so with `spread-across-k` scales every K block's
+    /// partial sum is coherent (no cancellation inside a block) while blocks cancel each other —
+    /// the data on which split-K partials reduced in bf16 or fp16 are visibly wrong.
+    case coherent
 }
 
 /// How FP8 block scales are drawn.
 public enum ScaleProfile: String, Codable, CaseIterable, Sendable {
     /// `2^-(p + 0…3)` from the counter generator (reproducible on the GPU).
     case counter
-    /// Additionally × 2^(4·(kb mod 5) − 8) by K block `kb`: scales spread over 2^16 across K,
-    /// so a wrong K-block scale index or a dropped split-K partial shows, and with `large` inputs
-    /// split partial sums exceed the fp16 range.
+    /// Additionally × 2^(4·(kb mod 5) − 4) by K block `kb`: scales spread over 2^16 across K, so a
+    /// wrong K-block scale index or a dropped split-K partial shows; the gate/up weights' signs are
+    /// set per (row, K block) (alternating), so with `coherent` inputs each block's partial sum is
+    /// coherent and split partial sums exceed the fp16 range.
     case spreadAcrossK = "spread-across-k"
 }
 
@@ -118,6 +123,9 @@ public final class SyntheticLayer: MoELayerSource {
         }
         var out = [UInt8](repeating: 0, count: n)
         out.withUnsafeMutableBufferPointer { generator.fillFP8($0.baseAddress!, count: n, stream: stream, offset: slot * n) }
+        if spec.scales == .spreadAcrossK && (stream == Self.w13Stream || stream == Self.sharedW13Stream) {
+            for r in 0..<rows { for c in 0..<cols { out[r * cols + c] = (out[r * cols + c] & 0x7F) | UInt8(((r + c / 128) & 1) << 7) } }
+        }
         return out
     }
 
@@ -130,7 +138,7 @@ public final class SyntheticLayer: MoELayerSource {
         if spec.scales == .spreadAcrossK {
             for r in 0..<blockRows {
                 for kb in 0..<blockCols {
-                    out[r * blockCols + kb] *= Float(sign: .plus, exponent: 4 * (kb % 5) - 8, significand: 1)
+                    out[r * blockCols + kb] *= Float(sign: .plus, exponent: 4 * (kb % 5) - 4, significand: 1)
                 }
             }
         }
@@ -241,8 +249,9 @@ public final class SyntheticLayer: MoELayerSource {
             if spec.inputs == .outliers {
                 for t in 0..<T { for h in stride(from: 7, to: H, by: 64) { x[t * H + h] = BFloat16.bits(BFloat16.float(x[t * H + h]) * 64) } }
             }
-        case .large:
+        case .large, .coherent:
             x.withUnsafeMutableBufferPointer { generator.fillBF16($0.baseAddress!, count: T * H, stream: stream, offset: 0, param: 2) }
+            if spec.inputs == .coherent { for i in 0..<(T * H) { x[i] &= 0x7FFF } }
         case .fp8Grid:
             var codes = [UInt8](repeating: 0, count: T * H)
             codes.withUnsafeMutableBufferPointer { generator.fillFP8($0.baseAddress!, count: T * H, stream: stream, offset: 0) }

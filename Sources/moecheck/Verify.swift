@@ -32,6 +32,9 @@ struct Verify: ParsableCommand {
     @Option(help: "Select a fault of a FAULTS=1 build before running (for demonstrations; `moecheck faults` runs the matrix).")
     var fault: String?
 
+    @Flag(help: "Run the CPU model of the kernel recipe instead of a GPU library (no GPU needed; with --fault, a CPU fault model).")
+    var cpuModel = false
+
     @Flag(help: "Upload host-generated weights even when the library can generate them on the device.")
     var hostWeights = false
 
@@ -39,6 +42,11 @@ struct Verify: ParsableCommand {
 
     func run() throws {
         blas.apply()
+        if cpuModel {
+            let k = try CPUModelKernel(fault: fault)
+            try runCases(kernel: k)
+            return
+        }
         let explicit = kernels ?? KernelLibrary.environmentPath
         guard let path = explicit else {
             print("verify: no kernel library given (--kernels PATH or MOECHECK_KERNELS): GPU comparison skipped.")
@@ -54,6 +62,10 @@ struct Verify: ParsableCommand {
         } catch {
             throw fail("verify: \(error)")
         }
+        try runCases(kernel: kernel)
+    }
+
+    func runCases(kernel: KernelUnderTest) throws {
         var cases = try Catalogue.suite(suite)
         if let filter { cases = cases.filter { $0.name.contains(filter) } }
         guard !cases.isEmpty else { throw fail("verify: no case of suite '\(suite)' matches filter '\(filter ?? "")'") }

@@ -1,0 +1,229 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+import LowPrecision
+import MoEReference
+import TensorIO
+
+/// A CPU model of a fused MoE kernel with the same recipe as `Kernels/` (binary32 arithmetic,
+/// bf16 logits, `bf16(sigmoid(bf16(ws·x)))` shared gate, fp8 1×128 activation quantization with
+/// aiter's reciprocal scale, split-K partial sums, bf16 intermediate, fp32 combine, bf16 output),
+/// into which the same faults as the GPU fault build can be injected by name. It lets the
+/// verification and fault-matrix machinery run — and be tested — on a machine without a GPU.
+/// It is a model: the GPU fault build is the real thing (`moecheck faults --kernels`).
+public final class CPUModelKernel: KernelUnderTest {
+    /// Harmful faults, each modelled on a real bug (FACTS §5–§6; Kernels/README.md).
+    public static let harmfulFaults = [
+        "splitk_workspace_not_zeroed", "splitk_bf16_partials", "splitk_fp16_partials", "wrong_kblock_scale",
+        "shared_slot_dropped", "shared_gate_no_sigmoid", "shared_in_renormalization", "shared_id_e_minus_1",
+        "padding_expert_zero", "last_partial_m_tile_skipped", "fnuz_as_fn", "renormalize_ignored",
+    ]
+    /// Variants a correct checker must accept.
+    public static let benignVariants = ["benign_reverse_accumulation", "benign_tie_order_high", "benign_fp32_shared_gate"]
+
+    public var fault: String?
+    public var name: String { "cpu-model" + (fault.map { "[\($0)]" } ?? "") }
+    public var device: String { "CPU (Swift model of the Kernels/ recipe)" }
+
+    public init(fault: String? = nil) throws {
+        if let fault, !(Self.harmfulFaults + Self.benignVariants).contains(fault) {
+            throw VerifyError.usage("unknown fault '\(fault)' (known: \((Self.harmfulFaults + Self.benignVariants).joined(separator: ", ")))")
+        }
+        self.fault = fault
+    }
+
+    func on(_ f: String) -> Bool { fault == f }
+
+    public func recipe(for format: WeightFormat) throws -> Recipe {
+        format.fp8 != nil ? .fusedFP8 : .fusedBF16
+    }
+
+    /// Align block (rows per expert block), as in Kernels/.
+    static let block = 32
+
+    struct Weights {
+        let w13: [Float]   // [slots, 2I, H] dequantized per element, or raw values
+        let w2: [Float]    // [slots, H, I]
+        let codes13: [UInt8], codes2: [UInt8]
+        let s13: [Float], s2: [Float]
+        let fp8: FP8Codec?
+    }
+
+    func weights(_ layer: SyntheticLayer, fuse: Bool) throws -> Weights {
+        let kw = try layer.kernelWeights(fuseShared: fuse)
+        if let f = layer.spec.format.fp8 {
+            // fnuz_as_fn: fnuz bytes decoded with the fn table, scales not adjusted (values doubled)
+            let codec = (on("fnuz_as_fn") && f == .e4m3fnuz) ? FP8Codec.e4m3fn : FP8Codec.codec(for: f)
+            return Weights(w13: [], w2: [], codes13: kw.w13, codes2: kw.w2, s13: kw.w13Scale, s2: kw.w2Scale, fp8: codec)
+        }
+        let w13 = kw.w13.withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { BFloat16.float($0) } }
+        let w2 = kw.w2.withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { BFloat16.float($0) } }
+        return Weights(w13: w13, w2: w2, codes13: [], codes2: [], s13: [], s2: [], fp8: nil)
+    }
+
+    // MARK: router
+
+    func router(_ layer: SyntheticLayer, fuse: Bool, x: [Float]) -> (logits: [Float], ids: [Int32], weights: [Float], gate: [Float]) {
+        let c = layer.config, T = layer.spec.tokens, H = c.hidden, E = c.experts, K = c.topK
+        let S = K + (fuse ? 1 : 0)
+        let wg = layer.routerBF16().map { BFloat16.float($0) }
+        let ws = layer.sharedGateBF16()?.map { BFloat16.float($0) }
+        var logits = [Float](repeating: 0, count: T * E), ids = [Int32](repeating: 0, count: T * S)
+        var weights = [Float](repeating: 0, count: T * S), gates = [Float](repeating: 0, count: T)
+        let renormalize = c.renormalize && !on("renormalize_ignored")
+        for t in 0..<T {
+            for e in 0..<E {
+                var acc: Float = 0
+                for h in 0..<H { acc += x[t * H + h] * wg[e * H + h] }
+                logits[t * E + e] = BFloat16.round(acc)
+            }
+            let row = Array(logits[(t * E)..<((t + 1) * E)])
+            let mx = row.max()!
+            let p = row.map { expf($0 - mx) }
+            let sum = p.reduce(0, +)
+            let prob = p.map { $0 / sum }
+            let highTies = on("benign_tie_order_high")
+            let order = (0..<E).sorted { prob[$0] != prob[$1] ? prob[$0] > prob[$1] : (highTies ? $0 > $1 : $0 < $1) }
+            let chosen = Array(order.prefix(K))
+            var g: Float = 0
+            if fuse, let ws {
+                var dot: Float = 0
+                for h in 0..<H { dot += x[t * H + h] * ws[h] }
+                if on("shared_gate_no_sigmoid") { g = BFloat16.round(dot) }
+                else if on("benign_fp32_shared_gate") { g = 1 / (1 + expf(-dot)) }
+                else { g = BFloat16.round(1 / (1 + expf(-BFloat16.round(dot)))) }
+            }
+            var denom: Float = renormalize ? chosen.reduce(0) { $0 + prob[$1] } : 1
+            if on("shared_in_renormalization") && fuse { denom += g }
+            for (s, e) in chosen.enumerated() {
+                ids[t * S + s] = Int32(e)
+                weights[t * S + s] = prob[e] / denom
+            }
+            if fuse {
+                ids[t * S + K] = Int32(on("shared_id_e_minus_1") ? E - 1 : E)
+                weights[t * S + K] = on("shared_slot_dropped") ? 0 : (on("shared_in_renormalization") ? g / denom : g)
+                gates[t] = g
+            }
+        }
+        return (logits, ids, weights, gates)
+    }
+
+    // MARK: experts
+
+    /// Group-quantizes `v` (fp8 recipe) the way the kernel does; returns codes and scales.
+    func quantize(_ v: [Float], codec: FP8Codec) -> ([UInt8], [Float]) {
+        let q = GroupQuantizer(format: codec.format, convention: .multiplyReciprocal)
+        var codes = [UInt8](repeating: 0, count: v.count), scales = [Float](repeating: 0, count: q.groupCount(v.count))
+        v.withUnsafeBufferPointer { r in codes.withUnsafeMutableBufferPointer { cb in scales.withUnsafeMutableBufferPointer { s in
+            q.quantize(row: r, codes: cb, scales: s)
+        } } }
+        return (codes, scales)
+    }
+
+    /// One dot product of a row of a [rows, K] matrix of slot `slot` with an activation, the
+    /// kernel's way: bf16 plain fp32; fp8 block-scaled per 128 K-block with `splits` partials.
+    func dot(_ w: Weights, matrixIsW13: Bool, slot: Int, row: Int, rows: Int, k: Int, act: [Float], actCodes: [UInt8], actScales: [Float],
+             splits: Int, reverse: Bool, garbage: Float) -> Float {
+        let base = (slot * rows + row) * k
+        if w.fp8 == nil {
+            let m = matrixIsW13 ? w.w13 : w.w2
+            var acc: Float = 0
+            if reverse { for i in stride(from: k - 1, through: 0, by: -1) { acc += act[i] * m[base + i] } }
+            else { for i in 0..<k { acc += act[i] * m[base + i] } }
+            return acc
+        }
+        let codec = w.fp8!
+        let codes = matrixIsW13 ? w.codes13 : w.codes2
+        let scales = matrixIsW13 ? w.s13 : w.s2
+        let kb = (k + 127) / 128
+        let rowBlocks = matrixIsW13 ? 2 * ((rows / 2 + 127) / 128) : (rows + 127) / 128
+        let half = rows / 2
+        let br = matrixIsW13 ? (row < half ? row / 128 : (half + 127) / 128 + (row - half) / 128) : row / 128
+        let sBase = (slot * rowBlocks + br) * kb
+        var splitSums = [Float](repeating: 0, count: splits)
+        let perSplit = (kb + splits - 1) / splits
+        for b in 0..<kb {
+            var partial: Float = 0
+            for i in (b * 128)..<Swift.min(k, (b + 1) * 128) {
+                partial += codec.value(actCodes[i]) * codec.value(codes[base + i])
+            }
+            let aScale = on("wrong_kblock_scale") && matrixIsW13 ? actScales[(b + 1) % kb] : actScales[b]
+            splitSums[b / perSplit] += (aScale * scales[sBase + b]) * partial
+        }
+        if splits == 1 || !matrixIsW13 { return splitSums.reduce(0, +) }
+        // split-K: each split's partial is added atomically into a workspace the kernel zeroes
+        var acc: Float = (on("splitk_workspace_not_zeroed") && perSplit == 1) ? garbage : 0
+        for p in splitSums {
+            if on("splitk_bf16_partials") { acc += BFloat16.round(p) }
+            else if on("splitk_fp16_partials") { acc += Float(SmallFloatFormat.float16.round(Double(p))) }
+            else { acc += p }
+        }
+        return acc
+    }
+
+    func experts(_ layer: SyntheticLayer, w: Weights, x: [Float], ids: [Int32], weights: [Float], S: Int, splits: Int, garbage: Float)
+        -> (intermediate: [Double], output: [Double]) {
+        let c = layer.config, T = layer.spec.tokens, H = c.hidden, I = c.intermediate
+        var inter = [Double](repeating: 0, count: T * S * I)
+        var y = [Float](repeating: 0, count: T * S * H)
+        var skipped = Set<Int>()
+        if on("last_partial_m_tile_skipped") {
+            // the pairs in each expert's last, partially filled block
+            var byExpert: [Int32: [Int]] = [:]
+            for p in 0..<(T * S) { byExpert[ids[p], default: []].append(p) }
+            for (_, pairs) in byExpert where pairs.count % Self.block != 0 {
+                for p in pairs.suffix(pairs.count % Self.block) { skipped.insert(p) }
+            }
+        }
+        for t in 0..<T {
+            let xt = Array(x[(t * H)..<((t + 1) * H)])
+            let (xc, xs) = w.fp8.map { _ in quantize(xt, codec: FP8Codec.codec(for: layer.spec.format.fp8!)) } ?? ([], [])
+            for s in 0..<S {
+                let e = Int(ids[t * S + s])
+                let p = t * S + s
+                var h = [Float](repeating: 0, count: I)
+                for i in 0..<I {
+                    let g = dot(w, matrixIsW13: true, slot: e, row: i, rows: 2 * I, k: H, act: xt, actCodes: xc, actScales: xs,
+                                splits: splits, reverse: false, garbage: garbage)
+                    let u = dot(w, matrixIsW13: true, slot: e, row: I + i, rows: 2 * I, k: H, act: xt, actCodes: xc, actScales: xs,
+                                splits: splits, reverse: false, garbage: garbage)
+                    h[i] = BFloat16.round(g / (1 + expf(-g)) * u)
+                    inter[p * I + i] = Double(h[i])
+                }
+                if skipped.contains(p) { continue }
+                let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.spec.format.fp8!)) } ?? ([], [])
+                for o in 0..<H {
+                    y[p * H + o] = dot(w, matrixIsW13: false, slot: e, row: o, rows: H, k: I, act: h, actCodes: hc, actScales: hs,
+                                       splits: 1, reverse: on("benign_reverse_accumulation"), garbage: garbage)
+                }
+            }
+        }
+        var out = [Double](repeating: 0, count: T * H)
+        for t in 0..<T {
+            for o in 0..<H {
+                var acc: Float = 0
+                for s in 0..<S { acc += weights[t * S + s] * y[(t * S + s) * H + o] }
+                if on("padding_expert_zero") && t == 0 { acc += y[o] }   // padded rows read pair 0 into token 0
+                out[t * H + o] = Double(BFloat16.round(acc))
+            }
+        }
+        return (inter, out)
+    }
+
+    public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
+        let c = layer.config
+        let S = c.topK + (vc.fuseShared ? 1 : 0)
+        let x = layer.inputsBF16().map { BFloat16.float($0) }
+        let w = try weights(layer, fuse: vc.fuseShared)
+        let r = router(layer, fuse: vc.fuseShared, x: x)
+        let splits = layer.spec.format.fp8 != nil ? vc.splitK : 1
+        let staged = experts(layer, w: w, x: x, ids: referenceIds, weights: referenceWeights, S: S, splits: splits, garbage: -2.9e13)
+        // Two whole-layer runs; a workspace that is not zeroed holds different garbage each time.
+        let run1 = experts(layer, w: w, x: x, ids: r.ids, weights: r.weights, S: S, splits: splits, garbage: Float(bitPattern: 0xD5D5_D5D5))
+        let run2 = experts(layer, w: w, x: x, ids: r.ids, weights: r.weights, S: S, splits: splits, garbage: 1.0e4)
+        return KernelRun(logits: r.logits, ids: r.ids, weights: r.weights, sharedGate: r.gate, alignProblems: [],
+                         intermediate: staged.intermediate, stagedOutput: staged.output, forwardOutputs: [run1.output, run2.output],
+                         forwardMilliseconds: 0)
+    }
+}
