@@ -8,12 +8,15 @@ public enum Rounding: String, Codable, Sendable, CaseIterable {
     case fp32
     /// Rounded to bfloat16.
     case bf16
+    /// Rounded to bfloat16 or kept in fp32: the recipe allows either (the reference value is the
+    /// bf16 one; the bound also covers the unrounded value).
+    case bf16OrFP32 = "bf16-or-fp32"
 
     var format: SmallFloatFormat? {
         switch self {
         case .none: return nil
         case .fp32: return .float32
-        case .bf16: return .bfloat16
+        case .bf16, .bf16OrFP32: return .bfloat16
         }
     }
 }

@@ -100,9 +100,10 @@ public final class MoEReferenceEngine {
     static func roundInterval(_ v: Double, _ r: Double, _ rounding: Rounding) -> (Double, Double) {
         guard let f = rounding.format else { return (v, r) }
         let rv = f.round(v)
-        if r == 0 { return (rv, 0) }
+        let either = rounding == .bf16OrFP32 ? Swift.abs(v - rv) + r * (1 + 0x1p-20) : 0
+        if r == 0 { return (rv, either) }
         let lo = f.round(v - r), hi = f.round(v + r)
-        return (rv, Swift.max(Swift.abs(lo - rv), Swift.abs(hi - rv)))
+        return (rv, Swift.max(Swift.abs(lo - rv), Swift.abs(hi - rv), either))
     }
 
     @inline(__always)

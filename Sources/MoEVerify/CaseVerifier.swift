@@ -68,8 +68,13 @@ public struct CaseReport: Codable, Sendable {
 /// Runs one case against a kernel and the reference, stage by stage.
 public struct CaseVerifier {
     public let kernel: KernelUnderTest
+    /// Adjusts the kernel's declared recipe (e.g. to allow either rounding where a variant may).
+    public var adjustRecipe: ((Recipe) -> Recipe)?
 
-    public init(kernel: KernelUnderTest) { self.kernel = kernel }
+    public init(kernel: KernelUnderTest, adjustRecipe: ((Recipe) -> Recipe)? = nil) {
+        self.kernel = kernel
+        self.adjustRecipe = adjustRecipe
+    }
 
     public func verify(_ vc: VerifyCase) -> CaseReport {
         var report = CaseReport(name: vc.name, spec: vc.spec, splitK: vc.splitK, fused: vc.fuseShared, recipe: "", passed: false, stages: [],
@@ -88,7 +93,8 @@ public struct CaseVerifier {
         let c = layer.config
         if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
         let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
-        let recipe = try kernel.recipe(for: vc.spec.format)
+        var recipe = try kernel.recipe(for: vc.spec.format)
+        if let adjustRecipe { recipe = adjustRecipe(recipe) }
         report.recipe = recipe.name
         let T = vc.spec.tokens, H = c.hidden, E = c.experts, K = c.topK, I = c.intermediate
         let x = layer.inputs()
