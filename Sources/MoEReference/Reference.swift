@@ -109,6 +109,14 @@ public final class MoEReferenceEngine {
     @inline(__always)
     static func sigmoid(_ x: Double) -> Double { 1 / (1 + Foundation.exp(-x)) }
 
+    /// exp(l − max) below 2^-126 (l − max < −87.3) may be flushed to 0 by an fp32 softmax.
+    public static let fp32UnderflowLogitGap = -87.0
+
+    @inline(__always)
+    public static func mayUnderflow(_ logitHigh: Double, max maxLow: Double) -> Bool {
+        logitHigh - maxLow < fp32UnderflowLogitGap
+    }
+
     /// Runs the layer on `x` (`[T, H]` row-major).
     public func run(inputs x: [Double], tokens T: Int, routing: RoutingOverride? = nil) throws -> ReferenceResult {
         let c = layer.config
@@ -122,7 +130,7 @@ public final class MoEReferenceEngine {
         let u = recipe.accumulatorUnitRoundoff
         let trans = recipe.transcendentalRelativeError
         let shared = c.hasSharedExpert
-        let fused = shared && options.fuseShared
+        let fused = c.fusable && options.fuseShared
         let S = K + (fused ? 1 : 0)
         let slotsAll = K + (shared ? 1 : 0)
 
@@ -169,9 +177,13 @@ public final class MoEReferenceEngine {
             // fp32 softmax evaluation slack on the comparison of two logits
             let slack = 4 * u * (1 + Swift.abs(maxLogit)) + 2 * trans
             routerTolerance[t] = slack
+            let maxBound = rb[order[0]]
             if K < E {
                 let a = order[K - 1], b = order[K]
                 if row[a] - row[b] <= rb[a] + rb[b] + slack { ambiguous[t] = true }
+                // Where the K-th probability may underflow to 0 in fp32 (flushed below 2^-126), the
+                // experts that underflow are tied at 0 and a kernel may take any of them.
+                if Self.mayUnderflow(row[a] + rb[a] + slack, max: maxLogit - maxBound) { ambiguous[t] = true }
             }
             var chosen = Array(order.prefix(K))
             if let routing {
@@ -202,7 +214,10 @@ public final class MoEReferenceEngine {
             // slots in descending weight (ties: lower id) — the order kernels report them in
             let ranked = zip(chosen, p).sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }
             for (s, (e, w)) in ranked.enumerated() {
-                let (wr, wb) = Self.roundInterval(w, bounds ? rel * w : 0, recipe.routingWeights)
+                var (wr, wb) = Self.roundInterval(w, bounds ? rel * w : 0, recipe.routingWeights)
+                if bounds && Self.mayUnderflow(row[e] + rb[e] + slack, max: maxLogit - maxBound) {
+                    wb = Swift.max(wb, Swift.abs(wr) * (1 + 0x1p-20) + 0x1p-126)   // may be exactly 0 in fp32
+                }
                 slotExpert[t * slotsAll + s] = e
                 slotWeight[t * slotsAll + s] = wr
                 slotWeightBound[t * slotsAll + s] = wb
@@ -263,7 +278,13 @@ public final class MoEReferenceEngine {
         }
         let fp8q: GroupQuantizer? = recipe.intermediateFP8 ? layer.weightFormat.fp8.map { GroupQuantizer(format: $0, convention: recipe.scaleConvention) } : nil
 
-        for e in 0...E where !rowsOf[e].isEmpty {
+        // One expert's stage 1 and stage 2 for all its rows (pure: safe to run concurrently).
+        struct ExpertPart {
+            var act: [Double], actBound: [Double]   // stage-1 intermediate before fp8 requantization
+            var y: [Double], yBound: [Double]       // stage-2 output per row, after the recipe's down rounding
+        }
+        let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
+        func processExpert(_ e: Int) throws -> ExpertPart {
             let rows = rowsOf[e]
             let n = rows.count
             let Ie = c.intermediate(ofExpert: e)
@@ -271,8 +292,6 @@ public final class MoEReferenceEngine {
             var w2 = [Double](repeating: 0, count: H * Ie)
             try w13.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
             try w2.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
-
-            // gather inputs
             var xe = [Double](repeating: 0, count: n * H)
             for (r, (t, _)) in rows.enumerated() {
                 for h in 0..<H { xe[r * H + h] = xin[t * H + h] }
@@ -281,7 +300,6 @@ public final class MoEReferenceEngine {
             gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
             var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
             if bounds {
-                let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
                 var a = [Float](repeating: 0, count: n * H)
                 for (r, (t, _)) in rows.enumerated() {
                     for h in 0..<H {
@@ -309,14 +327,7 @@ public final class MoEReferenceEngine {
                     if bounds { actBound[r * Ie + i] = hb }
                 }
             }
-            if inter != nil {
-                for (r, (t, s)) in rows.enumerated() where s < S {
-                    for i in 0..<Ie {
-                        inter![(t * S + s) * Imax + i] = act[r * Ie + i]
-                        if bounds { interBound![(t * S + s) * Imax + i] = actBound[r * Ie + i] }
-                    }
-                }
-            }
+            let part = ExpertPart(act: act, actBound: actBound, y: [], yBound: [])
             if let q = fp8q {
                 for r in 0..<n {
                     Self.requantize(row: &act, rowBound: &actBound, offset: r * Ie, count: Ie, quantizer: q, bounds: bounds)
@@ -332,22 +343,75 @@ public final class MoEReferenceEngine {
                 for i in 0..<(n * Ie) { a[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
                 boundGemm(a, w2, &yBound, m: n, n: H, k: Ie)
             }
-            // weighted combine
-            for (r, (t, s)) in rows.enumerated() {
-                let w = slotWeight[t * slotsAll + s], wb = slotWeightBound[t * slotsAll + s]
-                for h in 0..<H {
-                    var yv = y[r * H + h], yb = bounds ? yBound[r * H + h] : 0
-                    (yv, yb) = Self.roundInterval(yv, yb, recipe.down)
-                    var cv = w * yv
-                    var cb = bounds ? Swift.abs(w) * yb + wb * (Swift.abs(yv) + yb) + u * Swift.abs(cv) : 0
-                    (cv, cb) = Self.roundInterval(cv, cb, recipe.weighted)
-                    out[t * H + h] += cv
-                    if bounds {
-                        outBound[t * H + h] += cb
-                        absSum[t * H + h] += Swift.abs(cv) + cb
+            if recipe.down != .none {
+                for i in 0..<(n * H) {
+                    let (v, b) = Self.roundInterval(y[i], bounds ? yBound[i] : 0, recipe.down)
+                    y[i] = v
+                    if bounds { yBound[i] = b }
+                }
+            }
+            return ExpertPart(act: options.keepIntermediate ? part.act : [], actBound: options.keepIntermediate ? part.actBound : [],
+                              y: y, yBound: yBound)
+        }
+
+        // Experts run concurrently (each GEMM single-threaded), in batches that bound the memory.
+        let touched = (0...E).filter { !rowsOf[$0].isEmpty }
+        let workers = Swift.max(1, BLAS.threads)
+        let rowBudget = Swift.max(1, (1 << 24) / Swift.max(H, 1))
+        var batchStart = 0
+        let savedThreads = BLAS.threads
+        if workers > 1 { BLAS.setThreads(1) }
+        defer { if workers > 1 { BLAS.setThreads(savedThreads) } }
+        while batchStart < touched.count {
+            var batchEnd = batchStart, rowsInBatch = 0
+            while batchEnd < touched.count && (batchEnd == batchStart || rowsInBatch + rowsOf[touched[batchEnd]].count <= rowBudget) {
+                rowsInBatch += rowsOf[touched[batchEnd]].count
+                batchEnd += 1
+            }
+            let batch = Array(touched[batchStart..<batchEnd])
+            var parts = [ExpertPart?](repeating: nil, count: batch.count)
+            var failure: Error? = nil
+            let lock = NSLock()
+            if workers > 1 && batch.count > 1 {
+                parts.withUnsafeMutableBufferPointer { slots in
+                    let base = slots.baseAddress!
+                    DispatchQueue.concurrentPerform(iterations: batch.count) { i in
+                        do { base[i] = try processExpert(batch[i]) } catch { lock.lock(); failure = failure ?? error; lock.unlock() }
+                    }
+                }
+            } else {
+                for i in 0..<batch.count { parts[i] = try processExpert(batch[i]) }
+            }
+            if let failure { throw failure }
+            // combine serially, in expert order
+            for (bi, e) in batch.enumerated() {
+                let part = parts[bi]!
+                let rows = rowsOf[e]
+                let Ie = c.intermediate(ofExpert: e)
+                if inter != nil {
+                    for (r, (t, s)) in rows.enumerated() where s < S {
+                        for i in 0..<Ie {
+                            inter![(t * S + s) * Imax + i] = part.act[r * Ie + i]
+                            if bounds { interBound![(t * S + s) * Imax + i] = part.actBound[r * Ie + i] }
+                        }
+                    }
+                }
+                for (r, (t, s)) in rows.enumerated() {
+                    let w = slotWeight[t * slotsAll + s], wb = slotWeightBound[t * slotsAll + s]
+                    for h in 0..<H {
+                        let yv = part.y[r * H + h], yb = bounds ? part.yBound[r * H + h] : 0
+                        var cv = w * yv
+                        var cb = bounds ? Swift.abs(w) * yb + wb * (Swift.abs(yv) + yb) + u * Swift.abs(cv) : 0
+                        (cv, cb) = Self.roundInterval(cv, cb, recipe.weighted)
+                        out[t * H + h] += cv
+                        if bounds {
+                            outBound[t * H + h] += cb
+                            absSum[t * H + h] += Swift.abs(cv) + cb
+                        }
                     }
                 }
             }
+            batchStart = batchEnd
         }
         var finalBound = outBound
         if bounds {

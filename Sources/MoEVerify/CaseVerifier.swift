@@ -209,6 +209,17 @@ public struct CaseVerifier {
         let taken = Set(chosen)
         guard chosen.allSatisfy({ $0 >= 0 && $0 < E }), taken.count == chosen.count else { return false }
         let minTakenHigh = chosen.map { logits[t * E + $0] + bound[t * E + $0] + tolerance }.min() ?? .infinity
+        let row = (0..<E).map { logits[t * E + $0] }
+        guard let top = (0..<E).max(by: { row[$0] < row[$1] }) else { return false }
+        let maxLow = row[top] - bound[t * E + top]
+        // Experts whose fp32 probability may underflow to 0 are tied at 0: any of them may be taken.
+        if MoEReferenceEngine.mayUnderflow(minTakenHigh, max: maxLow) {
+            for j in 0..<E where !taken.contains(j) {
+                let low = logits[t * E + j] - bound[t * E + j] - tolerance
+                if low > minTakenHigh && !MoEReferenceEngine.mayUnderflow(logits[t * E + j] + bound[t * E + j] + tolerance, max: maxLow) { return false }
+            }
+            return true
+        }
         for j in 0..<E where !taken.contains(j) {
             if logits[t * E + j] - bound[t * E + j] - tolerance > minTakenHigh { return false }
         }
