@@ -1,0 +1,239 @@
+import Foundation
+import MoEReference
+@testable import MoEVerify
+import Testing
+import TensorIO
+
+// The verifier with the CPU model of the kernel recipe: a correct model passes, the align and
+// router checks flag what they must, and a failing report names the stage and the worst element.
+
+/// The smoke suite: small shapes (H ≤ 320, E ≤ 8), every format, routing mode and input mode —
+/// well under a second each on the CPU model.
+let smallSmokeCases: [VerifyCase] = Catalogue.smoke().filter { $0.spec.config.hidden <= 512 && $0.spec.tokens <= 64 }
+
+@Suite("CaseVerifier with the CPU model kernel")
+struct VerifierTests {
+    @Test("a correct CPU model passes every small smoke case", arguments: smallSmokeCases)
+    func smokeCasePasses(_ vc: VerifyCase) throws {
+        let report = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
+        #expect(report.error == nil, "\(vc): \(report.error ?? "")")
+        #expect(report.passed, "\(vc) failed:\n\(report.line)")
+        #expect(report.stages.map(\.stage) == ["router", "align", "stage1", "stage2", "forward#1", "forward#2"], "\(vc)")
+        #expect(report.runsIdentical, "\(vc): the model's two whole-layer runs differ")
+        #expect(report.name == vc.name && report.line.hasPrefix("PASS \(vc.name):"), "\(vc): \(report.line)")
+    }
+
+    @Test("the smoke catalogue covers every format, routing mode and input mode")
+    func smokeCoverage() {
+        let smoke = Catalogue.smoke()
+        #expect(Set(smoke.map(\.spec.format)) == [.bf16, .fp8e4m3fn, .fp8e4m3fnuz])
+        #expect(Set(smoke.map(\.spec.routing)) == Set(RoutingMode.allCases))
+        #expect(Set(smoke.map(\.spec.inputs)) == Set(InputMode.allCases))
+        #expect(smoke.contains { !$0.fuseShared && $0.spec.config.hasSharedExpert }, "an unfusable case runs the shared expert unfused")
+        #expect(Set(smoke.map(\.name)).count == smoke.count, "case names are unique")
+    }
+
+    @Test("a harmful fault makes the report name the failing stage and the worst element")
+    func reportNamesStageAndWorstElement() throws {
+        let vc = try #require(Catalogue.smoke().first { $0.name == "smoke-q35-small-fp8fn-T17" })
+        // wrong_kblock_scale: stage 1 uses the next K block's activation scale
+        let r1 = CaseVerifier(kernel: try CPUModelKernel(fault: "wrong_kblock_scale")).verify(vc)
+        #expect(!r1.passed, "wrong_kblock_scale passed \(vc)")
+        let s1 = try #require(r1.stages.first { $0.stage == "stage1" }, "\(vc): no stage1 report")
+        #expect(!s1.passed, "\(vc): stage1 passed under wrong_kblock_scale:\n\(r1.line)")
+        #expect(s1.worst.range(of: #"^token \d+, slot \d+ \(expert \d+\), column \d+: kernel .*, reference .* ± "#, options: .regularExpression) != nil,
+                "\(vc): stage1 worst location: \(s1.worst)")
+        #expect(r1.line.hasPrefix("FAIL \(vc.name):") && r1.line.contains("stage1 FAIL") && r1.line.contains("stage1: worst at token "),
+                "\(vc): \(r1.line)")
+        #expect(r1.stages.first { $0.stage == "router" }?.passed == true, "\(vc): the router is not at fault")
+        #expect(r1.stages.first { $0.stage == "align" }?.passed == true, "\(vc): the align stage is not at fault")
+
+        // padding_expert_zero: padded rows add pair 0's output into token 0 (stage 2 and the layer)
+        let bf = try #require(Catalogue.smoke().first { $0.name == "smoke-q35-small-bf16-T17" })
+        let r2 = CaseVerifier(kernel: try CPUModelKernel(fault: "padding_expert_zero")).verify(bf)
+        let s2 = try #require(r2.stages.first { $0.stage == "stage2" })
+        #expect(!s2.passed && r2.stages.first { $0.stage == "stage1" }?.passed == true, "\(bf):\n\(r2.line)")
+        #expect(s2.worst.hasPrefix("token 0 (experts "), "\(bf): the damage is in token 0, worst reported at \(s2.worst)")
+        #expect(s2.worst.contains("column "), "\(bf): \(s2.worst)")
+        #expect(r2.line.contains("stage2: worst at token 0 (experts "), "\(bf): \(r2.line)")
+
+        // renormalize_ignored: a router fault, reported on the router stage with the weights
+        let r3 = CaseVerifier(kernel: try CPUModelKernel(fault: "renormalize_ignored")).verify(bf)
+        let router = try #require(r3.stages.first { $0.stage == "router" })
+        #expect(!router.passed && router.problems.contains { $0.contains("routing weights outside their bound") && $0.contains("worst: token ") },
+                "\(bf): router problems \(router.problems)")
+    }
+
+    @Test("a case that cannot fuse but asks to is an error naming the case, not a crash")
+    func unfusableFusedIsAnError() throws {
+        let base = try #require(Catalogue.smoke().first { $0.name.hasPrefix("smoke-unfusable-bf16-T1") })
+        let vc = VerifyCase(name: "forced-fusion", spec: base.spec, fuseShared: true)
+        let r = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
+        #expect(!r.passed)
+        #expect(r.error?.contains("cannot fuse") == true, "error: \(r.error ?? "none")")
+        #expect(r.line.hasPrefix("FAIL forced-fusion: "), "\(r.line)")
+    }
+
+    @Test("an unknown fault name is refused with the list of known ones")
+    func unknownFault() {
+        #expect(throws: VerifyError.self) { try CPUModelKernel(fault: "no_such_fault") }
+        do {
+            _ = try CPUModelKernel(fault: "no_such_fault")
+        } catch {
+            #expect("\(error)".contains("unknown fault 'no_such_fault'") && "\(error)".contains("renormalize_ignored"), "\(error)")
+        }
+    }
+}
+
+// MARK: - align checks
+
+/// A correct align output for `ids` (`[T, S]`): pairs grouped by ascending expert, each run
+/// padded with the sentinel to a block multiple, block experts −1 past the end.
+private func correctAlign(ids: [Int32], tokens T: Int, slots S: Int, experts E: Int, block: Int)
+    -> (sorted: [Int32], blockExperts: [Int32], padded: Int) {
+    var capacity = T * S + (E + 1) * (block - 1)
+    capacity = (capacity + block - 1) / block * block
+    let sentinel = Int32(T * S)
+    var sorted = [Int32](repeating: sentinel, count: capacity), blocks = [Int32](repeating: -1, count: capacity / block)
+    var cursor = 0
+    for e in 0..<E {
+        let pairs = (0..<(T * S)).filter { ids[$0] == Int32(e) }
+        guard !pairs.isEmpty else { continue }
+        let padded = (pairs.count + block - 1) / block * block
+        for (i, p) in pairs.enumerated() { sorted[cursor + i] = Int32(p) }
+        for b in (cursor / block)..<((cursor + padded) / block) { blocks[b] = Int32(e) }
+        cursor += padded
+    }
+    return (sorted, blocks, cursor)
+}
+
+@Suite("checkAlign: the align stage's output is checked pair by pair")
+struct AlignCheckTests {
+    // T = 5 tokens, K = 2 routed + shared slot id 4 (E = 4 routed), block 4
+    static let T = 5, S = 3, E = 5, block = 4
+    static let ids: [Int32] = [0, 2, 4,  1, 2, 4,  0, 3, 4,  2, 3, 4,  0, 1, 4]
+
+    func check(_ sorted: [Int32], _ blocks: [Int32], _ padded: Int) -> [String] {
+        checkAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block, sorted: sorted, blockExperts: blocks, padded: padded)
+    }
+
+    @Test("a correct layout has no problems")
+    func correctLayout() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        #expect(check(a.sorted, a.blockExperts, a.padded) == [])
+        // pairs of an expert in any order within its run are fine too
+        var shuffled = a.sorted
+        shuffled.swapAt(0, 1)
+        #expect(check(shuffled, a.blockExperts, a.padded) == [])
+    }
+
+    @Test("a missing pair is flagged by token and slot")
+    func missingPair() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        var sorted = a.sorted
+        let i = sorted.firstIndex(of: 7)!   // pair 7 = token 2, slot 1 (expert 3)
+        sorted[i] = Int32(Self.T * Self.S)  // replaced by the sentinel
+        let problems = check(sorted, a.blockExperts, a.padded)
+        #expect(problems.contains("pair 7 (token 2, slot 1) appears 0 times"), "\(problems)")
+    }
+
+    @Test("a duplicated pair is flagged")
+    func duplicatedPair() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        var sorted = a.sorted
+        // expert 0 holds pairs 0, 6, 12 and one sentinel: write pair 6 into the padding slot
+        #expect(Array(sorted[0..<4]) == [0, 6, 12, 15])
+        sorted[3] = 6
+        let problems = check(sorted, a.blockExperts, a.padded)
+        #expect(problems.contains("pair 6 (token 2, slot 0) appears 2 times"), "\(problems)")
+        #expect(!problems.contains { $0.contains("sits in block") }, "the duplicate is in its own expert's block: \(problems)")
+    }
+
+    @Test("a block labelled with the wrong expert is flagged for every pair in it")
+    func wrongBlockExpert() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        var blocks = a.blockExperts
+        blocks[0] = 1   // expert 0's block claims expert 1
+        let problems = check(a.sorted, blocks, a.padded)
+        #expect(problems.contains("pair 0 (token 0, slot 0, expert 0) sits in block 0 of expert 1"), "\(problems)")
+        #expect(problems.filter { $0.contains("sits in block 0 of expert 1") }.count == 3, "\(problems)")
+    }
+
+    @Test("an unused block not marked −1 is flagged")
+    func unusedBlockNotMinusOne() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        var blocks = a.blockExperts
+        let firstUnused = a.padded / Self.block
+        #expect(firstUnused < blocks.count, "the capacity leaves unused blocks")
+        blocks[firstUnused] = 0
+        let problems = check(a.sorted, blocks, a.padded)
+        #expect(problems == ["unused block \(firstUnused) has expert id 0 instead of -1"], "\(problems)")
+        // left as the 0xD5 poison the harness fills it with
+        blocks[firstUnused] = Int32(bitPattern: 0xD5D5_D5D5)
+        #expect(check(a.sorted, blocks, a.padded).first?.hasPrefix("unused block \(firstUnused) has expert id") == true)
+    }
+
+    @Test("a padded count that is not a block multiple, or exceeds the capacity, is flagged")
+    func badPaddedCount() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        for bad in [a.padded - 1, a.sorted.count + Self.block, -Self.block] {
+            let problems = check(a.sorted, a.blockExperts, bad)
+            #expect(problems.count == 1 && problems[0].contains("padded_count \(bad)"), "padded \(bad): \(problems)")
+        }
+    }
+
+    @Test("an entry that is neither a pair nor the sentinel is flagged")
+    func garbageEntry() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        var sorted = a.sorted
+        sorted[3] = -7
+        let problems = check(sorted, a.blockExperts, a.padded)
+        #expect(problems.contains("sorted entry 3 = -7 is neither a pair index nor the sentinel 15"), "\(problems)")
+    }
+}
+
+// MARK: - router plausibility
+
+@Suite("CaseVerifier.plausible: which top-K choices a correct kernel may make")
+struct RouterPlausibilityTests {
+    /// One token, E = 5: experts 1 and 2 tie exactly for second place; 4 is clearly smallest.
+    static let logits: [Double] = [3.0, 2.0, 2.0, 1.5, -4.0]
+    static let zero = [Double](repeating: 0, count: 5)
+
+    func plausible(_ chosen: [Int], logits: [Double] = logits, bound: [Double] = zero, tolerance: Double = 0) -> Bool {
+        CaseVerifier.plausible(chosen: chosen, logits: logits, bound: bound, tolerance: tolerance, token: 0, experts: 5)
+    }
+
+    @Test("an exact tie may be broken either way", arguments: [[0, 1], [0, 2], [1, 0], [2, 0]])
+    func exactTieEitherWay(_ chosen: [Int]) {
+        #expect(plausible(chosen), "choice \(chosen) of logits \(Self.logits)")
+    }
+
+    @Test("choosing a clearly smaller logit is rejected", arguments: [[0, 3], [0, 4], [1, 2], [3, 4]])
+    func clearlySmallerRejected(_ chosen: [Int]) {
+        #expect(!plausible(chosen), "choice \(chosen) of logits \(Self.logits) leaves out a larger one")
+    }
+
+    @Test("a near tie is plausible only within the logit bounds and tolerance")
+    func nearTieNeedsTheBound() {
+        let l: [Double] = [3.0, 2.0, 1.99, 1.5, -4.0]
+        #expect(!plausible([0, 2], logits: l), "gap 0.01 with no bound")
+        #expect(plausible([0, 2], logits: l, bound: [0, 0.006, 0.006, 0, 0]), "gap 0.01 within bounds 0.006 + 0.006")
+        #expect(!plausible([0, 2], logits: l, bound: [0, 0.004, 0.004, 0, 0]), "gap 0.01 outside bounds 0.004 + 0.004")
+        #expect(plausible([0, 2], logits: l, tolerance: 0.006), "gap 0.01 within tolerance 2 × 0.006")
+        #expect(!plausible([0, 2], logits: l, tolerance: 0.004), "gap 0.01 outside tolerance 2 × 0.004")
+    }
+
+    @Test("duplicate or out-of-range ids are never plausible", arguments: [[0, 0], [0, 5], [-1, 0]])
+    func malformedChoice(_ chosen: [Int]) {
+        #expect(!plausible(chosen), "choice \(chosen)")
+    }
+
+    @Test("the token index selects its own row")
+    func secondToken() {
+        let two: [Double] = [9, 9, 9, 9, 9] + Self.logits
+        let zeros = [Double](repeating: 0, count: 10)
+        #expect(CaseVerifier.plausible(chosen: [0, 1], logits: two, bound: zeros, tolerance: 0, token: 1, experts: 5))
+        #expect(!CaseVerifier.plausible(chosen: [3, 4], logits: two, bound: zeros, tolerance: 0, token: 1, experts: 5))
+    }
+}
