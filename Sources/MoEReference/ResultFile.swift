@@ -35,7 +35,9 @@ extension ReferenceResult {
     public func metadata(extra: [String: String] = [:]) -> [String: String] {
         var m = extra
         m["recipe"] = recipe.name
-        m["recipe_json"] = String(decoding: (try? JSONEncoder().encode(recipe)) ?? Data(), as: UTF8.self)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys] // byte-reproducible files (key order is random otherwise)
+        m["recipe_json"] = String(decoding: (try? encoder.encode(recipe)) ?? Data(), as: UTF8.self)
         m["moecheck_version"] = moecheckVersion
         m["openblas_threads"] = String(BLAS.threads)
         m["shared_fused"] = sharedFused ? "true" : "false"

@@ -329,7 +329,9 @@ public final class SyntheticLayer: MoELayerSource {
         let configJSON = try JSONSerialization.data(withJSONObject: c.huggingFaceObject(quantization: spec.format), options: [.sortedKeys])
         var meta = extra
         meta["config"] = String(decoding: configJSON, as: UTF8.self)
-        meta["moecheck_spec"] = String(decoding: try JSONEncoder().encode(spec), as: UTF8.self)
+        let specEncoder = JSONEncoder()
+        specEncoder.outputFormatting = [.sortedKeys] // byte-reproducible files (key order is random otherwise)
+        meta["moecheck_spec"] = String(decoding: try specEncoder.encode(spec), as: UTF8.self)
         try SafetensorsWriter.write(tensors, metadata: meta, to: path)
     }
 }
