@@ -1,6 +1,192 @@
 import ArgumentParser
+import Foundation
+import KernelBridge
+import MoEReference
+import MoEVerify
 
 struct Fuzz: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "(not yet available)")
-    func run() throws { throw ToolFailure("moecheck fuzz: not implemented yet") }
+    static let configuration = CommandConfiguration(
+        abstract: "Random cases against a kernel, judged by the reference bounds; failures are shrunk to a minimal case with a one-line repro.",
+        discussion: """
+        Case i of seed S is a pure function of (S, i, the caps), the same on every machine and shard; --shard i/n runs the \
+        indices with index % n == i. Cases cover T 1…8192 (skewed to small, odd and tile-edge counts), E 1…512, K 1…min(E,16), \
+        H and I that are and are not multiples of 128/32/16, a shared expert (none, fusable, not fusable), renormalize on/off, \
+        BF16 / FP8 e4m3fn / e4m3fnuz, split-K 1…ceil(H/128) (FP8), every routing and input mode and spread-across-K scales. \
+        Each case's work T·(K+1)·3·I·H (+ weight generation, router) is capped (--max-cost), so CPU runs stay fast.
+
+        A failing case is shrunk greedily (T, E, K, H, I, distributions, split-K, shared expert, format), keeping a candidate only \
+        when it still fails at the same first failing stage, within --shrink-attempts verifications; the first failure of each \
+        distinct failing stage is shrunk (at most 3). The minimal case is printed with a command that replays it (--replay JSON).
+
+        --json FILE writes the summary, every case's report (failures only once a campaign passes \
+        \(FuzzCampaign.allReportsLimit) cases: reportsIncluded says which), the shrink results and their reproducers. \
+        Exit code 1 on any failure.
+        """)
+
+    @Option(help: "Kernel library (.so). Default: $MOECHECK_KERNELS.")
+    var kernels: String?
+
+    @Flag(help: "Fuzz the CPU model of the kernel recipe (no GPU needed).")
+    var cpuModel = false
+
+    @Option(help: "With --cpu-model: inject this CPU fault model.")
+    var fault: String?
+
+    @Flag(help: "Fuzz the float32 reference engine against the float64 oracle's bounds (must never fail).")
+    var cpuSelfcheck = false
+
+    @Option(help: "Run for this many seconds (no new case starts after it; shrinking may run past it).")
+    var seconds: Double?
+
+    @Option(help: "Run this many cases (of this shard). Default: 50 when --seconds is not given.")
+    var cases: Int?
+
+    @Option(help: "Campaign seed.")
+    var seed: UInt64 = 1
+
+    @Option(help: "Run shard i of n: case indices with index % n == i.")
+    var shard: String = "0/1"
+
+    @Option(help: "Write the campaign as JSON.")
+    var json: String?
+
+    @Option(help: "Cap on T (default 8192; 512 with --cpu-model).")
+    var maxTokens: Int?
+
+    @Option(help: "Cap on E (default 512; 64 with --cpu-model).")
+    var maxExperts: Int?
+
+    @Option(help: "Cap on H (default 4096; 2048 --cpu-selfcheck; 1024 --cpu-model). I is capped at min(H cap, its default).")
+    var maxHidden: Int?
+
+    @Option(help: "Cap on one case's work T·(K+1)·3·I·H + weights + router (default 3e9 GPU, 4e7 --cpu-selfcheck, 6e6 --cpu-model; scaled by the caps given).")
+    var maxCost: Double?
+
+    @Option(help: "Verifications a shrink may spend.")
+    var shrinkAttempts: Int = 150
+
+    @Flag(help: "Do not shrink failures.")
+    var noShrink = false
+
+    @Option(help: "Run exactly this case (the JSON of a VerifyCase, as printed for a failure) and exit.")
+    var replay: String?
+
+    @Option(help: "GPU index.")
+    var device: Int = 0
+
+    @OptionGroup var blas: BLASOptions
+
+    func validate() throws {
+        if cpuModel && cpuSelfcheck { throw ValidationError("--cpu-model and --cpu-selfcheck exclude each other") }
+        if fault != nil && cpuSelfcheck { throw ValidationError("--fault needs --cpu-model or --kernels") }
+        if let cases, cases < 0 { throw ValidationError("--cases must be >= 0") }
+        if let seconds, seconds < 0 { throw ValidationError("--seconds must be >= 0") }
+    }
+
+    /// The kernel, its default limits and the replay command prefix.
+    func makeKernel() throws -> (KernelUnderTest, FuzzLimits, Bool, String) {
+        if cpuSelfcheck { return (ReferenceSelfCheckKernel(), .selfCheck, false, "moecheck fuzz --cpu-selfcheck") }
+        if cpuModel {
+            let k = try CPUModelKernel(fault: fault)
+            return (k, .cpuModel, true, "moecheck fuzz --cpu-model" + (fault.map { " --fault \($0)" } ?? ""))
+        }
+        guard let path = kernels ?? KernelLibrary.environmentPath else {
+            throw fail("fuzz: give a kernel library (--kernels PATH or MOECHECK_KERNELS), --cpu-model or --cpu-selfcheck")
+        }
+        do {
+            let lib = try KernelLibrary(path: path)
+            let k = try DeviceKernel(library: lib, device: device)
+            if let fault { try lib.setFault(fault) }
+            return (k, .device, true, "moecheck fuzz --kernels \(path)" + (fault.map { " --fault \($0)" } ?? "") + (device != 0 ? " --device \(device)" : ""))
+        } catch {
+            throw fail("fuzz: \(error)")
+        }
+    }
+
+    func limits(_ base: FuzzLimits) -> FuzzLimits {
+        var l = base
+        if let maxTokens { l.maxTokens = max(1, maxTokens) }
+        if let maxExperts { l.maxExperts = max(1, maxExperts) }
+        if let maxHidden { l.maxHidden = max(1, maxHidden); l.maxIntermediate = min(base.maxIntermediate, l.maxHidden) }
+        if let maxCost { l.maxCost = max(1, Int(min(maxCost, 9e18))) }
+        else {
+            // caps below the defaults shrink the cost budget in proportion (never below 1/64 of it)
+            var f = 1.0
+            f *= min(1, Double(l.maxTokens) / Double(base.maxTokens)).squareRoot()
+            f *= min(1, Double(l.maxHidden) / Double(base.maxHidden))
+            f *= min(1, Double(l.maxExperts) / Double(base.maxExperts)).squareRoot()
+            l.maxCost = max(base.maxCost / 64, Int(Double(base.maxCost) * f))
+        }
+        return l
+    }
+
+    func run() throws {
+        blas.apply()
+        let (kernel, base, allExperts, command) = try makeKernel()
+        let verifier = CaseVerifier(kernel: kernel)
+        if let replay {
+            let vc = try FuzzReplay.decode(replay)
+            print("fuzz: replay on \(kernel.name) (\(kernel.device)): \(vc)")
+            let r = verifier.verify(vc)
+            print(r.line)
+            print("\(r.passed ? 1 : 0) passed, \(r.passed ? 0 : 1) failed")
+            if !r.passed { throw ExitCode(1) }
+            return
+        }
+        let sh: FuzzShard
+        do { sh = try FuzzShard(parsing: shard) } catch { throw fail("fuzz: \(error)") }
+        let lim = limits(base)
+        let generator = FuzzGenerator(seed: seed, limits: lim, allExperts: allExperts)
+        var campaign = FuzzCampaign(generator: generator, verifier: verifier, shard: sh,
+                                    maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
+        campaign.shrinkBudget = shrinkAttempts
+        if noShrink { campaign.maxShrinks = 0 }
+        let budget = seconds.map { String(format: "%.0f s", $0) } ?? "\(campaign.maxCases ?? 0) cases"
+        print("fuzz: \(kernel.name) on \(kernel.device), seed \(seed), shard \(sh), \(budget), caps T≤\(lim.maxTokens) E≤\(lim.maxExperts) " +
+              "H≤\(lim.maxHidden) I≤\(lim.maxIntermediate) cost≤\(lim.maxCost), OpenBLAS threads \(BLAS.threads)")
+        fflush(stdout)
+        let tty = stderrIsTerminal
+        var progressShown = false
+        func clearProgress() {
+            if progressShown { FileHandle.standardError.write("\r\u{1B}[K".data(using: .utf8)!); progressShown = false }
+        }
+        let summary = campaign.run(reproducer: { vc in "\(command) --replay '\(FuzzReplay.json(vc))'" }) { ev in
+            switch ev {
+            case let .caseDone(index, r, run, failed, elapsed):
+                if !r.passed {
+                    clearProgress()
+                    print("case \(index): \(r.spec)\(r.splitK > 1 ? " split_k=\(r.splitK)" : "")\(r.fused ? " fused" : "")")
+                    print(r.line)
+                    fflush(stdout)
+                }
+                if tty {
+                    let s = String(format: "\rfuzz: %d cases, %d failed, %.1f s | case %d: T=%d E=%d K=%d H=%d I=%d %@\u{1B}[K", run, failed, elapsed,
+                                   index, r.spec.tokens, r.spec.config.experts, r.spec.config.topK, r.spec.config.hidden,
+                                   r.spec.config.intermediate, r.spec.format.rawValue)
+                    FileHandle.standardError.write(s.data(using: .utf8)!)
+                    progressShown = true
+                }
+            case let .shrinkStep(step):
+                clearProgress()
+                print("  shrink: \(step.change)")
+                fflush(stdout)
+            case let .shrunk(res):
+                clearProgress()
+                print("minimal failing case (\(res.steps.count) steps, \(res.attempts) attempts): \(res.minimal)")
+                print(res.report.line)
+                print("reproduce: \(command) --replay '\(FuzzReplay.json(res.minimal))'")
+                fflush(stdout)
+            }
+        }
+        clearProgress()
+        if let json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            enc.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+            try enc.encode(summary).write(to: URL(fileURLWithPath: json))
+        }
+        print(summary.line)
+        print("\(summary.passed) passed, \(summary.failed) failed")
+        if summary.failed > 0 { throw ExitCode(1) }
+    }
 }

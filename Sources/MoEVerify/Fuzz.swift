@@ -1,0 +1,552 @@
+import Foundation
+import LowPrecision
+import MoEReference
+import TensorIO
+
+// MARK: - Deterministic random numbers
+
+/// SplitMix64: integer-only, so case `i` of seed `S` is the same on every machine.
+public struct FuzzRNG {
+    var state: UInt64
+    public init(seed: UInt64, index: UInt64 = 0) {
+        state = seed &* 0x9E37_79B9_7F4A_7C15 ^ (index &+ 0x632B_E59B_D9B4_E019) &* 0xBF58_476D_1CE4_E5B9
+        _ = next(); _ = next()
+    }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in `range` (integer arithmetic only).
+    public mutating func int(_ range: ClosedRange<Int>) -> Int {
+        let n = UInt64(range.upperBound - range.lowerBound + 1)
+        return range.lowerBound + Int(next() % n)
+    }
+    /// True with probability `percent`/100.
+    public mutating func chance(_ percent: Int) -> Bool { int(0...99) < percent }
+    /// One element, weighted.
+    public mutating func pick<T>(_ items: [(T, Int)]) -> T {
+        let total = items.reduce(0) { $0 + $1.1 }
+        var r = int(0...(total - 1))
+        for (v, w) in items {
+            if r < w { return v }
+            r -= w
+        }
+        return items.last!.0
+    }
+    /// Log-uniform in 1…max: a bit length uniformly, then a value of that length.
+    public mutating func logUniform(_ max: Int) -> Int {
+        guard max > 1 else { return 1 }
+        let bits = Int.bitWidth - max.leadingZeroBitCount   // max < 2^bits
+        let b = int(0...(bits - 1))
+        let lo = 1 << b, hi = Swift.min(max, (1 << (b + 1)) - 1)
+        return lo > hi ? max : int(lo...hi)
+    }
+}
+
+// MARK: - Limits and cost
+
+/// Caps on generated cases, so a CPU campaign stays small and a GPU campaign's host reference
+/// stays affordable.
+public struct FuzzLimits: Codable, Sendable, Equatable {
+    public var maxTokens: Int
+    public var maxExperts: Int
+    public var maxHidden: Int
+    public var maxIntermediate: Int
+    /// Upper limit of `FuzzCost.cost` of one case (multiply-adds, roughly).
+    public var maxCost: Int
+
+    public init(maxTokens: Int, maxExperts: Int, maxHidden: Int, maxIntermediate: Int? = nil, maxCost: Int) {
+        self.maxTokens = Swift.max(1, maxTokens)
+        self.maxExperts = Swift.max(1, maxExperts)
+        self.maxHidden = Swift.max(1, maxHidden)
+        self.maxIntermediate = Swift.max(1, maxIntermediate ?? Swift.min(2048, maxHidden))
+        self.maxCost = Swift.max(1, maxCost)
+    }
+
+    /// Real shapes (a GPU kernel; the float64 reference runs on the host).
+    public static let device = FuzzLimits(maxTokens: 8192, maxExperts: 512, maxHidden: 4096, maxIntermediate: 2048, maxCost: 3_000_000_000)
+    /// The CPU model kernel (scalar Swift: every multiply-add is slow).
+    public static let cpuModel = FuzzLimits(maxTokens: 512, maxExperts: 64, maxHidden: 1024, maxIntermediate: 512, maxCost: 6_000_000)
+    /// The float32 reference as the kernel (BLAS on both sides).
+    public static let selfCheck = FuzzLimits(maxTokens: 8192, maxExperts: 512, maxHidden: 2048, maxIntermediate: 1024, maxCost: 40_000_000)
+}
+
+public enum FuzzCost {
+    /// Work of one case: the expert GEMMs `T·(K+1)·3·I·H`, the weights generated for every
+    /// expert that can be touched `min(E, T·K)+1` (all `E`+1 when `allExperts`, as a kernel that
+    /// uploads the whole layer does), and the router `T·E·H`.
+    public static func cost(_ vc: VerifyCase, allExperts: Bool) -> Int {
+        let c = vc.spec.config, T = vc.spec.tokens
+        let I = Swift.max(c.intermediate, c.sharedIntermediate), H = c.hidden
+        let touched = allExperts ? c.experts + 1 : Swift.min(c.experts, T * c.topK) + 1
+        let (g, o1) = T.multipliedReportingOverflow(by: (c.topK + 1) * 3 * I * H)
+        let w = touched * 3 * I * H * 4
+        let r = T * c.experts * H
+        return o1 ? Int.max : g &+ w &+ r
+    }
+}
+
+// MARK: - The generator
+
+/// Which cases a shard runs: index % count == index.
+public struct FuzzShard: Codable, Sendable, Equatable, CustomStringConvertible {
+    public var index: Int
+    public var count: Int
+    public init(index: Int = 0, count: Int = 1) { self.index = index; self.count = count }
+    /// Parses `i/n`.
+    public init(parsing s: String) throws {
+        let parts = s.split(separator: "/")
+        guard parts.count == 2, let i = Int(parts[0]), let n = Int(parts[1]), n >= 1, i >= 0, i < n else {
+            throw VerifyError.usage("--shard expects i/n with 0 <= i < n, got '\(s)'")
+        }
+        index = i; count = n
+    }
+    public func owns(_ caseIndex: Int) -> Bool { caseIndex % count == index }
+    /// The `k`-th case index of this shard.
+    public func caseIndex(_ k: Int) -> Int { k * count + index }
+    public var description: String { "\(index)/\(count)" }
+}
+
+/// Random cases, a pure function of (seed, index, limits).
+public struct FuzzGenerator: Sendable {
+    public let seed: UInt64
+    public let limits: FuzzLimits
+    /// Count weight generation for all experts in the cost (kernels that upload the whole layer).
+    public let allExperts: Bool
+
+    public init(seed: UInt64, limits: FuzzLimits, allExperts: Bool = false) {
+        self.seed = seed
+        self.limits = limits
+        self.allExperts = allExperts
+    }
+
+    /// Token counts kernels get wrong: tiny, odd, around tile sizes (16, 32, 64, 128) and 4096.
+    static let interestingTokens = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257,
+                                    511, 1023, 1025, 2047, 2049, 4095, 4096, 4097, 8191, 8192]
+    static let interestingExperts = [1, 2, 3, 4, 7, 8, 16, 31, 32, 60, 64, 128, 256, 512]
+
+    /// A size in 1…max: a multiple of 128, of 16/32, or arbitrary (odd or small).
+    static func dimension(_ rng: inout FuzzRNG, max: Int) -> Int {
+        let v = rng.logUniform(max)
+        switch rng.int(0...9) {
+        case 0...3: return Swift.min(max, Swift.max(128, (v + 64) / 128 * 128)) // multiple of 128 when it fits
+        case 4...5: let m = rng.chance(50) ? 16 : 32; return Swift.min(max, Swift.max(m, v / m * m))
+        case 6: return Swift.min(max, v | 1)                                    // odd
+        default: return v
+        }
+    }
+
+    public func makeCase(index: Int) -> VerifyCase {
+        var rng = FuzzRNG(seed: seed, index: UInt64(index))
+        let L = limits
+        // format
+        let format: WeightFormat = rng.pick([(.bf16, 40), (.fp8e4m3fn, 35), (.fp8e4m3fnuz, 25)])
+        // tokens: half from the interesting list, half log-uniform with a lean to odd
+        var T: Int
+        if rng.chance(55) {
+            let ok = Self.interestingTokens.filter { $0 <= L.maxTokens }
+            T = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
+            if rng.chance(25) { T = Swift.min(L.maxTokens, 1 + rng.int(0...2)) }  // extra weight on 1–3
+        } else {
+            T = rng.logUniform(L.maxTokens)
+            if rng.chance(50) { T = Swift.min(L.maxTokens, T | 1) }
+        }
+        // experts and top-k
+        var E: Int
+        if rng.chance(50) {
+            let ok = Self.interestingExperts.filter { $0 <= L.maxExperts }
+            E = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
+        } else {
+            E = rng.logUniform(L.maxExperts)
+        }
+        var K = rng.chance(15) ? Swift.min(E, 16) : Swift.min(E, rng.logUniform(Swift.min(E, 16)))
+        // sizes
+        var H = Self.dimension(&rng, max: L.maxHidden)
+        var I = Self.dimension(&rng, max: L.maxIntermediate)
+        // shared expert: none, fusable (Is == I), or not fusable
+        let sharedKind = rng.pick([(0, 30), (1, 45), (2, 25)])
+        var Is = 0
+        if sharedKind == 2 {
+            Is = Self.dimension(&rng, max: L.maxIntermediate)
+            if Is == I { Is = I > 1 ? I - 1 : 2 }
+        }
+        let family: ModelFamily = rng.pick([(.qwen35Moe, 40), (.qwen3Next, 30), (.qwen2Moe, 30)])
+        var renormalize = family != .qwen2Moe
+        if rng.chance(15) { renormalize.toggle() }
+        let routing: RoutingMode = rng.pick([(.uniform, 40), (.hotExperts, 15), (.oneExpert, 15), (.allNegative, 15), (.nearTies, 15)])
+        var inputs: InputMode = rng.pick([(.normal, 40), (.outliers, 15), (.large, 15), (.fp8Grid, 15), (.coherent, 15)])
+        var scales = ScaleProfile.counter
+        if format.fp8 != nil && rng.chance(25) {
+            scales = .spreadAcrossK
+            if rng.chance(70) { inputs = .coherent }
+        }
+        let fuseDraw = rng.chance(85)
+        let splitDraw = rng.next()
+        let splitOn = rng.chance(50)
+        let caseSeed = rng.next() >> 16
+
+        // bound the cost: halve dimensions (chosen at random, odd stays odd) until it fits
+        func build() -> VerifyCase {
+            let sharedI = sharedKind == 0 ? 0 : (sharedKind == 1 ? I : Is)
+            let config = MoEConfig(family: family, hidden: H, intermediate: I, sharedIntermediate: sharedI, experts: E, topK: K,
+                                   renormalize: renormalize)
+            let spec = SyntheticSpec(config: config, format: format, tokens: T, seed: caseSeed, routing: routing, inputs: inputs, scales: scales)
+            var split = 1
+            if format.fp8 != nil && splitOn {
+                let kb = (H + 127) / 128
+                split = 1 + Int(splitDraw % UInt64(kb))
+            }
+            return VerifyCase(name: "fuzz-s\(seed)-i\(index)", spec: spec, splitK: split, fuseShared: config.fusable && fuseDraw)
+        }
+        var vc = build()
+        var guardCount = 0
+        while FuzzCost.cost(vc, allExperts: allExperts) > L.maxCost && guardCount < 200 {
+            guardCount += 1
+            var options: [Int] = []
+            if T > 1 { options.append(0) }
+            if H > 1 { options.append(1) }
+            if Swift.max(I, Is) > 1 { options.append(2) }
+            if E > 1 { options.append(3) }
+            if K > 1 { options.append(4) }
+            guard !options.isEmpty else { break }
+            switch options[rng.int(0...(options.count - 1))] {
+            case 0: T = (T + 1) / 2
+            case 1: H = (H + 1) / 2
+            case 2: I = Swift.max(1, (I + 1) / 2); if Is > 0 { Is = Swift.max(1, (Is + 1) / 2); if Is == I { Is = I + 1 } }
+            case 3: E = (E + 1) / 2; K = Swift.min(K, E)
+            default: K = (K + 1) / 2
+            }
+            vc = build()
+        }
+        return vc
+    }
+
+    /// The cases of `shard` among the first `count` indices.
+    public func cases(count: Int, shard: FuzzShard = FuzzShard()) -> [VerifyCase] {
+        (0..<count).filter { shard.owns($0) }.map { makeCase(index: $0) }
+    }
+}
+
+// MARK: - The float32 reference as a kernel
+
+/// The reference engine in its float32 fast mode, presented as a kernel: its router outputs,
+/// stage-1 intermediate (teacher-forced with the reference's ids) and output are judged against
+/// the float64 oracle's bounds. A correct reference must never fail this (`moecheck fuzz --cpu-selfcheck`).
+public final class ReferenceSelfCheckKernel: KernelUnderTest {
+    public var name: String { "reference-float32" }
+    public var device: String { "CPU (float32 reference engine)" }
+    public init() {}
+
+    public func recipe(for format: WeightFormat) throws -> Recipe {
+        format.fp8 != nil ? .fusedFP8 : .fusedBF16
+    }
+
+    public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
+        let c = layer.config, T = vc.spec.tokens, K = c.topK, H = c.hidden, I = c.intermediate
+        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
+        let engine = try MoEReferenceEngine(layer: refLayer, recipe: try recipe(for: vc.spec.format),
+                                            options: ReferenceOptions(computeBounds: false, keepIntermediate: true, float32: true,
+                                                                      fuseShared: vc.fuseShared))
+        let x = layer.inputs()
+        let free = try engine.run(inputs: x, tokens: T)
+        let S = free.slots
+        func routed(_ ids: [Int32]) -> [[Int]] { (0..<T).map { t in (0..<K).map { Int(ids[t * S + $0]) } } }
+        let want = routed(referenceIds)
+        let same = routed(free.topkIds) == want
+        let forced = same ? free : try engine.run(inputs: x, tokens: T, routing: RoutingOverride(ids: want))
+        var inter = [Double](repeating: 0, count: T * S * I)
+        let width = forced.intermediateWidth
+        if let fi = forced.intermediate {
+            for p in 0..<(T * S) { for i in 0..<I { inter[p * I + i] = fi[p * width + i] } }
+        }
+        var weights = free.topkWeights.map { Float($0) }
+        if vc.fuseShared { for t in 0..<T { weights[t * S + K] = Float(free.sharedGate[t]) } }
+        precondition(free.output.count == T * H)
+        // The engine returns the output before its final rounding; a kernel writes it rounded
+        // (fp32 accumulator, then the recipe's output format).
+        let output = engine.recipe.output
+        func store(_ v: [Double]) -> [Double] {
+            v.map { x in
+                let f = Float(x)
+                switch output {
+                case .bf16, .bf16OrFP32: return Double(BFloat16.round(f))
+                case .fp32: return Double(f)
+                case .none: return x
+                }
+            }
+        }
+        let out = store(free.output)
+        return KernelRun(logits: free.routerLogits.map { Float($0) }, ids: free.topkIds, weights: weights,
+                         sharedGate: vc.fuseShared ? free.sharedGate.map { Float($0) } : [Float](repeating: 0, count: T),
+                         alignProblems: [], intermediate: inter, stagedOutput: same ? out : store(forced.output),
+                         forwardOutputs: [out, out], forwardMilliseconds: 0)
+    }
+}
+
+// MARK: - Shrinking
+
+/// What a failure looks like, to keep shrinking toward the same bug.
+public func failureSignature(_ r: CaseReport) -> String? {
+    if r.passed { return nil }
+    if r.error != nil { return "error" }
+    return r.stages.first(where: { !$0.passed })?.stage ?? "failed"
+}
+
+public struct ShrinkStep: Codable, Sendable {
+    public var change: String
+    public var spec: String
+}
+
+public struct ShrinkResult: Codable, Sendable {
+    public var original: VerifyCase
+    public var minimal: VerifyCase
+    public var report: CaseReport
+    public var attempts: Int
+    public var steps: [ShrinkStep]
+}
+
+/// Greedy shrinking of a failing case: smaller T, fewer experts, smaller K, smaller H and I,
+/// simpler distributions, split 1, no shared expert, bf16. A candidate is kept only when it still
+/// fails at the same first failing stage (or any stage, when `sameStage` is false).
+public struct Shrinker {
+    public let verifier: CaseVerifier
+    public var budget: Int
+    public var sameStage: Bool
+
+    public init(verifier: CaseVerifier, budget: Int = 150, sameStage: Bool = true) {
+        self.verifier = verifier
+        self.budget = budget
+        self.sameStage = sameStage
+    }
+
+    /// Smaller values of a dimension, largest reduction first: the minimum, halving, rounding
+    /// down to a multiple of 16 and 8, then v − v/4, v − v/8, … (a bisection toward v − 1: the
+    /// failing element often sits near the end, where halving cuts it off), then v − 1.
+    static func smaller(_ v: Int, min: Int = 1) -> [Int] {
+        var out: [Int] = []
+        func add(_ x: Int) { if x >= min && x < v && !out.contains(x) { out.append(x) } }
+        add(min)
+        add(v / 2)
+        add(v / 16 * 16)
+        add(v / 8 * 8)
+        var d = v / 4
+        while d >= 1 { add(v - d); d /= 2 }
+        add(v - 1)
+        return out
+    }
+
+    /// Candidates, simplest change first within each dimension.
+    public static func candidates(_ vc: VerifyCase) -> [(String, VerifyCase)] {
+        var out: [(String, VerifyCase)] = []
+        let s = vc.spec, c = s.config
+        func with(_ what: String, _ f: (inout VerifyCase) -> Void) {
+            var n = vc
+            f(&n)
+            // keep the case valid
+            n.spec.config.topK = Swift.min(n.spec.config.topK, n.spec.config.experts)
+            if !n.spec.config.fusable { n.fuseShared = false }
+            if n.spec.format.fp8 == nil { n.splitK = 1 }
+            n.splitK = Swift.max(1, Swift.min(n.splitK, (n.spec.config.hidden + 127) / 128))
+            if n.spec.format.fp8 == nil && n.spec.scales != .counter { n.spec.scales = .counter }
+            out.append((what, n))
+        }
+        for t in smaller(s.tokens) { with("T \(s.tokens)→\(t)") { $0.spec.tokens = t } }
+        for e in smaller(c.experts) { with("E \(c.experts)→\(e)") { $0.spec.config.experts = e } }
+        for k in smaller(c.topK) { with("K \(c.topK)→\(k)") { $0.spec.config.topK = k } }
+        for h in smaller(c.hidden) { with("H \(c.hidden)→\(h)") { $0.spec.config.hidden = h } }
+        for i in smaller(c.intermediate) {
+            with("I \(c.intermediate)→\(i)") {
+                if c.fusable { $0.spec.config.sharedIntermediate = i }
+                $0.spec.config.intermediate = i
+            }
+        }
+        if c.hasSharedExpert && !c.fusable {
+            for i in smaller(c.sharedIntermediate) where i != c.intermediate {
+                with("Is \(c.sharedIntermediate)→\(i)") { $0.spec.config.sharedIntermediate = i }
+            }
+        }
+        if s.routing != .uniform { with("routing \(s.routing.rawValue)→uniform") { $0.spec.routing = .uniform } }
+        if s.inputs != .normal { with("inputs \(s.inputs.rawValue)→normal") { $0.spec.inputs = .normal } }
+        if s.scales != .counter { with("scales \(s.scales.rawValue)→counter") { $0.spec.scales = .counter } }
+        if vc.splitK > 1 {
+            with("split_k \(vc.splitK)→1") { $0.splitK = 1 }
+            if vc.splitK > 2 { with("split_k \(vc.splitK)→\(vc.splitK / 2)") { $0.splitK = vc.splitK / 2 } }
+        }
+        if c.hasSharedExpert { with("shared expert off") { $0.spec.config.sharedIntermediate = 0; $0.fuseShared = false } }
+        if vc.fuseShared { with("shared expert unfused") { $0.fuseShared = false } }
+        if s.format != .bf16 {
+            with("format \(s.format.rawValue)→bf16") { $0.spec.format = .bf16 }
+            if s.format == .fp8e4m3fnuz { with("format fnuz→fn") { $0.spec.format = .fp8e4m3fn } }
+        }
+        return out
+    }
+
+    /// Shrinks `vc` (whose report is `report`, a failure). `progress` sees each accepted step.
+    public func shrink(_ vc: VerifyCase, report: CaseReport, progress: ((ShrinkStep) -> Void)? = nil) -> ShrinkResult {
+        let target = failureSignature(report)
+        var best = vc, bestReport = report
+        var attempts = 0
+        var steps: [ShrinkStep] = []
+        var tried = Set<String>()
+        func key(_ v: VerifyCase) -> String {
+            String(decoding: (try? JSONEncoder().encode(v)) ?? Data(), as: UTF8.self)
+        }
+        tried.insert(key(vc))
+        var improved = true
+        while improved && attempts < budget {
+            improved = false
+            for (what, cand) in Self.candidates(best) {
+                if attempts >= budget { break }
+                let k = key(cand)
+                if tried.contains(k) { continue }
+                tried.insert(k)
+                attempts += 1
+                let r = verifier.verify(cand)
+                guard let sig = failureSignature(r) else { continue }
+                if sameStage && sig != target { continue }
+                best = cand
+                bestReport = r
+                let step = ShrinkStep(change: what, spec: cand.description)
+                steps.append(step)
+                progress?(step)
+                improved = true
+                break
+            }
+        }
+        var named = best
+        if named.name == vc.name && !steps.isEmpty { named.name = vc.name + "-shrunk" }
+        bestReport.name = named.name
+        return ShrinkResult(original: vc, minimal: named, report: bestReport, attempts: attempts, steps: steps)
+    }
+}
+
+// MARK: - Replay JSON
+
+public enum FuzzReplay {
+    /// One-line JSON of a case (single-quote safe for a shell command line).
+    public static func json(_ vc: VerifyCase) -> String {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: (try? enc.encode(vc)) ?? Data(), as: UTF8.self)
+    }
+
+    public static func decode(_ json: String) throws -> VerifyCase {
+        do {
+            return try JSONDecoder().decode(VerifyCase.self, from: Data(json.utf8))
+        } catch {
+            throw VerifyError.usage("--replay: not a VerifyCase JSON (\(error))")
+        }
+    }
+}
+
+// MARK: - Campaign
+
+/// A campaign's outcome.
+public struct FuzzSummary: Codable, Sendable {
+    public var kernel: String
+    public var device: String
+    public var seed: UInt64
+    public var shard: FuzzShard
+    public var limits: FuzzLimits
+    public var casesRun: Int
+    public var failed: Int
+    public var seconds: Double
+    /// Seconds spent shrinking (included in `seconds`).
+    public var shrinkSeconds: Double
+    /// "all" or "failures" (reports of passing cases are dropped past `FuzzCampaign.allReportsLimit`).
+    public var reportsIncluded: String
+    public var reports: [CaseReport]
+    public var shrunk: [ShrinkResult]
+    /// One command line per shrunk failure that replays its minimal case.
+    public var reproducers: [String]
+
+    public var passed: Int { casesRun - failed }
+    public var line: String {
+        String(format: "fuzz: %@, seed %llu, shard %@: %d cases, %d failures, %.1f s — %d passed, %d failed",
+               kernel, seed, shard.description, casesRun, failed, seconds, passed, failed)
+    }
+}
+
+/// Runs generated cases against a kernel until a case count or a time budget is reached.
+public struct FuzzCampaign {
+    public var generator: FuzzGenerator
+    public var verifier: CaseVerifier
+    public var shard: FuzzShard
+    /// Stop after this many cases (of this shard).
+    public var maxCases: Int?
+    /// Start no new case after this many seconds.
+    public var seconds: Double?
+    /// Shrink the first failure of each distinct failing stage, at most this many.
+    public var maxShrinks: Int = 3
+    public var shrinkBudget: Int = 150
+    /// Reports of every case are kept up to this many cases; past it, failures only.
+    public static let allReportsLimit = 1000
+
+    public init(generator: FuzzGenerator, verifier: CaseVerifier, shard: FuzzShard = FuzzShard(), maxCases: Int? = nil, seconds: Double? = nil) {
+        self.generator = generator
+        self.verifier = verifier
+        self.shard = shard
+        self.maxCases = maxCases
+        self.seconds = seconds
+    }
+
+    public enum Event {
+        case caseDone(index: Int, report: CaseReport, run: Int, failed: Int, elapsed: Double)
+        case shrinkStep(ShrinkStep)
+        case shrunk(ShrinkResult)
+    }
+
+    /// `reproducer(vc)` builds the command line that replays a case.
+    public func run(reproducer: (VerifyCase) -> String, event: (Event) -> Void = { _ in }) -> FuzzSummary {
+        let start = Date()
+        var reports: [CaseReport] = []
+        var failures: [CaseReport] = []
+        var shrunk: [ShrinkResult] = []
+        var reproducers: [String] = []
+        var shrunkStages = Set<String>()
+        var shrinkSeconds = 0.0
+        var run = 0, failed = 0
+        var keepAll = true
+        var k = 0
+        while true {
+            if let maxCases, run >= maxCases { break }
+            if let seconds, Date().timeIntervalSince(start) >= seconds { break }
+            if maxCases == nil && seconds == nil { break }
+            let index = shard.caseIndex(k)
+            k += 1
+            let vc = generator.makeCase(index: index)
+            let r = verifier.verify(vc)
+            run += 1
+            if keepAll { reports.append(r) }
+            if run > Self.allReportsLimit && keepAll {
+                keepAll = false
+                reports = reports.filter { !$0.passed }
+            }
+            if !r.passed {
+                failed += 1
+                if !keepAll { reports.append(r) }
+                failures.append(r)
+            }
+            event(.caseDone(index: index, report: r, run: run, failed: failed, elapsed: Date().timeIntervalSince(start)))
+            if let sig = failureSignature(r), shrunk.count < maxShrinks, !shrunkStages.contains(sig) {
+                shrunkStages.insert(sig)
+                let t0 = Date()
+                let res = withoutActuallyEscaping(event) { ev in
+                    Shrinker(verifier: verifier, budget: shrinkBudget).shrink(vc, report: r) { ev(.shrinkStep($0)) }
+                }
+                shrinkSeconds += Date().timeIntervalSince(t0)
+                shrunk.append(res)
+                reproducers.append(reproducer(res.minimal))
+                event(.shrunk(res))
+            }
+        }
+        _ = failures
+        return FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
+                           limits: generator.limits, casesRun: run, failed: failed, seconds: Date().timeIntervalSince(start),
+                           shrinkSeconds: shrinkSeconds, reportsIncluded: keepAll ? "all" : "failures", reports: reports,
+                           shrunk: shrunk, reproducers: reproducers)
+    }
+}
