@@ -284,6 +284,8 @@ public final class MoEReferenceEngine {
             var y: [Double], yBound: [Double]       // stage-2 output per row, after the recipe's down rounding
         }
         let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
+        // Read-only views of the (now final) inputs for the concurrent expert workers.
+        let xinFinal = xin, xinRadiusFinal = xinRadius
         func processExpert(_ e: Int) throws -> ExpertPart {
             let rows = rowsOf[e]
             let n = rows.count
@@ -293,19 +295,21 @@ public final class MoEReferenceEngine {
             try w13.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
             try w2.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             var xe = [Double](repeating: 0, count: n * H)
-            for (r, (t, _)) in rows.enumerated() {
-                for h in 0..<H { xe[r * H + h] = xin[t * H + h] }
-            }
+            xinFinal.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
+                for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
+            } }
             var gu = [Double](repeating: 0, count: n * 2 * Ie)
             gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
             var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
             if bounds {
                 var a = [Float](repeating: 0, count: n * H)
-                for (r, (t, _)) in rows.enumerated() {
-                    for h in 0..<H {
-                        a[r * H + h] = Float(g1 * Swift.abs(xin[t * H + h])) + (xinRadius.isEmpty ? 0 : xinRadius[t * H + h])
+                xinFinal.withUnsafeBufferPointer { xinP in xinRadiusFinal.withUnsafeBufferPointer { xinRadiusP in a.withUnsafeMutableBufferPointer { dst in
+                    for (r, (t, _)) in rows.enumerated() {
+                        for h in 0..<H {
+                            dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
+                        }
                     }
-                }
+                } } }
                 boundGemm(a, w13, &guBound, m: n, n: 2 * Ie, k: H)
             }
             // SwiGLU with the recipe's rounding points
@@ -446,12 +450,14 @@ public final class MoEReferenceEngine {
     /// `C = A · Bᵀ`: float64, or float32 in the fast mode.
     private func gemm(_ a: [Double], _ b: [Double], _ c: inout [Double], m: Int, n: Int, k: Int) {
         if options.float32 {
-            let af = a.map(Float.init), bf = b.map(Float.init)
+            let af = Self.floats(a) { $0 }, bf = Self.floats(b) { $0 }
             var cf = [Float](repeating: 0, count: m * n)
             af.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
                 BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
             } } }
-            for i in 0..<(m * n) { c[i] = Double(cf[i]) }
+            cf.withUnsafeBufferPointer { cp in c.withUnsafeMutableBufferPointer { dp in
+                for i in 0..<(m * n) { dp[i] = Double(cp[i]) }
+            } }
         } else {
             a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeMutableBufferPointer { cp in
                 BLAS.gemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
@@ -462,13 +468,26 @@ public final class MoEReferenceEngine {
     /// `C = A · |B|ᵀ` for non-negative `A` in float32, rounded up by the float32 GEMM's own
     /// worst-case error so the result is an upper bound.
     private func boundGemm(_ a: [Float], _ b: [Double], _ c: inout [Double], m: Int, n: Int, k: Int) {
-        let bf = b.map { Float(Swift.abs($0)) }
+        let bf = Self.floats(b) { Swift.abs($0) }
         var cf = [Float](repeating: 0, count: m * n)
         a.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
             BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
         } } }
         let safety = 1 + Double(k + 8) * 0x1p-23
-        for i in 0..<(m * n) { c[i] = Double(cf[i]) * safety }
+        cf.withUnsafeBufferPointer { cp in c.withUnsafeMutableBufferPointer { dp in
+            for i in 0..<(m * n) { dp[i] = Double(cp[i]) * safety }
+        } }
+    }
+
+    /// `Float(f(v))` for every element, through raw pointers (no bounds checks, vectorizable).
+    @inline(__always)
+    private static func floats(_ v: [Double], _ f: (Double) -> Double) -> [Float] {
+        [Float](unsafeUninitializedCapacity: v.count) { out, count in
+            v.withUnsafeBufferPointer { src in
+                for i in 0..<src.count { out[i] = Float(f(src[i])) }
+            }
+            count = v.count
+        }
     }
 
     // MARK: fp8 requantization with bounds
