@@ -231,7 +231,7 @@ public final class MoEReferenceEngine {
                 var db = bounds ? Self.gamma(H + 4, u) * absDot : 0
                 (dot, db) = Self.roundInterval(dot, db, recipe.sharedGate)
                 var g = Self.sigmoid(dot)
-                var gb = bounds ? 0.25 * db + trans * g : 0
+                var gb = bounds ? 0.25 * db + trans * g + 0x1p-126 : 0   // an fp32 sigmoid may flush a tiny gate to 0
                 (g, gb) = Self.roundInterval(g, gb, recipe.sharedGate)
                 sharedGate[t] = g
                 sharedGateBound[t] = gb
