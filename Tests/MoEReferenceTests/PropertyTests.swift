@@ -20,7 +20,7 @@ struct PropertyTests {
                 let fused = try runReference(layer, x, tokens: T, recipe: recipe, options: ReferenceOptions(fuseShared: true))
                 let unfused = try runReference(layer, x, tokens: T, recipe: recipe, options: ReferenceOptions(fuseShared: false))
                 #expect(unfused.slots == K && !unfused.sharedFused, "\(tag): unfused has \(unfused.slots) columns")
-                #expect(fused.slots == K + (c.hasSharedExpert ? 1 : 0), "\(tag): fused has \(fused.slots) columns")
+                #expect(fused.slots == K + (c.fusable ? 1 : 0), "\(tag): fused has \(fused.slots) columns (a shared expert with Is != I never fuses)")
                 for i in 0..<(T * H) where fused.output[i] != unfused.output[i] || fused.bound[i] != unfused.bound[i] {
                     Issue.record("\(tag): fused/unfused differ at token \(i / H), column \(i % H): \(fused.output[i]) vs \(unfused.output[i]), bounds \(fused.bound[i]) vs \(unfused.bound[i])")
                     break
@@ -32,7 +32,7 @@ struct PropertyTests {
                                 "\(tag): routed column \(s) of token \(t) differs between fused and unfused")
                         #expect(Int(unfused.topkIds[t * K + s]) < E, "\(tag): routed id \(unfused.topkIds[t * K + s]) ≥ E at token \(t), column \(s)")
                     }
-                    if c.hasSharedExpert {
+                    if c.fusable {
                         #expect(fused.topkIds[t * S + K] == Int32(E), "\(tag): token \(t) last column id \(fused.topkIds[t * S + K]), expected \(E)")
                         #expect(fused.topkWeights[t * S + K] == fused.sharedGate[t] && fused.sharedGate[t] > 0,
                                 "\(tag): token \(t) last column weight \(fused.topkWeights[t * S + K]) != g \(fused.sharedGate[t])")
@@ -188,8 +188,10 @@ struct PropertyTests {
                         } else {
                             for s in 0..<K { #expect(Swift.abs(w[s] - p[s]) <= tol * p[s], "\(tag): token \(t), column \(s): weight \(w[s]) vs softmax \(p[s])") }
                         }
-                        // the shared slot is never part of the renormalization
-                        if c.hasSharedExpert {
+                        // the shared slot is never part of the renormalization; a shared expert that
+                        // cannot fuse (Is != I) is never reported as slot E
+                        #expect(S == K + (c.fusable ? 1 : 0), "\(tag): \(S) routing columns, expected K\(c.fusable ? " + 1" : "")")
+                        if c.fusable {
                             #expect(r.topkIds[t * S + K] == Int32(E), "\(tag): token \(t): last column not the shared expert")
                             var d = 0.0
                             let ws = try layer.sharedGateWeight()!
