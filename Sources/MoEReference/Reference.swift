@@ -290,10 +290,18 @@ public final class MoEReferenceEngine {
             let rows = rowsOf[e]
             let n = rows.count
             let Ie = c.intermediate(ofExpert: e)
-            var w13 = [Double](repeating: 0, count: 2 * Ie * H)
-            var w2 = [Double](repeating: 0, count: H * Ie)
-            try w13.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
-            try w2.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+            var w13 = WeightMatrix(), w2 = WeightMatrix()
+            if options.float32 {
+                w13.f32 = [Float](repeating: 0, count: 2 * Ie * H)
+                w2.f32 = [Float](repeating: 0, count: H * Ie)
+                try w13.f32.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+                try w2.f32.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+            } else {
+                w13.f64 = [Double](repeating: 0, count: 2 * Ie * H)
+                w2.f64 = [Double](repeating: 0, count: H * Ie)
+                try w13.f64.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+                try w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+            }
             var xe = [Double](repeating: 0, count: n * H)
             xinFinal.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
                 for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
@@ -447,19 +455,25 @@ public final class MoEReferenceEngine {
 
     // MARK: GEMM helpers
 
+    /// One expert matrix: float64 for the oracle, or float32 (decoded directly) in the fast mode.
+    struct WeightMatrix {
+        var f64: [Double] = []
+        var f32: [Float] = []
+    }
+
     /// `C = A · Bᵀ`: float64, or float32 in the fast mode.
-    private func gemm(_ a: [Double], _ b: [Double], _ c: inout [Double], m: Int, n: Int, k: Int) {
+    private func gemm(_ a: [Double], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
         if options.float32 {
-            let af = Self.floats(a) { $0 }, bf = Self.floats(b) { $0 }
+            let af = Self.floats(a) { $0 }
             var cf = [Float](repeating: 0, count: m * n)
-            af.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
+            af.withUnsafeBufferPointer { ap in b.f32.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
                 BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
             } } }
             cf.withUnsafeBufferPointer { cp in c.withUnsafeMutableBufferPointer { dp in
                 for i in 0..<(m * n) { dp[i] = Double(cp[i]) }
             } }
         } else {
-            a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in c.withUnsafeMutableBufferPointer { cp in
+            a.withUnsafeBufferPointer { ap in b.f64.withUnsafeBufferPointer { bp in c.withUnsafeMutableBufferPointer { cp in
                 BLAS.gemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)
             } } }
         }
@@ -467,8 +481,8 @@ public final class MoEReferenceEngine {
 
     /// `C = A · |B|ᵀ` for non-negative `A` in float32, rounded up by the float32 GEMM's own
     /// worst-case error so the result is an upper bound.
-    private func boundGemm(_ a: [Float], _ b: [Double], _ c: inout [Double], m: Int, n: Int, k: Int) {
-        let bf = Self.floats(b) { Swift.abs($0) }
+    private func boundGemm(_ a: [Float], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
+        let bf = b.f32.isEmpty ? Self.floats(b.f64) { Swift.abs($0) } : b.f32.map { Swift.abs($0) }
         var cf = [Float](repeating: 0, count: m * n)
         a.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
             BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)

@@ -164,11 +164,13 @@ public final class SyntheticLayer: MoELayerSource {
     }
 
     /// Decodes kernel-layout bytes + scales of a `rows × cols` matrix into Double.
-    func decode(_ bytes: [UInt8], _ scales: [Float], rows: Int, cols: Int, halves: Int?, into out: UnsafeMutablePointer<Double>) {
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    func decode<T: BinaryFloatingPoint>(_ bytes: [UInt8], _ scales: [Float], rows: Int, cols: Int, halves: Int?, into out: UnsafeMutablePointer<T>) {
         if spec.format == .bf16 {
             bytes.withUnsafeBytes { raw in
                 let p = raw.bindMemory(to: UInt16.self)
-                for i in 0..<(rows * cols) { out[i] = Double(BFloat16.float(p[i])) }
+                for i in 0..<(rows * cols) { out[i] = T(BFloat16.float(p[i])) }
             }
             return
         }
@@ -179,27 +181,39 @@ public final class SyntheticLayer: MoELayerSource {
             let br: Int
             if let half = halves { br = r < half ? r / 128 : (half + 127) / 128 + (r - half) / 128 } else { br = r / 128 }
             for c in 0..<cols {
-                out[r * cols + c] = Double(table[Int(bytes[r * cols + c])]) * Double(scales[br * sc + c / 128])
+                out[r * cols + c] = T(Double(table[Int(bytes[r * cols + c])]) * Double(scales[br * sc + c / 128]))
             }
         }
     }
 
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+    func checkExpert(_ e: Int) throws {
         guard e >= 0, e <= config.experts, e < config.experts || config.hasSharedExpert else {
             throw ReferenceError.invalid("expert \(e) out of range")
         }
-        let Ie = config.intermediate(ofExpert: e)
+    }
+
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+        try checkExpert(e)
         let (b, s) = gateUpBytes(expert: e)
-        decode(b, s, rows: 2 * Ie, cols: config.hidden, halves: Ie, into: out)
+        decode(b, s, rows: 2 * config.intermediate(ofExpert: e), cols: config.hidden, halves: config.intermediate(ofExpert: e), into: out)
     }
 
     public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
-        guard e >= 0, e <= config.experts, e < config.experts || config.hasSharedExpert else {
-            throw ReferenceError.invalid("expert \(e) out of range")
-        }
-        let Ie = config.intermediate(ofExpert: e)
+        try checkExpert(e)
         let (b, s) = downBytes(expert: e)
-        decode(b, s, rows: config.hidden, cols: Ie, halves: nil, into: out)
+        decode(b, s, rows: config.hidden, cols: config.intermediate(ofExpert: e), halves: nil, into: out)
+    }
+
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+        try checkExpert(e)
+        let (b, s) = gateUpBytes(expert: e)
+        decode(b, s, rows: 2 * config.intermediate(ofExpert: e), cols: config.hidden, halves: config.intermediate(ofExpert: e), into: out)
+    }
+
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+        try checkExpert(e)
+        let (b, s) = downBytes(expert: e)
+        decode(b, s, rows: config.hidden, cols: config.intermediate(ofExpert: e), halves: nil, into: out)
     }
 
     /// Router weight `[E, H]` as bf16 values, with the routing mode applied.

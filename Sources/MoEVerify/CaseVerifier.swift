@@ -20,6 +20,8 @@ public final class RoutedOnlyLayer: MoELayerSource {
     public func sharedGateWeight() throws -> [Double]? { nil }
     public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try base.decodeGateUp(expert: e, into: out) }
     public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try base.decodeDown(expert: e, into: out) }
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try base.decodeGateUp(expert: e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try base.decodeDown(expert: e, into: out) }
 }
 
 /// The verdict of one stage of one case.

@@ -28,25 +28,29 @@ struct Projection {
 
     /// Decodes the projection into `out` (`rows × columns`), dequantizing fp8 with its block
     /// scales; throws on NaN/Inf naming the tensor and element.
-    func decode(into out: UnsafeMutablePointer<Double>, file: String) throws {
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    func decode<T: BinaryFloatingPoint>(into out: UnsafeMutablePointer<T>, file: String) throws {
         let slabRows = weight.shape.count == 3 ? weight.shape[1] : rows
         let base = (slab ?? 0) * slabRows * columns + rowStart * columns
-        weight.decode(base..<(base + rows * columns), into: out)
+        weight.decodeAny(base..<(base + rows * columns), into: out)
         if let scale {
             let sRows = scale.shape[scale.shape.count - 2], sCols = scale.shape[scale.shape.count - 1]
             let sBase = (slab ?? 0) * sRows * sCols
-            var rowScales = [Double](repeating: 0, count: sCols)
+            var rowScales = [T](repeating: 0, count: sCols)
             for r in 0..<rows {
                 let br = (rowStart + r - blockOrigin) / 128 + scaleRowStart
-                rowScales.withUnsafeMutableBufferPointer { rs in scale.decode((sBase + br * sCols)..<(sBase + (br + 1) * sCols), into: rs.baseAddress!) }
+                let lo = sBase + br * sCols
+                rowScales.withUnsafeMutableBufferPointer { rs in scale.decodeAny(lo..<(lo + sCols), into: rs.baseAddress!) }
                 let row = out + r * columns
                 for c in 0..<columns { row[c] *= rowScales[c >> 7] }
             }
         }
         for i in 0..<(rows * columns) where !out[i].isFinite {
             let r = i / columns, c = i % columns
+            let value = Double(out[i])
             let which = slab.map { "expert \($0), " } ?? ""
-            throw TensorIOError(file: file, tensor: weightName, "non-finite weight \(out[i]) at \(which)row \(rowStart + r), column \(c)")
+            throw TensorIOError(file: file, tensor: weightName, "non-finite weight \(value) at \(which)row \(rowStart + r), column \(c)")
         }
     }
 }
@@ -283,6 +287,18 @@ public final class MoECaseFile: MoELayerSource {
     }
 
     public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+        try checkExpert(e)
+        try downProjections[e].decode(into: out, file: path)
+    }
+
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+        try checkExpert(e)
+        let g = gateProjections[e]
+        try g.decode(into: out, file: path)
+        try upProjections[e].decode(into: out + g.rows * g.columns, file: path)
+    }
+
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
         try checkExpert(e)
         try downProjections[e].decode(into: out, file: path)
     }

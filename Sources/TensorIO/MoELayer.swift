@@ -161,4 +161,23 @@ public protocol MoELayerSource: AnyObject {
     func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws
     /// Expert `e` (`e == E`: the shared expert): down `[H, Ie]` into `out`.
     func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws
+    /// The same in binary32 (the reference's float32 mode); by default decoded as Double and converted.
+    func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws
+    func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws
+}
+
+extension MoELayerSource {
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+        let n = 2 * config.intermediate(ofExpert: e) * config.hidden
+        var d = [Double](repeating: 0, count: n)
+        try d.withUnsafeMutableBufferPointer { try decodeGateUp(expert: e, into: $0.baseAddress!) }
+        for i in 0..<n { out[i] = Float(d[i]) }
+    }
+
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+        let n = config.intermediate(ofExpert: e) * config.hidden
+        var d = [Double](repeating: 0, count: n)
+        try d.withUnsafeMutableBufferPointer { try decodeDown(expert: e, into: $0.baseAddress!) }
+        for i in 0..<n { out[i] = Float(d[i]) }
+    }
 }

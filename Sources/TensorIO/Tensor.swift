@@ -152,36 +152,43 @@ public struct Tensor: @unchecked Sendable {
     // MARK: reading values
 
     /// Decodes elements `range` (flat indices) exactly into `Double`.
-    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Double>) {
+    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Double>) { decodeAny(range, into: out) }
+
+    /// Decodes elements `range` into `Float` (exact for every dtype but F64, I64 and I32).
+    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>) { decodeAny(range, into: out) }
+
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    func decodeAny<T: BinaryFloatingPoint>(_ range: Range<Int>, into out: UnsafeMutablePointer<T>) {
         precondition(range.lowerBound >= 0 && range.upperBound <= elementCount)
         let base = storage.base + byteOffset
         let n = range.count, s = range.lowerBound
         switch dtype {
         case .f64:
             let p = base.assumingMemoryBound(to: Double.self) + s
-            for i in 0..<n { out[i] = p[i] }
+            for i in 0..<n { out[i] = T(p[i]) }
         case .f32:
             let p = base.assumingMemoryBound(to: Float.self) + s
-            for i in 0..<n { out[i] = Double(p[i]) }
+            for i in 0..<n { out[i] = T(p[i]) }
         case .f16:
             let p = base.assumingMemoryBound(to: UInt16.self) + s
-            for i in 0..<n { out[i] = Float16Codec.value(p[i]) }
+            for i in 0..<n { out[i] = T(Float16Codec.value(p[i])) }
         case .bf16:
             let p = base.assumingMemoryBound(to: UInt16.self) + s
-            for i in 0..<n { out[i] = Double(Float(bitPattern: UInt32(p[i]) << 16)) }
+            for i in 0..<n { out[i] = T(Float(bitPattern: UInt32(p[i]) << 16)) }
         case .i64:
             let p = base.assumingMemoryBound(to: Int64.self) + s
-            for i in 0..<n { out[i] = Double(p[i]) }
+            for i in 0..<n { out[i] = T(p[i]) }
         case .i32:
             let p = base.assumingMemoryBound(to: Int32.self) + s
-            for i in 0..<n { out[i] = Double(p[i]) }
+            for i in 0..<n { out[i] = T(p[i]) }
         case .u8:
             let p = base.assumingMemoryBound(to: UInt8.self) + s
-            for i in 0..<n { out[i] = Double(p[i]) }
+            for i in 0..<n { out[i] = T(p[i]) }
         case .f8e4m3fn, .f8e4m3fnuz:
             let table = FP8Codec.codec(for: dtype.fp8Format!).table
             let p = base.assumingMemoryBound(to: UInt8.self) + s
-            table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = Double(t[Int(p[i])]) } }
+            table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = T(t[Int(p[i])]) } }
         }
     }
 
