@@ -343,6 +343,7 @@ public final class SyntheticLayer: MoELayerSource {
         let configJSON = try JSONSerialization.data(withJSONObject: c.huggingFaceObject(quantization: spec.format), options: [.sortedKeys])
         var meta = extra
         meta["config"] = String(decoding: configJSON, as: UTF8.self)
+        if layout == .combined && spec.format.fp8 != nil { meta["gate_up_scale_blocking"] = "per-half" }
         let specEncoder = JSONEncoder()
         specEncoder.outputFormatting = [.sortedKeys] // byte-reproducible files (key order is random otherwise)
         meta["moecheck_spec"] = String(decoding: try specEncoder.encode(spec), as: UTF8.self)

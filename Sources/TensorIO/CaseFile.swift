@@ -227,7 +227,18 @@ public final class MoECaseFile: MoELayerSource {
             try expectFloat(d, dn)
             let (gs, gsn) = try scale(for: combinedName, weight: gu, rows: 2 * I, columns: H, slabs: E)
             let (ds, dsn) = try scale(for: dn, weight: d, rows: H, columns: I, slabs: E)
-            let separate = gs.map { $0.shape[1] != (2 * I + 127) / 128 } ?? false
+            // gate and up blocked separately (sglang's 2·ceil(I/128) rows) or over all 2I rows
+            // (DESIGN §4's ceil(2I/128)); the shapes coincide when I mod 128 is 0 or > 64, where the
+            // file's `__metadata__["gate_up_scale_blocking"]` ("per-half" | "combined") decides and
+            // "combined" is assumed without it.
+            let blocking = file.metadata["gate_up_scale_blocking"]
+            if let blocking, blocking != "per-half" && blocking != "combined" {
+                throw TensorIOError(file: path, "__metadata__ gate_up_scale_blocking is '\(blocking)'; expected 'per-half' or 'combined'")
+            }
+            if let gs, blocking == "per-half" && gs.shape[1] != 2 * ((I + 127) / 128) {
+                throw TensorIOError(file: path, tensor: gsn, "shape \(gs.shape) disagrees with gate_up_scale_blocking 'per-half': expected [\(E), \(2 * ((I + 127) / 128)), \((H + 127) / 128)]")
+            }
+            let separate = gs.map { blocking == "per-half" || (blocking == nil && $0.shape[1] != (2 * I + 127) / 128) } ?? false
             for e in 0..<E {
                 gates.append(Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
                                         rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
