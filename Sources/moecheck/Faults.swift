@@ -41,12 +41,8 @@ struct Faults: ParsableCommand {
             guard let path = kernels ?? KernelLibrary.environmentPath else {
                 throw fail("faults: give a fault build with --kernels PATH (make -C Kernels PLATFORM=nvidia FAULTS=1), or --cpu-models")
             }
-            let lib: KernelLibrary
-            let kernel: DeviceKernel
-            do {
-                lib = try KernelLibrary(path: path)
-                kernel = try DeviceKernel(library: lib)
-            } catch { throw fail("faults: \(error)") }
+            let kernel = try openDeviceKernel(path, command: "faults")
+            let lib = kernel.library
             faults = lib.faultNames
             guard !faults.isEmpty else { throw fail("faults: \(path) injects no faults (build it with FAULTS=1)") }
             make = { f in try lib.setFault(f); return kernel }

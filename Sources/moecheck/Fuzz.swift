@@ -93,14 +93,8 @@ struct Fuzz: ParsableCommand {
         guard let path = kernels ?? KernelLibrary.environmentPath else {
             throw fail("fuzz: give a kernel library (--kernels PATH or MOECHECK_KERNELS), --cpu-model or --cpu-selfcheck")
         }
-        do {
-            let lib = try KernelLibrary(path: path)
-            let k = try DeviceKernel(library: lib, device: device)
-            if let fault { try lib.setFault(fault) }
-            return (k, .device, true, "moecheck fuzz --kernels \(path)" + (fault.map { " --fault \($0)" } ?? "") + (device != 0 ? " --device \(device)" : ""))
-        } catch {
-            throw fail("fuzz: \(error)")
-        }
+        let k = try openDeviceKernel(path, device: device, fault: fault, command: "fuzz")
+        return (k, .device, true, "moecheck fuzz --kernels \(path)" + (fault.map { " --fault \($0)" } ?? "") + (device != 0 ? " --device \(device)" : ""))
     }
 
     func limits(_ base: FuzzLimits) -> FuzzLimits {

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
+import KernelBridge
 import MoEReference
+import MoEVerify
 import TensorIO
 
 @main
@@ -39,3 +41,15 @@ func note(_ s: String) {
 
 /// Whether stderr is a terminal (progress lines only then).
 let stderrIsTerminal = isatty(2) == 1
+
+/// Loads a kernel library, selects the GPU and, for a fault build, a fault; errors become one
+/// line naming the command.
+func openDeviceKernel(_ path: String, device: Int = 0, fault: String? = nil, command: String) throws -> DeviceKernel {
+    do {
+        let kernel = try DeviceKernel(library: try KernelLibrary(path: path), device: device)
+        if let fault { try kernel.library.setFault(fault) }
+        return kernel
+    } catch {
+        throw fail("\(command): \(error)")
+    }
+}

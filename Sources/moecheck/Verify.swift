@@ -53,15 +53,8 @@ struct Verify: ParsableCommand {
             print("verify: build one with `make -C Kernels PLATFORM=nvidia` (or PLATFORM=amd) and pass --kernels Kernels/build/nvidia/libmoekernels.so")
             return
         }
-        let kernel: DeviceKernel
-        do {
-            let lib = try KernelLibrary(path: path)
-            kernel = try DeviceKernel(library: lib, device: device)
-            if let fault { try lib.setFault(fault) }
-            if hostWeights { kernel.generateOnDevice = false }
-        } catch {
-            throw fail("verify: \(error)")
-        }
+        let kernel = try openDeviceKernel(path, device: device, fault: fault, command: "verify")
+        if hostWeights { kernel.generateOnDevice = false }
         try runCases(kernel: kernel)
     }
 
