@@ -192,25 +192,23 @@ public final class SyntheticLayer: MoELayerSource {
         }
     }
 
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try gateUp(e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try down(e, into: out) }
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try gateUp(e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try down(e, into: out) }
+
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
+        let Ie = config.intermediate(ofExpert: e)
         let (b, s) = gateUpBytes(expert: e)
-        decode(b, s, rows: 2 * config.intermediate(ofExpert: e), cols: config.hidden, halves: config.intermediate(ofExpert: e), into: out)
+        decode(b, s, rows: 2 * Ie, cols: config.hidden, halves: Ie, into: out)
     }
 
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
-        try checkExpert(e)
-        let (b, s) = downBytes(expert: e)
-        decode(b, s, rows: config.hidden, cols: config.intermediate(ofExpert: e), halves: nil, into: out)
-    }
-
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
-        try checkExpert(e)
-        let (b, s) = gateUpBytes(expert: e)
-        decode(b, s, rows: 2 * config.intermediate(ofExpert: e), cols: config.hidden, halves: config.intermediate(ofExpert: e), into: out)
-    }
-
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         let (b, s) = downBytes(expert: e)
         decode(b, s, rows: config.hidden, cols: config.intermediate(ofExpert: e), halves: nil, into: out)

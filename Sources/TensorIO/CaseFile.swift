@@ -290,26 +290,23 @@ public final class MoECaseFile: MoELayerSource {
 
     public func sharedGateWeight() throws -> [Double]? { sharedGate?.doubles() }
 
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try gateUp(e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try down(e, into: out) }
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try gateUp(e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try down(e, into: out) }
+
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    private func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         let g = gateProjections[e]
         try g.decode(into: out, file: path)
         try upProjections[e].decode(into: out + g.rows * g.columns, file: path)
     }
 
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws {
-        try checkExpert(e)
-        try downProjections[e].decode(into: out, file: path)
-    }
-
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
-        try checkExpert(e)
-        let g = gateProjections[e]
-        try g.decode(into: out, file: path)
-        try upProjections[e].decode(into: out + g.rows * g.columns, file: path)
-    }
-
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    private func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         try downProjections[e].decode(into: out, file: path)
     }
