@@ -286,22 +286,20 @@ public final class MoEReferenceEngine {
         let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
         // Read-only views of the (now final) inputs for the concurrent expert workers.
         let xinFinal = xin, xinRadiusFinal = xinRadius
-        func processExpert(_ e: Int) throws -> ExpertPart {
+        func processExpert(_ e: Int, _ scratch: inout WeightScratch) throws -> ExpertPart {
             let rows = rowsOf[e]
             let n = rows.count
             let Ie = c.intermediate(ofExpert: e)
-            var w13 = WeightMatrix(), w2 = WeightMatrix()
+            // weight buffers are reused from expert to expert (decode overwrites every element)
+            scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: options.float32)
             if options.float32 {
-                w13.f32 = [Float](repeating: 0, count: 2 * Ie * H)
-                w2.f32 = [Float](repeating: 0, count: H * Ie)
-                try w13.f32.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
-                try w2.f32.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+                try scratch.w13.f32.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+                try scratch.w2.f32.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             } else {
-                w13.f64 = [Double](repeating: 0, count: 2 * Ie * H)
-                w2.f64 = [Double](repeating: 0, count: H * Ie)
-                try w13.f64.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
-                try w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+                try scratch.w13.f64.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+                try scratch.w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             }
+            let w13 = scratch.w13, w2 = scratch.w2
             var xe = [Double](repeating: 0, count: n * H)
             xinFinal.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
                 for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
@@ -371,6 +369,7 @@ public final class MoEReferenceEngine {
         let workers = Swift.max(1, BLAS.threads)
         let rowBudget = Swift.max(1, (1 << 24) / Swift.max(H, 1))
         var batchStart = 0
+        var serialScratch = WeightScratch()
         let savedThreads = BLAS.threads
         if workers > 1 { BLAS.setThreads(1) }
         defer { if workers > 1 { BLAS.setThreads(savedThreads) } }
@@ -387,12 +386,16 @@ public final class MoEReferenceEngine {
             if workers > 1 && batch.count > 1 {
                 parts.withUnsafeMutableBufferPointer { slots in
                     let base = slots.baseAddress!
-                    DispatchQueue.concurrentPerform(iterations: batch.count) { i in
-                        do { base[i] = try processExpert(batch[i]) } catch { lock.lock(); failure = failure ?? error; lock.unlock() }
+                    let lanes = Swift.min(workers, batch.count)
+                    DispatchQueue.concurrentPerform(iterations: lanes) { lane in
+                        var scratch = WeightScratch()
+                        for i in stride(from: lane, to: batch.count, by: lanes) {
+                            do { base[i] = try processExpert(batch[i], &scratch) } catch { lock.lock(); failure = failure ?? error; lock.unlock() }
+                        }
                     }
                 }
             } else {
-                for i in 0..<batch.count { parts[i] = try processExpert(batch[i]) }
+                for i in 0..<batch.count { parts[i] = try processExpert(batch[i], &serialScratch) }
             }
             if let failure { throw failure }
             // combine serially, in expert order
@@ -459,6 +462,22 @@ public final class MoEReferenceEngine {
     struct WeightMatrix {
         var f64: [Double] = []
         var f32: [Float] = []
+
+        /// Sizes the buffer of the active precision to exactly `count` elements (contents undefined
+        /// until decoded), reallocating only when the size changes.
+        mutating func reserve(_ count: Int, float32: Bool) {
+            if float32 { if f32.count != count { f32 = [Float](repeating: 0, count: count) } }
+            else if f64.count != count { f64 = [Double](repeating: 0, count: count) }
+        }
+    }
+
+    /// One worker's expert weight buffers, reused across the experts it processes.
+    struct WeightScratch {
+        var w13 = WeightMatrix(), w2 = WeightMatrix()
+        mutating func reserve(gateUp: Int, down: Int, float32: Bool) {
+            w13.reserve(gateUp, float32: float32)
+            w2.reserve(down, float32: float32)
+        }
     }
 
     /// `C = A · Bᵀ`: float64, or float32 in the fast mode.
