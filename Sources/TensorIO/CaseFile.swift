@@ -46,6 +46,8 @@ struct Projection {
                 for c in 0..<columns { row[c] *= rowScales[c >> 7] }
             }
         }
+        // A branch-free scan first (vectorizes); the slow search only when something is non-finite.
+        guard !allFinite(out, count: rows * columns) else { return }
         for i in 0..<(rows * columns) where !out[i].isFinite {
             let r = i / columns, c = i % columns
             let value = Double(out[i])
@@ -53,6 +55,25 @@ struct Projection {
             throw TensorIOError(file: file, tensor: weightName, "non-finite weight \(value) at \(which)row \(rowStart + r), column \(c)")
         }
     }
+}
+
+/// Whether every value is finite, by an OR over the exponent bits (no early exit, so it vectorizes).
+@inline(__always)
+func allFinite<T: BinaryFloatingPoint>(_ p: UnsafeMutablePointer<T>, count n: Int) -> Bool {
+    if T.self == Float.self {
+        let q = UnsafeRawPointer(p).assumingMemoryBound(to: UInt32.self)
+        var bad: UInt32 = 0
+        for i in 0..<n { bad |= ((q[i] & 0x7F80_0000) == 0x7F80_0000) ? 1 : 0 }
+        return bad == 0
+    }
+    if T.self == Double.self {
+        let q = UnsafeRawPointer(p).assumingMemoryBound(to: UInt64.self)
+        var bad: UInt64 = 0
+        for i in 0..<n { bad |= ((q[i] & 0x7FF0_0000_0000_0000) == 0x7FF0_0000_0000_0000) ? 1 : 0 }
+        return bad == 0
+    }
+    for i in 0..<n where !p[i].isFinite { return false }
+    return true
 }
 
 /// A MoE case file: one layer in HF checkpoint naming plus (optionally) its input

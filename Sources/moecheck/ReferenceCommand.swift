@@ -30,6 +30,9 @@ struct Reference: ParsableCommand {
     @Flag(help: "Float32 value GEMMs (fast mode).")
     var float32 = false
 
+    @Flag(help: "Skip the per-element bound (faster; the bound tensors are then written as zeros).")
+    var noBounds = false
+
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
@@ -41,7 +44,7 @@ struct Reference: ParsableCommand {
         do { x = try c.inputs() } catch { throw fail("moecheck reference: \(error)") }
         let start = Date()
         do {
-            let engine = try MoEReferenceEngine(layer: c, recipe: r, options: ReferenceOptions(float32: float32, fuseShared: !unfused))
+            let engine = try MoEReferenceEngine(layer: c, recipe: r, options: ReferenceOptions(computeBounds: !noBounds, float32: float32, fuseShared: !unfused))
             let result = try engine.run(inputs: x, tokens: c.tokens)
             try result.write(to: output, extra: ["case": URL(fileURLWithPath: caseFile).lastPathComponent])
             let amb = result.ambiguousTokens.filter { $0 }.count
