@@ -73,6 +73,9 @@ func checkAlign(ids: [Int32], tokens T: Int, slots S: Int, experts: Int, block: 
     for i in 0..<padded {
         let p = sorted[i], b = i / block
         let e = blockExperts[b]
+        if i % block == 0 && (e < 0 || Int(e) >= experts) {
+            problems.append("used block \(b) has expert id \(e) outside 0..<\(experts)")
+        }
         if p == sentinel { continue }
         guard p >= 0, p < sentinel else { problems.append("sorted entry \(i) = \(p) is neither a pair index nor the sentinel \(sentinel)"); continue }
         seen[Int(p)] += 1
@@ -87,7 +90,6 @@ func checkAlign(ids: [Int32], tokens T: Int, slots S: Int, experts: Int, block: 
         problems.append("unused block \(b) has expert id \(blockExperts[b]) instead of -1")
         break
     }
-    _ = experts
     return problems
 }
 
