@@ -141,8 +141,8 @@ public final class MoEReferenceEngine {
         x.withUnsafeBufferPointer { xp in wg.withUnsafeBufferPointer { wp in logits.withUnsafeMutableBufferPointer { lp in
             BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H)
         } } }
-        let absX: [Float] = x.map { Float(Swift.abs($0)) }
         if bounds {
+            let absX: [Float] = x.map { Float(Swift.abs($0)) }
             let g = Self.gamma(H + 4, u)
             let absW = wg.map { Float(Swift.abs($0)) }
             var tmp = [Float](repeating: 0, count: T * E)

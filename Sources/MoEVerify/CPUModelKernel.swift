@@ -141,23 +141,30 @@ public final class CPUModelKernel: KernelUnderTest {
         let half = rows / 2
         let br = matrixIsW13 ? (row < half ? row / 128 : (half + 127) / 128 + (row - half) / 128) : row / 128
         let sBase = (slot * rowBlocks + br) * kb
-        var splitSums = [Float](repeating: 0, count: splits)
+        // Blocks are summed in K order into one partial per split, and the partials in split order
+        // (with one split, that is one partial); split-K adds each partial into a workspace the
+        // kernel zeroes, where the split-K faults act.
         let perSplit = (kb + splits - 1) / splits
-        for b in 0..<kb {
-            var partial: Float = 0
-            for i in (b * 128)..<Swift.min(k, (b + 1) * 128) {
-                partial += codec.value(actCodes[i]) * codec.value(codes[base + i])
+        let splitK = splits > 1 && matrixIsW13
+        let wrongScale = matrixIsW13 && on("wrong_kblock_scale")
+        let bf16Partials = splitK && on("splitk_bf16_partials"), fp16Partials = splitK && on("splitk_fp16_partials")
+        var acc: Float = (splitK && perSplit == 1 && on("splitk_workspace_not_zeroed")) ? garbage : 0
+        var b0 = 0
+        while b0 < kb {
+            let b1 = Swift.min(kb, b0 + perSplit)
+            var p: Float = 0
+            for b in b0..<b1 {
+                var partial: Float = 0
+                for i in (b * 128)..<Swift.min(k, (b + 1) * 128) {
+                    partial += codec.value(actCodes[i]) * codec.value(codes[base + i])
+                }
+                let aScale = wrongScale ? actScales[(b + 1) % kb] : actScales[b]
+                p += (aScale * scales[sBase + b]) * partial
             }
-            let aScale = on("wrong_kblock_scale") && matrixIsW13 ? actScales[(b + 1) % kb] : actScales[b]
-            splitSums[b / perSplit] += (aScale * scales[sBase + b]) * partial
-        }
-        if splits == 1 || !matrixIsW13 { return splitSums.reduce(0, +) }
-        // split-K: each split's partial is added atomically into a workspace the kernel zeroes
-        var acc: Float = (on("splitk_workspace_not_zeroed") && perSplit == 1) ? garbage : 0
-        for p in splitSums {
-            if on("splitk_bf16_partials") { acc += BFloat16.round(p) }
-            else if on("splitk_fp16_partials") { acc += Float(SmallFloatFormat.float16.round(Double(p))) }
-            else { acc += p }
+            if bf16Partials { p = BFloat16.round(p) }
+            else if fp16Partials { p = Float(SmallFloatFormat.float16.round(Double(p))) }
+            acc += p
+            b0 = b1
         }
         return acc
     }
