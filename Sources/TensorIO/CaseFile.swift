@@ -33,7 +33,7 @@ struct Projection {
     func decode<T: BinaryFloatingPoint>(into out: UnsafeMutablePointer<T>, file: String) throws {
         let slabRows = weight.shape.count == 3 ? weight.shape[1] : rows
         let base = (slab ?? 0) * slabRows * columns + rowStart * columns
-        weight.decodeAny(base..<(base + rows * columns), into: out)
+        var finite = weight.decodeAny(base..<(base + rows * columns), into: out)
         if let scale {
             let sRows = scale.shape[scale.shape.count - 2], sCols = scale.shape[scale.shape.count - 1]
             let sBase = (slab ?? 0) * sRows * sCols
@@ -41,36 +41,40 @@ struct Projection {
             for r in 0..<rows {
                 let br = (rowStart + r - blockOrigin) / 128 + scaleRowStart
                 let lo = sBase + br * sCols
-                rowScales.withUnsafeMutableBufferPointer { rs in scale.decodeAny(lo..<(lo + sCols), into: rs.baseAddress!) }
+                rowScales.withUnsafeMutableBufferPointer { rs in _ = scale.decodeAny(lo..<(lo + sCols), into: rs.baseAddress!) }
                 let row = out + r * columns
                 for c in 0..<columns { row[c] *= rowScales[c >> 7] }
             }
+            // a finite code times a finite scale can still overflow
+            finite = finite && allFinite(out, count: rows * columns)
         }
-        // A branch-free scan first (vectorizes); the slow search only when something is non-finite.
-        guard !allFinite(out, count: rows * columns) else { return }
+        // The slow search only when something is non-finite.
+        guard !finite else { return }
         for i in 0..<(rows * columns) where !out[i].isFinite {
             let r = i / columns, c = i % columns
             let value = Double(out[i])
             let which = slab.map { "expert \($0), " } ?? ""
-            throw TensorIOError(file: file, tensor: weightName, "non-finite weight \(value) at \(which)row \(rowStart + r), column \(c)")
+            let text = value.isNaN ? "nan" : "\(value)"   // not "-nan(0x…)": the payload says nothing useful
+            throw TensorIOError(file: file, tensor: weightName, "non-finite weight \(text) at \(which)row \(rowStart + r), column \(c)")
         }
     }
 }
 
-/// Whether every value is finite, by an OR over the exponent bits (no early exit, so it vectorizes).
+/// Whether every value is finite: an OR of `(exponent bits) + (lowest exponent bit)`, whose top
+/// bit is set only by an all-ones exponent (no branch or early exit, so it vectorizes).
 @inline(__always)
 func allFinite<T: BinaryFloatingPoint>(_ p: UnsafeMutablePointer<T>, count n: Int) -> Bool {
     if T.self == Float.self {
         let q = UnsafeRawPointer(p).assumingMemoryBound(to: UInt32.self)
-        var bad: UInt32 = 0
-        for i in 0..<n { bad |= ((q[i] & 0x7F80_0000) == 0x7F80_0000) ? 1 : 0 }
-        return bad == 0
+        var acc: UInt32 = 0
+        for i in 0..<n { acc |= (q[i] & 0x7F80_0000) &+ 0x0080_0000 }
+        return acc & 0x8000_0000 == 0
     }
     if T.self == Double.self {
         let q = UnsafeRawPointer(p).assumingMemoryBound(to: UInt64.self)
-        var bad: UInt64 = 0
-        for i in 0..<n { bad |= ((q[i] & 0x7FF0_0000_0000_0000) == 0x7FF0_0000_0000_0000) ? 1 : 0 }
-        return bad == 0
+        var acc: UInt64 = 0
+        for i in 0..<n { acc |= (q[i] & 0x7FF0_0000_0000_0000) &+ 0x0010_0000_0000_0000 }
+        return acc & 0x8000_0000_0000_0000 == 0
     }
     for i in 0..<n where !p[i].isFinite { return false }
     return true

@@ -151,49 +151,78 @@ public struct Tensor: @unchecked Sendable {
 
     // MARK: reading values
 
-    /// Decodes elements `range` (flat indices) exactly into `Double`.
-    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Double>) { decodeAny(range, into: out) }
+    /// Decodes elements `range` (flat indices) exactly into `Double`; returns whether every
+    /// stored value in the range is finite.
+    @discardableResult
+    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Double>) -> Bool { decodeAny(range, into: out) }
 
-    /// Decodes elements `range` into `Float` (exact for every dtype but F64, I64 and I32).
-    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>) { decodeAny(range, into: out) }
+    /// Decodes elements `range` into `Float` (exact for every dtype but F64, I64 and I32);
+    /// returns whether every stored value in the range is finite.
+    @discardableResult
+    public func decode(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>) -> Bool { decodeAny(range, into: out) }
 
+    /// Decodes elements `range` into `out` and returns whether every decoded element is finite.
+    /// Finiteness is read from the stored bits in the same pass (an OR of `(exponent & mask) +
+    /// lowest-exponent-bit`, whose top bit is set only for an all-ones exponent: no branch, so
+    /// the loops vectorize). Integer dtypes are always finite.
     @_specialize(where T == Double)
     @_specialize(where T == Float)
-    func decodeAny<T: BinaryFloatingPoint>(_ range: Range<Int>, into out: UnsafeMutablePointer<T>) {
+    @discardableResult
+    func decodeAny<T: BinaryFloatingPoint>(_ range: Range<Int>, into out: UnsafeMutablePointer<T>) -> Bool {
         precondition(range.lowerBound >= 0 && range.upperBound <= elementCount)
         let base = storage.base + byteOffset
         let n = range.count, s = range.lowerBound
         switch dtype {
         case .f64:
             let p = base.assumingMemoryBound(to: Double.self) + s
-            for i in 0..<n { out[i] = T(p[i]) }
+            let b = base.assumingMemoryBound(to: UInt64.self) + s
+            var acc: UInt64 = 0
+            for i in 0..<n { out[i] = T(p[i]); acc |= (b[i] & 0x7FF0_0000_0000_0000) &+ 0x0010_0000_0000_0000 }
+            return acc & 0x8000_0000_0000_0000 == 0
         case .f32:
             let p = base.assumingMemoryBound(to: Float.self) + s
-            for i in 0..<n { out[i] = T(p[i]) }
+            let b = base.assumingMemoryBound(to: UInt32.self) + s
+            var acc: UInt32 = 0
+            for i in 0..<n { out[i] = T(p[i]); acc |= (b[i] & 0x7F80_0000) &+ 0x0080_0000 }
+            return acc & 0x8000_0000 == 0
         case .f16:
             let p = base.assumingMemoryBound(to: UInt16.self) + s
-            for i in 0..<n { out[i] = T(Float16Codec.value(p[i])) }
+            var acc: UInt16 = 0
+            for i in 0..<n { out[i] = T(Float16Codec.value(p[i])); acc |= (p[i] & 0x7C00) &+ 0x0400 }
+            return acc & 0x8000 == 0
         case .bf16:
             let p = base.assumingMemoryBound(to: UInt16.self) + s
+            var acc: UInt16 = 0
             if T.self == Float.self {   // the hot path of the float32 mode: a shift, vectorized
                 let o = UnsafeMutableRawPointer(out).assumingMemoryBound(to: Float.self)
-                for i in 0..<n { o[i] = Float(bitPattern: UInt32(p[i]) << 16) }
+                for i in 0..<n { o[i] = Float(bitPattern: UInt32(p[i]) << 16); acc |= (p[i] & 0x7F80) &+ 0x0080 }
             } else {
-                for i in 0..<n { out[i] = T(Float(bitPattern: UInt32(p[i]) << 16)) }
+                for i in 0..<n { out[i] = T(Float(bitPattern: UInt32(p[i]) << 16)); acc |= (p[i] & 0x7F80) &+ 0x0080 }
             }
+            return acc & 0x8000 == 0
         case .i64:
             let p = base.assumingMemoryBound(to: Int64.self) + s
             for i in 0..<n { out[i] = T(p[i]) }
+            return true
         case .i32:
             let p = base.assumingMemoryBound(to: Int32.self) + s
             for i in 0..<n { out[i] = T(p[i]) }
+            return true
         case .u8:
             let p = base.assumingMemoryBound(to: UInt8.self) + s
             for i in 0..<n { out[i] = T(p[i]) }
+            return true
         case .f8e4m3fn, .f8e4m3fnuz:
+            // e4m3 has no infinity; its NaN codes are 0x7F/0xFF (fn) and 0x80 (fnuz).
             let table = FP8Codec.codec(for: dtype.fp8Format!).table
             let p = base.assumingMemoryBound(to: UInt8.self) + s
-            table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = T(t[Int(p[i])]) } }
+            var acc: UInt8 = 0
+            if dtype == .f8e4m3fn {
+                table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = T(t[Int(p[i])]); acc |= (p[i] & 0x7F) &+ 1 } }
+            } else {
+                table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = T(t[Int(p[i])]); acc |= p[i] == 0x80 ? 0x80 : 0 } }
+            }
+            return acc & 0x80 == 0
         }
     }
 

@@ -215,6 +215,58 @@ struct CaseFileErrorTests {
         }
     }
 
+    @Test("Inf/NaN in a bf16 expert weight is thrown by the Double and the Float decode", arguments: [ExpertLayout.perExpert, .combined])
+    func nonFiniteBF16(_ layout: ExpertLayout) throws {
+        try withScratchDirectory { dir in
+            var g = GeneratedCase(Self.shape, .bf16, layout)
+            let H = 64, I = 32, E = 4
+            // expert 2, gate row 5, column 63 := +Inf (0x7F80); expert 0's down row 7, column 31 := NaN (0xFFC1)
+            let gateName: String, downName: String
+            if layout == .perExpert {
+                gateName = Self.p + "experts.2.gate_proj.weight"
+                var bits = g.gate[2].map { UInt16($0) }
+                bits[5 * H + 63] = 0x7F80
+                g.replace(gateName, with: Tensor(bits: bits, shape: [I, H], dtype: .bf16))
+                downName = Self.p + "experts.0.down_proj.weight"
+                var d = g.down[0].map { UInt16($0) }
+                d[7 * I + 31] = 0xFFC1
+                g.replace(downName, with: Tensor(bits: d, shape: [H, I], dtype: .bf16))
+            } else {
+                gateName = Self.p + "experts.gate_up_proj"
+                var bits = (0..<E).flatMap { g.gate[$0] + g.up[$0] }.map { UInt16($0) }
+                bits[(2 * 2 * I + 5) * H + 63] = 0x7F80
+                g.replace(gateName, with: Tensor(bits: bits, shape: [E, 2 * I, H], dtype: .bf16))
+                downName = Self.p + "experts.down_proj"
+                var d = (0..<E).flatMap { g.down[$0] }.map { UInt16($0) }
+                d[7 * I + 31] = 0xFFC1
+                g.replace(downName, with: Tensor(bits: d, shape: [E, H, I], dtype: .bf16))
+            }
+            let url = dir.appendingPathComponent("inf.safetensors")
+            try g.write(to: url)
+            let c = try MoECaseFile(path: url.path)
+            var d64 = [Double](repeating: 0, count: 2 * I * H)
+            var f32 = [Float](repeating: 0, count: 2 * I * H)
+            let gateRow = layout == .perExpert ? "row 5, column 63" : "expert 2, row 5, column 63"
+            let downRow = layout == .perExpert ? "row 7, column 31" : "expert 0, row 7, column 31"
+            expectTensorIOError("bf16 Inf, Double, \(layout)", mentions: [url.path, "tensor '\(gateName)'", "non-finite weight inf", gateRow]) {
+                try d64.withUnsafeMutableBufferPointer { try c.decodeGateUp(expert: 2, into: $0.baseAddress!) }
+            }
+            expectTensorIOError("bf16 Inf, Float, \(layout)", mentions: [url.path, "tensor '\(gateName)'", "non-finite weight inf", gateRow]) {
+                try f32.withUnsafeMutableBufferPointer { try c.decodeGateUp(expert: 2, into: $0.baseAddress!) }
+            }
+            expectTensorIOError("bf16 NaN, Float, \(layout)", mentions: [url.path, "tensor '\(downName)'", "non-finite weight nan", downRow]) {
+                try f32.withUnsafeMutableBufferPointer { try c.decodeDown(expert: 0, into: $0.baseAddress!) }
+            }
+            for e in [0, 1, 3, E] {
+                do {
+                    try f32.withUnsafeMutableBufferPointer { try c.decodeGateUp(expert: e, into: $0.baseAddress!) }
+                } catch {
+                    Issue.record("\(url.path): expert \(e) gate_up has no Inf/NaN, yet: \(error)")
+                }
+            }
+        }
+    }
+
     @Test("mixed storage formats")
     func mixedFormats() throws {
         var g = GeneratedCase(Self.shape, .bf16, .perExpert)
