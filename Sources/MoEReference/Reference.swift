@@ -305,19 +305,20 @@ public final class MoEReferenceEngine {
                 for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
             } }
             var gu = [Double](repeating: 0, count: n * 2 * Ie)
-            gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
             var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
+            var boundA1: [Float] = []
             if bounds {
-                var a = [Float](repeating: 0, count: n * H)
-                xinFinal.withUnsafeBufferPointer { xinP in xinRadiusFinal.withUnsafeBufferPointer { xinRadiusP in a.withUnsafeMutableBufferPointer { dst in
+                boundA1 = [Float](repeating: 0, count: n * H)
+                xinFinal.withUnsafeBufferPointer { xinP in xinRadiusFinal.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
                     for (r, (t, _)) in rows.enumerated() {
                         for h in 0..<H {
                             dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
                         }
                     }
                 } } }
-                boundGemm(a, w13, &guBound, m: n, n: 2 * Ie, k: H)
             }
+            gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
+            if bounds { boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H) }
             // SwiGLU with the recipe's rounding points
             var act = [Double](repeating: 0, count: n * Ie)
             var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
@@ -345,14 +346,15 @@ public final class MoEReferenceEngine {
             }
             // stage 2
             var y = [Double](repeating: 0, count: n * H)
-            gemm(act, w2, &y, m: n, n: H, k: Ie)
             var yBound = [Double](repeating: 0, count: bounds ? n * H : 0)
+            var boundA2: [Float] = []
             if bounds {
                 let g2 = Self.gamma(Ie + 2 * ((Ie + 127) / 128) + 4, u)
-                var a = [Float](repeating: 0, count: n * Ie)
-                for i in 0..<(n * Ie) { a[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
-                boundGemm(a, w2, &yBound, m: n, n: H, k: Ie)
+                boundA2 = [Float](repeating: 0, count: n * Ie)
+                for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
             }
+            gemm(act, w2, &y, m: n, n: H, k: Ie)
+            if bounds { boundGemm(boundA2, w2, &yBound, m: n, n: H, k: Ie) }
             if recipe.down != .none {
                 for i in 0..<(n * H) {
                     let (v, b) = Self.roundInterval(y[i], bounds ? yBound[i] : 0, recipe.down)
@@ -384,12 +386,23 @@ public final class MoEReferenceEngine {
             var failure: Error? = nil
             let lock = NSLock()
             if workers > 1 && batch.count > 1 {
+                // Dynamic scheduling, largest expert first (the shared expert holds every token):
+                // a static split leaves one worker idle while the other finishes the big one.
+                let order = (0..<batch.count).sorted { rowsOf[batch[$0]].count != rowsOf[batch[$1]].count ? rowsOf[batch[$0]].count > rowsOf[batch[$1]].count : $0 < $1 }
+                var next = 0
                 parts.withUnsafeMutableBufferPointer { slots in
                     let base = slots.baseAddress!
                     let lanes = Swift.min(workers, batch.count)
-                    DispatchQueue.concurrentPerform(iterations: lanes) { lane in
+                    DispatchQueue.concurrentPerform(iterations: lanes) { _ in
                         var scratch = WeightScratch()
-                        for i in stride(from: lane, to: batch.count, by: lanes) {
+                        while true {
+                            lock.lock()
+                            let k = next
+                            next += 1
+                            let stop = k >= order.count || failure != nil
+                            lock.unlock()
+                            if stop { break }
+                            let i = order[k]
                             do { base[i] = try processExpert(batch[i], &scratch) } catch { lock.lock(); failure = failure ?? error; lock.unlock() }
                         }
                     }
@@ -398,34 +411,55 @@ public final class MoEReferenceEngine {
                 for i in 0..<batch.count { parts[i] = try processExpert(batch[i], &serialScratch) }
             }
             if let failure { throw failure }
-            // combine serially, in expert order
-            for (bi, e) in batch.enumerated() {
-                let part = parts[bi]!
-                let rows = rowsOf[e]
-                let Ie = c.intermediate(ofExpert: e)
-                if inter != nil {
-                    for (r, (t, s)) in rows.enumerated() where s < S {
-                        for i in 0..<Ie {
-                            inter![(t * S + s) * Imax + i] = part.act[r * Ie + i]
-                            if bounds { interBound![(t * S + s) * Imax + i] = part.actBound[r * Ie + i] }
+            // Combine in expert order. Workers own disjoint token ranges, so every element is
+            // summed in the same order as a serial combine (identical bits).
+            let lanes = workers > 1 && T > 1 ? Swift.min(workers, T) : 1
+            let interWidth = Imax
+            out.withUnsafeMutableBufferPointer { outP in outBound.withUnsafeMutableBufferPointer { outBoundP in absSum.withUnsafeMutableBufferPointer { absSumP in
+                let o = outP.baseAddress!, ob = outBoundP.baseAddress, asum = absSumP.baseAddress
+                withOptionalPointers(&inter, &interBound) { ip, ibp in
+                    func combine(_ lane: Int) {
+                        let t0 = T * lane / lanes, t1 = T * (lane + 1) / lanes
+                        for (bi, e) in batch.enumerated() {
+                            let part = parts[bi]!
+                            let Ie = c.intermediate(ofExpert: e)
+                            part.y.withUnsafeBufferPointer { yP in part.yBound.withUnsafeBufferPointer { ybP in
+                                for (r, (t, s)) in rowsOf[e].enumerated() where t >= t0 && t < t1 {
+                                    if let ip, s < S {
+                                        for i in 0..<Ie {
+                                            ip[(t * S + s) * interWidth + i] = part.act[r * Ie + i]
+                                            if bounds, let ibp { ibp[(t * S + s) * interWidth + i] = part.actBound[r * Ie + i] }
+                                        }
+                                    }
+                                    let w = slotWeight[t * slotsAll + s], wb = slotWeightBound[t * slotsAll + s]
+                                    let y = yP.baseAddress! + r * H, orow = o + t * H
+                                    if bounds {
+                                        let yb = ybP.baseAddress! + r * H, obrow = ob! + t * H, arow = asum! + t * H
+                                        for h in 0..<H {
+                                            let yv = y[h]
+                                            var cv = w * yv
+                                            var cb = Swift.abs(w) * yb[h] + wb * (Swift.abs(yv) + yb[h]) + u * Swift.abs(cv)
+                                            (cv, cb) = Self.roundInterval(cv, cb, recipe.weighted)
+                                            orow[h] += cv
+                                            obrow[h] += cb
+                                            arow[h] += Swift.abs(cv) + cb
+                                        }
+                                    } else if recipe.weighted == .none {
+                                        for h in 0..<H { orow[h] += w * y[h] }
+                                    } else {
+                                        for h in 0..<H { orow[h] += Self.roundInterval(w * y[h], 0, recipe.weighted).0 }
+                                    }
+                                }
+                            } }
                         }
                     }
-                }
-                for (r, (t, s)) in rows.enumerated() {
-                    let w = slotWeight[t * slotsAll + s], wb = slotWeightBound[t * slotsAll + s]
-                    for h in 0..<H {
-                        let yv = part.y[r * H + h], yb = bounds ? part.yBound[r * H + h] : 0
-                        var cv = w * yv
-                        var cb = bounds ? Swift.abs(w) * yb + wb * (Swift.abs(yv) + yb) + u * Swift.abs(cv) : 0
-                        (cv, cb) = Self.roundInterval(cv, cb, recipe.weighted)
-                        out[t * H + h] += cv
-                        if bounds {
-                            outBound[t * H + h] += cb
-                            absSum[t * H + h] += Swift.abs(cv) + cb
-                        }
+                    if lanes > 1 {
+                        DispatchQueue.concurrentPerform(iterations: lanes) { combine($0) }
+                    } else {
+                        combine(0)
                     }
                 }
-            }
+            } } }
             batchStart = batchEnd
         }
         var finalBound = outBound
@@ -585,6 +619,18 @@ public final class MoEReferenceEngine {
                 row[offset + i] = deq
             }
             start = end
+        }
+    }
+}
+
+/// Calls `body` with the base addresses of two optional arrays (nil where an array is nil or empty).
+private func withOptionalPointers(_ a: inout [Double]?, _ b: inout [Double]?, _ body: (UnsafeMutablePointer<Double>?, UnsafeMutablePointer<Double>?) -> Void) {
+    guard a != nil else { body(nil, nil); return }
+    a!.withUnsafeMutableBufferPointer { ap in
+        if b != nil, !b!.isEmpty {
+            b!.withUnsafeMutableBufferPointer { bp in body(ap.baseAddress, bp.baseAddress) }
+        } else {
+            body(ap.baseAddress, nil)
         }
     }
 }
