@@ -86,6 +86,26 @@ func checkAlign(ids: [Int32], tokens T: Int, slots S: Int, experts: Int, block: 
         problems.append("pair \(p) (token \(p / S), slot \(p % S)) appears \(n) times")
         if problems.count > 8 { break }
     }
+    // The header's layout: used blocks in ascending expert id, each expert's run of pairs
+    // followed by its padding, which fills no more than the run's last block.
+    var layout: [String] = []
+    let used = padded / block
+    for b in 0..<used where layout.count < 3 {
+        let e = blockExperts[b]
+        if b > 0 && e < blockExperts[b - 1] {
+            layout.append("block \(b) has expert \(e) after block \(b - 1) of expert \(blockExperts[b - 1]): blocks must come in ascending expert id")
+        }
+        let entries = sorted[(b * block)..<((b + 1) * block)]
+        guard let first = entries.firstIndex(of: sentinel) else { continue }
+        if first == b * block {
+            layout.append("block \(b) of expert \(e) holds only padding: an expert's run is padded to the next block multiple, no further")
+        } else if entries[first...].contains(where: { $0 != sentinel }) {
+            layout.append("block \(b) of expert \(e) has a pair after the sentinel padding at entry \(first): padding must end the expert's run")
+        } else if b + 1 < used && blockExperts[b + 1] == e {
+            layout.append("block \(b) of expert \(e) is padded but expert \(e)'s run continues in block \(b + 1): padding must end the run")
+        }
+    }
+    problems += layout
     for b in (padded / block)..<blockExperts.count where blockExperts[b] != -1 {
         problems.append("unused block \(b) has expert id \(blockExperts[b]) instead of -1")
         break

@@ -182,6 +182,44 @@ struct AlignCheckTests {
         }
     }
 
+    @Test("blocks out of ascending expert order are flagged, though every pair sits in its expert's block")
+    func blocksOutOfOrder() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        #expect(Array(a.blockExperts.prefix(7)) == [0, 1, 2, 3, 4, 4, -1])
+        // swap expert 0's and expert 1's blocks, entries and labels together
+        var sorted = a.sorted, blocks = a.blockExperts
+        for i in 0..<Self.block { sorted.swapAt(i, Self.block + i) }
+        blocks.swapAt(0, 1)
+        let problems = check(sorted, blocks, a.padded)
+        #expect(problems == ["block 1 has expert 0 after block 0 of expert 1: blocks must come in ascending expert id"], "\(problems)")
+    }
+
+    @Test("padding that does not end its expert's run, or a block of padding only, is flagged")
+    func paddingPlacement() {
+        let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
+        let sentinel = Int32(Self.T * Self.S)
+        // block 0 = expert 0's pairs 0, 6, 12 and one sentinel: move the sentinel forward
+        #expect(Array(a.sorted[0..<4]) == [0, 6, 12, sentinel])
+        var early = a.sorted
+        early[1] = sentinel; early[3] = 6
+        var problems = check(early, a.blockExperts, a.padded)
+        #expect(problems == ["block 0 of expert 0 has a pair after the sentinel padding at entry 1: padding must end the expert's run"], "\(problems)")
+        // the shared expert (id 4) spans blocks 4 and 5: a sentinel in block 4 while its run goes on
+        var middle = a.sorted
+        #expect(middle[21] == sentinel && middle[19] != sentinel)
+        middle.swapAt(19, 21)
+        problems = check(middle, a.blockExperts, a.padded)
+        #expect(problems == ["block 4 of expert 4 is padded but expert 4's run continues in block 5: padding must end the run"], "\(problems)")
+        // an extra block of padding only, labelled expert 2, after expert 2's block
+        let extra = Array(a.sorted[0..<12]) + [Int32](repeating: sentinel, count: Self.block) + Array(a.sorted[12..<(a.sorted.count - Self.block)])
+        var blocks = a.blockExperts
+        blocks.insert(2, at: 3)
+        blocks.removeLast()
+        problems = check(extra, blocks, a.padded + Self.block)
+        #expect(problems == ["block 2 of expert 2 is padded but expert 2's run continues in block 3: padding must end the run",
+                             "block 3 of expert 2 holds only padding: an expert's run is padded to the next block multiple, no further"], "\(problems)")
+    }
+
     @Test("an entry that is neither a pair nor the sentinel is flagged")
     func garbageEntry() {
         let a = correctAlign(ids: Self.ids, tokens: Self.T, slots: Self.S, experts: Self.E, block: Self.block)
