@@ -33,20 +33,35 @@ struct Projection {
     func decode<T: BinaryFloatingPoint>(into out: UnsafeMutablePointer<T>, file: String) throws {
         let slabRows = weight.shape.count == 3 ? weight.shape[1] : rows
         let base = (slab ?? 0) * slabRows * columns + rowStart * columns
-        var finite = weight.decodeAny(base..<(base + rows * columns), into: out)
+        var finite = true
         if let scale {
+            // fp8 codes times their 128×128 block scales, decoded and scaled in one pass
             let sRows = scale.shape[scale.shape.count - 2], sCols = scale.shape[scale.shape.count - 1]
             let sBase = (slab ?? 0) * sRows * sCols
             var rowScales = [T](repeating: 0, count: sCols)
-            for r in 0..<rows {
-                let br = (rowStart + r - blockOrigin) / 128 + scaleRowStart
-                let lo = sBase + br * sCols
-                rowScales.withUnsafeMutableBufferPointer { rs in _ = scale.decodeAny(lo..<(lo + sCols), into: rs.baseAddress!) }
-                let row = out + r * columns
-                for c in 0..<columns { row[c] *= rowScales[c >> 7] }
+            var loaded = -1
+            var largest = 0.0
+            precondition(weight.dtype.fp8Format != nil, "block scales are attached to fp8 weights only")
+            rowScales.withUnsafeMutableBufferPointer { rs in
+                for r in 0..<rows {
+                    let br = (rowStart + r - blockOrigin) / 128 + scaleRowStart
+                    if br != loaded {
+                        let lo = sBase + br * sCols
+                        _ = scale.decodeAny(lo..<(lo + sCols), into: rs.baseAddress!)
+                        for v in rs { largest = Swift.max(largest, Swift.abs(Double(v))) }
+                        loaded = br
+                    }
+                    let from = base + r * columns
+                    finite = weight.decodeScaledFP8(from..<(from + columns), group: 128, scales: rs.baseAddress!, into: out + r * columns) && finite
+                }
             }
-            // a finite code times a finite scale can still overflow
-            finite = finite && allFinite(out, count: rows * columns)
+            // A finite code times a finite scale overflows only if |scale| · FP8_MAX does (the
+            // exact product is at most that); scan the output only then.
+            if !(largest * 448 <= Double(T.greatestFiniteMagnitude)) {
+                finite = finite && allFinite(out, count: rows * columns)
+            }
+        } else {
+            finite = weight.decodeAny(base..<(base + rows * columns), into: out)
         }
         // The slow search only when something is non-finite.
         guard !finite else { return }
@@ -400,7 +415,7 @@ public final class MoECaseFile: MoELayerSource {
             for br in 0..<blockRows {
                 let srcRow = (p.rowStart - p.blockOrigin) / 128 + p.scaleRowStart + br
                 let base = (p.slab ?? 0) * sRows * sCols + srcRow * sCols
-                row.withUnsafeMutableBufferPointer { s.decode(base..<(base + sCols), into: $0.baseAddress!) }
+                row.withUnsafeMutableBufferPointer { _ = s.decode(base..<(base + sCols), into: $0.baseAddress!) }
                 for c in 0..<sCols { dst[(rowOffset + br) * sCols + c] = Float(row[c]) }
             }
         }

@@ -214,16 +214,40 @@ public struct Tensor: @unchecked Sendable {
             return true
         case .f8e4m3fn, .f8e4m3fnuz:
             // e4m3 has no infinity; its NaN codes are 0x7F/0xFF (fn) and 0x80 (fnuz).
-            let table = FP8Codec.codec(for: dtype.fp8Format!).table
             let p = base.assumingMemoryBound(to: UInt8.self) + s
             var acc: UInt8 = 0
             if dtype == .f8e4m3fn {
-                table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = T(t[Int(p[i])]); acc |= (p[i] & 0x7F) &+ 1 } }
+                for i in 0..<n { out[i] = T(Float(bitPattern: FP8Codec.bits(e4m3: p[i], fnuz: false))); acc |= (p[i] & 0x7F) &+ 1 }
             } else {
-                table.withUnsafeBufferPointer { t in for i in 0..<n { out[i] = T(t[Int(p[i])]); acc |= p[i] == 0x80 ? 0x80 : 0 } }
+                for i in 0..<n { out[i] = T(Float(bitPattern: FP8Codec.bits(e4m3: p[i], fnuz: true))); acc |= p[i] == 0x80 ? 0x80 : 0 }
             }
             return acc & 0x80 == 0
         }
+    }
+
+    /// fp8 elements `range` times a scale per run of `group` elements (`scales[j]` for the j-th
+    /// run from `range.lowerBound`), in one pass: `T(code value) · T(scale)`, the same bits as
+    /// decoding and then scaling. Returns whether every code is finite (not a NaN code).
+    @_specialize(where T == Double)
+    @_specialize(where T == Float)
+    func decodeScaledFP8<T: BinaryFloatingPoint>(_ range: Range<Int>, group: Int, scales: UnsafePointer<T>, into out: UnsafeMutablePointer<T>) -> Bool {
+        precondition(range.lowerBound >= 0 && range.upperBound <= elementCount && dtype.fp8Format != nil && group > 0)
+        let p = (storage.base + byteOffset).assumingMemoryBound(to: UInt8.self) + range.lowerBound
+        let fnuz = dtype == .f8e4m3fnuz
+        var acc: UInt8 = 0
+        var c0 = 0, j = 0
+        while c0 < range.count {
+            let c1 = Swift.min(range.count, c0 + group)
+            let sc = scales[j]
+            if fnuz {
+                for i in c0..<c1 { out[i] = T(Float(bitPattern: FP8Codec.bits(e4m3: p[i], fnuz: true))) * sc; acc |= p[i] == 0x80 ? 0x80 : 0 }
+            } else {
+                for i in c0..<c1 { out[i] = T(Float(bitPattern: FP8Codec.bits(e4m3: p[i], fnuz: false))) * sc; acc |= (p[i] & 0x7F) &+ 1 }
+            }
+            c0 = c1
+            j += 1
+        }
+        return acc & 0x80 == 0
     }
 
     /// All elements as `Double`, exactly.
