@@ -13,6 +13,7 @@ Weights are decoded per expert inside the timed region (as the Swift reference d
 uint16 -> uint32 << 16 -> float32 view, FP8 via a 256-entry table times the 128x128 block scales.
 
 Threads: OPENBLAS_NUM_THREADS (and OMP/MKL) are set from --threads before numpy is imported.
+Runs --warmup untimed computations first (default 1), then --repeat timed ones.
 Prints one JSON object: load_s, compute_s (one per repeat), peak_rss_mb, blas info, and with
 --compare FILE (raw little-endian float64 [T, H]) the max relative difference to it.
 """
@@ -28,6 +29,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("case")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--repeat", type=int, default=1)
+ap.add_argument("--warmup", type=int, default=1,
+                help="untimed runs first (map the case file's pages, start BLAS threads), as the Swift worker does")
 ap.add_argument("--tokens", type=int, default=None, help="use the first T rows of hidden_states (default: all)")
 ap.add_argument("--compare", default=None, help="raw float64 [T, H] output to compare against")
 args = ap.parse_args()
@@ -193,8 +196,10 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-times = []
 out = None
+for _ in range(args.warmup):
+    out = moe(x)
+times = []
 for _ in range(args.repeat):
     t1 = time.perf_counter()
     out = moe(x)

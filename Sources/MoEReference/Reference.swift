@@ -1,3 +1,4 @@
+import CFastGEMM
 import Foundation
 import LowPrecision
 import TensorIO
@@ -15,11 +16,18 @@ public struct ReferenceOptions: Sendable {
     /// value is the same either way; only the routing outputs differ (K vs K+1 columns).
     public var fuseShared: Bool = true
 
-    public init(computeBounds: Bool = true, keepIntermediate: Bool = false, float32: Bool = false, fuseShared: Bool = true) {
+    /// In the float32 mode without bounds, bf16 weights that the source holds in memory go
+    /// through a fused GEMM that widens them in registers (`FastGEMM`), instead of a decode into
+    /// float32 followed by sgemm, when this CPU has AVX2 or AVX-512. Off: always decode + sgemm.
+    public var fusedBF16GEMM: Bool = true
+
+    public init(computeBounds: Bool = true, keepIntermediate: Bool = false, float32: Bool = false, fuseShared: Bool = true,
+                fusedBF16GEMM: Bool = true) {
         self.computeBounds = computeBounds
         self.keepIntermediate = keepIntermediate
         self.float32 = float32
         self.fuseShared = fuseShared
+        self.fusedBF16GEMM = fusedBF16GEMM
     }
 }
 
@@ -290,12 +298,21 @@ public final class MoEReferenceEngine {
             let rows = rowsOf[e]
             let n = rows.count
             let Ie = c.intermediate(ofExpert: e)
+            // float32 mode, no bounds, bf16 weights in memory: the fused GEMM reads them directly
+            var fused: (gate: UnsafeRawPointer, up: UnsafeRawPointer, down: UnsafeRawPointer)? = nil
+            if options.float32 && !bounds && options.fusedBF16GEMM && FastGEMM.path != 0,
+               let g = layer.rawBF16(expert: e, .gate), let u = layer.rawBF16(expert: e, .up), let d = layer.rawBF16(expert: e, .down) {
+                fused = (g, u, d)
+            }
             // weight buffers are reused from expert to expert (decode overwrites every element)
-            scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: options.float32)
-            if options.float32 {
+            if fused != nil {
+                // nothing to decode
+            } else if options.float32 {
+                scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: true)
                 try scratch.w13.f32.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
                 try scratch.w2.f32.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             } else {
+                scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: false)
                 try scratch.w13.f64.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
                 try scratch.w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             }
@@ -317,7 +334,14 @@ public final class MoEReferenceEngine {
                     }
                 } } }
             }
-            gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
+            if let fused {
+                try fusedGemm(Self.floats(xe) { $0 }, [(fused.gate, 0), (fused.up, Ie)], rowsEach: Ie, into: &gu, m: n, n: 2 * Ie, k: H) {
+                    var tmp = [Float](repeating: 0, count: 2 * Ie * H)
+                    try tmp.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+                }
+            } else {
+                gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
+            }
             if bounds { boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H) }
             // SwiGLU with the recipe's rounding points
             var act = [Double](repeating: 0, count: n * Ie)
@@ -353,7 +377,14 @@ public final class MoEReferenceEngine {
                 boundA2 = [Float](repeating: 0, count: n * Ie)
                 for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
             }
-            gemm(act, w2, &y, m: n, n: H, k: Ie)
+            if let fused {
+                try fusedGemm(Self.floats(act) { $0 }, [(fused.down, 0)], rowsEach: H, into: &y, m: n, n: H, k: Ie) {
+                    var tmp = [Float](repeating: 0, count: H * Ie)
+                    try tmp.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+                }
+            } else {
+                gemm(act, w2, &y, m: n, n: H, k: Ie)
+            }
             if bounds { boundGemm(boundA2, w2, &yBound, m: n, n: H, k: Ie) }
             if recipe.down != .none {
                 for i in 0..<(n * H) {
@@ -532,6 +563,28 @@ public final class MoEReferenceEngine {
         }
     }
 
+    /// `C[m, n] = A[m, k] · Wᵀ` through the fused bf16-weight GEMM, W given as row blocks of
+    /// `rowsEach` rows (`parts`: raw bf16 pointer, first column of C). Where a weight is NaN/Inf,
+    /// `report` decodes the matrix the ordinary way, which throws naming the tensor and element.
+    private func fusedGemm(_ a: [Float], _ parts: [(UnsafeRawPointer, Int)], rowsEach: Int, into c: inout [Double],
+                           m: Int, n: Int, k: Int, report: () throws -> Void) throws {
+        var cf = [Float](repeating: 0, count: m * n)
+        var status: Int32 = 1
+        a.withUnsafeBufferPointer { ap in cf.withUnsafeMutableBufferPointer { cp in
+            for (w, col) in parts where status == 1 {
+                status = mc_gemm_xwt_bf16(ap.baseAddress!, m, k, w, k, rowsEach, cp.baseAddress! + col, n, FastGEMM.path)
+            }
+        } }
+        if status == 0 {
+            try report()
+            throw ReferenceError.invalid("a bf16 weight is NaN/Inf but decoding found none (internal error)")
+        }
+        guard status == 1 else { throw ReferenceError.invalid("fused bf16 GEMM failed (status \(status))") }
+        cf.withUnsafeBufferPointer { cp in c.withUnsafeMutableBufferPointer { dp in
+            for i in 0..<(m * n) { dp[i] = Double(cp[i]) }
+        } }
+    }
+
     /// `C = A · |B|ᵀ` for non-negative `A` in float32, rounded up by the float32 GEMM's own
     /// worst-case error so the result is an upper bound.
     private func boundGemm(_ a: [Float], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
@@ -633,6 +686,23 @@ private func withOptionalPointers(_ a: inout [Double]?, _ b: inout [Double]?, _ 
             body(ap.baseAddress, nil)
         }
     }
+}
+
+/// The fused bf16-weight GEMM's code path on this CPU (CFastGEMM).
+public enum FastGEMM {
+    /// 3 = AVX-512, 2 = AVX2+FMA, 0 = none (the float32 mode then decodes and calls sgemm).
+    /// `MOECHECK_FAST_GEMM=off|avx2|avx512` overrides it (measurements, tests).
+    public static let path: Int32 = {
+        let best = mc_gemm_best_path()
+        switch ProcessInfo.processInfo.environment["MOECHECK_FAST_GEMM"]?.lowercased() {
+        case "off"?: return 0
+        case "avx2"?: return best >= 2 ? 2 : 0
+        case "avx512"?: return best == 3 ? 3 : 0
+        default: return best
+        }
+    }()
+
+    public static var name: String { path == 3 ? "avx512" : path == 2 ? "avx2" : "off" }
 }
 
 public enum ReferenceError: Error, CustomStringConvertible {

@@ -22,6 +22,7 @@ public final class RoutedOnlyLayer: MoELayerSource {
     public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try base.decodeDown(expert: e, into: out) }
     public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try base.decodeGateUp(expert: e, into: out) }
     public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try base.decodeDown(expert: e, into: out) }
+    public func rawBF16(expert e: Int, _ projection: ExpertProjection) -> UnsafeRawPointer? { base.rawBF16(expert: e, projection) }
 }
 
 /// The verdict of one stage of one case.

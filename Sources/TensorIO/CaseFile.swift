@@ -26,6 +26,14 @@ struct Projection {
     /// Scale-block row index that `blockOrigin` maps to.
     let scaleRowStart: Int
 
+    /// The first stored element of the projection when it is plain bf16 (no scale); its rows are
+    /// `columns` elements apart.
+    var rawBF16: UnsafeRawPointer? {
+        guard weight.dtype == .bf16, scale == nil, let base = weight.rawBytes.baseAddress else { return nil }
+        let slabRows = weight.shape.count == 3 ? weight.shape[1] : rows
+        return base + 2 * ((slab ?? 0) * slabRows * columns + rowStart * columns)
+    }
+
     /// Decodes the projection into `out` (`rows × columns`), dequantizing fp8 with its block
     /// scales; throws on NaN/Inf naming the tensor and element.
     @_specialize(where T == Double)
@@ -342,6 +350,17 @@ public final class MoECaseFile: MoELayerSource {
         let g = gateProjections[e]
         try g.decode(into: out, file: path)
         try upProjections[e].decode(into: out + g.rows * g.columns, file: path)
+    }
+
+    public func rawBF16(expert e: Int, _ projection: ExpertProjection) -> UnsafeRawPointer? {
+        guard e >= 0, e < gateProjections.count else { return nil }
+        let p: Projection
+        switch projection {
+        case .gate: p = gateProjections[e]
+        case .up: p = upProjections[e]
+        case .down: p = downProjections[e]
+        }
+        return p.rawBF16
     }
 
     @_specialize(where T == Double)

@@ -164,9 +164,21 @@ public protocol MoELayerSource: AnyObject {
     /// The same in binary32 (the reference's float32 mode); by default decoded as Double and converted.
     func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws
     func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws
+    /// The stored bfloat16 bits of one projection of expert `e` (`e == E`: the shared expert),
+    /// row-major, rows `H` (gate, up) or `Ie` (down) elements long, when the source holds them as
+    /// plain bf16 in memory; nil otherwise. The float32 mode's fused GEMM reads them without a
+    /// decoded copy. Any alignment; valid while the source lives. Default: nil.
+    func rawBF16(expert e: Int, _ projection: ExpertProjection) -> UnsafeRawPointer?
+}
+
+/// One of an expert's three projections.
+public enum ExpertProjection: Sendable {
+    case gate, up, down
 }
 
 extension MoELayerSource {
+    public func rawBF16(expert e: Int, _ projection: ExpertProjection) -> UnsafeRawPointer? { nil }
+
     public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws {
         let n = 2 * config.intermediate(ofExpert: e) * config.hidden
         var d = [Double](repeating: 0, count: n)

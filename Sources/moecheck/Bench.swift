@@ -9,6 +9,7 @@ import TensorIO
 /// Every measurement runs in a child process (this binary with `--worker`, or python3), so each
 /// one's peak RSS is its own and generating the case files does not count. Swift and NumPy runs
 /// alternate round by round, so both see the same machine load; times are medians over rounds.
+/// Each child runs the layer once untimed before it times anything (both sides alike).
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmark the reference (float64 with/without bounds, float32) against NumPy float64 on Qwen3.5 MoE shapes.",
@@ -152,7 +153,7 @@ struct Bench: ParsableCommand {
                     for k in ["load", "f64Bounds", "f64", "f32"] { samples[k, default: []].append(w[k] as? Double ?? .nan) }
                     rss = Swift.max(rss, w["peakRSSMB"] as? Double ?? 0)
                     if numpy {
-                        var pargs = [numpyScript, path, "--threads", "\(threads)", "--tokens", "\(t)"]
+                        var pargs = [numpyScript, path, "--threads", "\(threads)", "--tokens", "\(t)", "--warmup", "1"]
                         if let dump { pargs += ["--compare", dump] }
                         let p = try runJSON(python, pargs)
                         samples["numpyLoad", default: []].append(p["load_s"] as? Double ?? .nan)
@@ -179,10 +180,10 @@ struct Bench: ParsableCommand {
         }
         printTable(rows, threads: threads, numpyBLAS: numpyBLAS)
         if let json {
-            struct Report: Codable { var threads: Int; var rounds: Int; var numpyBLAS: String; var host: String; var rows: [Row] }
+            struct Report: Codable { var threads: Int; var rounds: Int; var numpyBLAS: String; var fastGEMM: String; var host: String; var rows: [Row] }
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            let data = try enc.encode(Report(threads: threads, rounds: `repeat`, numpyBLAS: numpyBLAS,
+            let data = try enc.encode(Report(threads: threads, rounds: `repeat`, numpyBLAS: numpyBLAS, fastGEMM: FastGEMM.name,
                                              host: ProcessInfo.processInfo.hostName, rows: rows))
             try data.write(to: URL(fileURLWithPath: json))
             print("wrote \(json)")
@@ -211,7 +212,8 @@ struct Bench: ParsableCommand {
             lines.append("| " + cells.joined(separator: " | ") + " |")
         }
         print("")
-        print("OpenBLAS threads: \(threads) (both sides)" + (numpyBLAS.isEmpty ? "" : "; NumPy BLAS: \(numpyBLAS)"))
+        print("OpenBLAS threads: \(threads) (both sides)" + (numpyBLAS.isEmpty ? "" : "; NumPy BLAS: \(numpyBLAS)")
+              + "; float32 mode's fused bf16 GEMM: \(FastGEMM.name)")
         print(lines.joined(separator: "\n"))
     }
 
@@ -251,6 +253,9 @@ struct Bench: ParsableCommand {
             let result = try engine.run(inputs: x, tokens: T)
             return (Date().timeIntervalSince(s), result)
         }
+        // One untimed run first, as the NumPy script does (--warmup 1): both sides are then timed
+        // with the case file's pages mapped and thread pools started, whichever mode runs first.
+        _ = try time(recipe, ReferenceOptions(computeBounds: false))
         let (tb, _) = try time(recipe, ReferenceOptions(computeBounds: true))
         let (tn, _) = try time(recipe, ReferenceOptions(computeBounds: false))
         let (tf, _) = try time(recipe, ReferenceOptions(computeBounds: false, float32: true))
