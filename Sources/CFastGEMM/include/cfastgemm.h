@@ -4,8 +4,8 @@
  *
  * X is float32 row-major [m, k]; W points to raw bfloat16 bits (any alignment), row-major [n, ldw] (only the first k
  * columns are read); products and sums in float32 (FMA), each dot product over all of k. The
- * weights are widened to float32 in registers as they are used: no decoded copy of the matrix
- * and no packing pass, which is where a BLAS sgemm spends half its time when m is small (an
+ * weights are widened to float32 4 rows at a time into a buffer that stays in cache while every
+ * row of X passes over it: no decoded copy of the matrix and no packing pass, which is where a BLAS sgemm spends half its time when m is small (an
  * expert's few dozen tokens against thousands of weight rows).
  *
  * Returns 1 when every weight element read is finite, 0 when one is NaN/Inf (C is then
