@@ -12,7 +12,7 @@ public enum Rounding: String, Codable, Sendable, CaseIterable {
     /// bf16 one; the bound also covers the unrounded value).
     case bf16OrFP32 = "bf16-or-fp32"
 
-    var format: SmallFloatFormat? {
+    public var format: SmallFloatFormat? {
         switch self {
         case .none: return nil
         case .fp32: return .float32

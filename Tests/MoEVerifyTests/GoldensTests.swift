@@ -185,3 +185,34 @@ struct GoldensTests {
         #expect(status == 1 && out.contains("FAIL"), "\(out)")
     }
 }
+
+/// On another CPU the regenerated bound may differ from the stored one by a step of the output
+/// format (the bound interval is rounded to it), never by more.
+@Suite("Goldens: comparing a regenerated bound")
+struct GoldenBoundComparisonTests {
+    /// A stored expected file with `output` and `bound`.
+    static func storedFile(output: [Double], bound: [Double]) throws -> (SafetensorsFile, String) {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("golden-bound-\(UUID().uuidString).safetensors").path
+        try SafetensorsWriter.write([("output", Tensor(output, shape: [1, output.count], dtype: .f64)),
+                                     ("bound", Tensor(bound, shape: [1, bound.count], dtype: .f64))], to: path)
+        return (try SafetensorsFile(path: path), path)
+    }
+
+    @Test("a bound that moved by one or two bf16 steps passes for a bf16 output; by more, or for an unrounded output, fails")
+    func boundSteps() throws {
+        // output 100 (bf16 step there: 0.5), stored bound 0.75
+        let (file, path) = try Self.storedFile(output: [100, 1], bound: [0.75, 1e-3])
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let stored = try file.tensor("bound")
+        func compare(_ fresh: [Double], _ rounding: Rounding) -> String? {
+            Goldens.compareWithinBound("bound", fresh: Tensor(fresh, shape: [1, 2], dtype: .f64), stored: stored, storedFile: file,
+                                       requireBits: false, outputRounding: rounding)
+        }
+        #expect(compare([0.75 * (1 + 5e-5), 1e-3], .bf16) == nil, "a 5e-5 relative change is inside the fp32 tolerance")
+        #expect(compare([1.25, 1e-3], .bf16) == nil, "one bf16 step (0.5 at 100) must pass")
+        #expect(compare([1.75, 1e-3], .bf16) == nil, "two bf16 steps must pass")
+        #expect(compare([2.5, 1e-3], .bf16)?.contains("regenerated bound differs") == true, "3.5 steps must fail")
+        #expect(compare([1.25, 1e-3], .none)?.contains("1e-4 relative at") == true, "an unrounded output's bound has no step to allow")
+        #expect(compare([0.75, 1e-3 + 0.02], .bf16)?.contains("[0, 1]") == true, "at output 1 a bf16 step is 2^-7: 0.02 is more than two")
+    }
+}
