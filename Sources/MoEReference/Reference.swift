@@ -17,8 +17,9 @@ public struct ReferenceOptions: Sendable {
     public var fuseShared: Bool = true
 
     /// In the float32 mode without bounds, bf16 weights that the source holds in memory go
-    /// through a fused GEMM that widens them a few rows at a time in cache (`FastGEMM`), instead of a decode into
-    /// float32 followed by sgemm, when this CPU has AVX2 or AVX-512. Off: always decode + sgemm.
+    /// through a fused GEMM that widens them a few rows at a time in cache (`FastGEMM`), instead
+    /// of a decode into float32 followed by sgemm, when this CPU has AVX2 or AVX-512. Off: always
+    /// decode + sgemm.
     public var fusedBF16GEMM: Bool = true
 
     public init(computeBounds: Bool = true, keepIntermediate: Bool = false, float32: Bool = false, fuseShared: Bool = true,

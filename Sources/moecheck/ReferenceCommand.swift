@@ -27,7 +27,7 @@ struct Reference: ParsableCommand {
     @Flag(help: "Report the shared expert unfused (topk columns = K) instead of as slot E.")
     var unfused = false
 
-    @Flag(help: "Float32 value GEMMs (fast mode).")
+    @Flag(help: "Float32 value GEMMs (fast mode; with --no-bounds, bf16 weights go through the fused AVX-512/AVX2 GEMM where the CPU has one, MOECHECK_FAST_GEMM=off to disable).")
     var float32 = false
 
     @Flag(help: "Skip the per-element bound (faster; the bound tensors are then written as zeros).")
