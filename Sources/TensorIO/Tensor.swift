@@ -213,15 +213,9 @@ public struct Tensor: @unchecked Sendable {
             for i in 0..<n { out[i] = T(p[i]) }
             return true
         case .f8e4m3fn, .f8e4m3fnuz:
-            // e4m3 has no infinity; its NaN codes are 0x7F/0xFF (fn) and 0x80 (fnuz).
-            let p = base.assumingMemoryBound(to: UInt8.self) + s
-            var acc: UInt8 = 0
-            if dtype == .f8e4m3fn {
-                for i in 0..<n { out[i] = T(Float(bitPattern: FP8Codec.bits(e4m3: p[i], fnuz: false))); acc |= (p[i] & 0x7F) &+ 1 }
-            } else {
-                for i in 0..<n { out[i] = T(Float(bitPattern: FP8Codec.bits(e4m3: p[i], fnuz: true))); acc |= p[i] == 0x80 ? 0x80 : 0 }
-            }
-            return acc & 0x80 == 0
+            // one group with scale 1 (an exact multiplication): the same loop as the scaled decode
+            var one: T = 1
+            return decodeScaledFP8(range, group: Swift.max(n, 1), scales: &one, into: out)
         }
     }
 
@@ -234,6 +228,7 @@ public struct Tensor: @unchecked Sendable {
         precondition(range.lowerBound >= 0 && range.upperBound <= elementCount && dtype.fp8Format != nil && group > 0)
         let p = (storage.base + byteOffset).assumingMemoryBound(to: UInt8.self) + range.lowerBound
         let fnuz = dtype == .f8e4m3fnuz
+        // e4m3 has no infinity; its NaN codes are 0x7F/0xFF (fn) and 0x80 (fnuz).
         var acc: UInt8 = 0
         var c0 = 0, j = 0
         while c0 < range.count {
