@@ -22,13 +22,25 @@ public struct ReferenceOptions: Sendable {
     /// decode + sgemm.
     public var fusedBF16GEMM: Bool = true
 
+    /// With bounds, also compute the statistical model of a correct kernel's error
+    /// (`ReferenceResult.statistics`; docs/error-bounds.md, "Statistical tier"). Costs one more
+    /// float32 GEMM per expert in stage 2.
+    public var statistics: Bool = true
+
+    /// Keep every slot's weighted contribution `w_s·y_s` per token (`[T, slots, H]` binary32) for
+    /// the per-expert statistical tests, when it holds at most `contributionLimit` values.
+    public var keepContributions: Bool = false
+    public var contributionLimit: Int = 1 << 26
+
     public init(computeBounds: Bool = true, keepIntermediate: Bool = false, float32: Bool = false, fuseShared: Bool = true,
-                fusedBF16GEMM: Bool = true) {
+                fusedBF16GEMM: Bool = true, statistics: Bool = true, keepContributions: Bool = false) {
         self.computeBounds = computeBounds
         self.keepIntermediate = keepIntermediate
         self.float32 = float32
         self.fuseShared = fuseShared
         self.fusedBF16GEMM = fusedBF16GEMM
+        self.statistics = statistics
+        self.keepContributions = keepContributions
     }
 }
 
@@ -71,6 +83,8 @@ public struct ReferenceResult: Sendable {
     public var intermediate: [Double]?
     public var intermediateBound: [Double]?
     public var intermediateWidth: Int
+    /// The statistical model of a correct kernel's error (with bounds and `options.statistics`).
+    public var statistics: ReferenceStatistics?
 
     /// Relative bound width, for reports: max over elements of bound / max(|output|).
     public var maxBound: Double { bound.max() ?? 0 }
@@ -126,138 +140,52 @@ public final class MoEReferenceEngine {
         logitHigh - maxLow < fp32UnderflowLogitGap
     }
 
-    /// Runs the layer on `x` (`[T, H]` row-major).
+    /// Whether this run computes the statistical model (it needs the bounds' GEMMs).
+    var statisticsEnabled: Bool { options.computeBounds && options.statistics }
+
+    /// Runs the layer on `x` (`[T, H]` row-major): the router, the activations' fp8
+    /// quantization, the expert pipeline with the weighted combine, and the final bound.
     public func run(inputs x: [Double], tokens T: Int, routing: RoutingOverride? = nil) throws -> ReferenceResult {
         let c = layer.config
-        let H = c.hidden, E = c.experts, K = c.topK
         guard T >= 1 else { throw ReferenceError.invalid("tokens must be >= 1, got \(T)") }
-        guard x.count == T * H else { throw ReferenceError.invalid("inputs hold \(x.count) values, expected T·H = \(T)·\(H)") }
+        guard x.count == T * c.hidden else { throw ReferenceError.invalid("inputs hold \(x.count) values, expected T·H = \(T)·\(c.hidden)") }
         if let i = x.firstIndex(where: { !$0.isFinite }) {
-            throw ReferenceError.invalid("hidden_states has a non-finite value \(x[i]) at token \(i / H), column \(i % H)")
+            throw ReferenceError.invalid("hidden_states has a non-finite value \(x[i]) at token \(i / c.hidden), column \(i % c.hidden)")
         }
-        let bounds = options.computeBounds
-        let u = recipe.accumulatorUnitRoundoff
-        let trans = recipe.transcendentalRelativeError
-        let shared = c.hasSharedExpert
+        let router = try route(x, tokens: T, routing: routing)
+        let inputs = quantizeActivations(x, tokens: T, router: router)
+        var combined = try runExperts(inputs, tokens: T, router: router)
+        let finalBound = outputBound(&combined, tokens: T)
         let fused = c.fusable && options.fuseShared
-        let S = K + (fused ? 1 : 0)
-        let slotsAll = K + (shared ? 1 : 0)
-
-        // ---- router --------------------------------------------------------------------------
-        let wg = try layer.routerWeight()
-        var logits = [Double](repeating: 0, count: T * E)
-        var logitBound = [Double](repeating: 0, count: T * E)
-        x.withUnsafeBufferPointer { xp in wg.withUnsafeBufferPointer { wp in logits.withUnsafeMutableBufferPointer { lp in
-            BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H)
-        } } }
-        if bounds {
-            let absX: [Float] = x.map { Float(Swift.abs($0)) }
-            let g = Self.gamma(H + 4, u)
-            let absW = wg.map { Float(Swift.abs($0)) }
-            var tmp = [Float](repeating: 0, count: T * E)
-            absX.withUnsafeBufferPointer { a in absW.withUnsafeBufferPointer { b in tmp.withUnsafeMutableBufferPointer { t in
-                BLAS.sgemmABt(a.baseAddress!, b.baseAddress!, t.baseAddress!, m: T, n: E, k: H)
-            } } }
-            let safety = 1 + Double(H + 8) * 0x1p-23
-            for i in 0..<(T * E) { logitBound[i] = g * Double(tmp[i]) * safety }
+        let S = c.topK + (fused ? 1 : 0)
+        var statistics: ReferenceStatistics? = nil
+        if statisticsEnabled {
+            statistics = ReferenceStatistics(
+                elementVariance: combined.elementVariance, expertTokenVariance: combined.expertTokenVariance,
+                routerTokenVariance: routerTokenVariance(router, combined, tokens: T),
+                intermediateVariance: combined.interVariance, slotExperts: router.slotExpert.map { Int32($0) },
+                slots: c.topK + (c.hasSharedExpert ? 1 : 0), contributions: combined.contributions,
+                ambiguousTokens: router.statisticallyAmbiguous, midpointTokens: inputs.midpointTokens,
+                directionVariance: try directionVariance(combined, router: router, tokens: T))
         }
-        for i in 0..<(T * E) {
-            (logits[i], logitBound[i]) = Self.roundInterval(logits[i], logitBound[i], recipe.routerLogits)
-        }
+        return ReferenceResult(
+            tokens: T, hidden: c.hidden, experts: c.experts, topK: c.topK, slots: S, sharedFused: fused, recipe: recipe,
+            output: combined.out, bound: finalBound, routerLogits: router.logits, routerLogitBound: router.logitBound,
+            topkIds: router.topkIds, topkWeights: router.topkWeights, topkWeightBound: router.topkWeightBound,
+            sharedGate: router.sharedGate, sharedGateBound: router.sharedGateBound, ambiguousTokens: router.ambiguous,
+            routerTolerance: router.routerTolerance, intermediate: combined.inter, intermediateBound: combined.interBound,
+            intermediateWidth: Swift.max(c.intermediate, c.sharedIntermediate), statistics: statistics)
+    }
 
-        var topkIds = [Int32](repeating: 0, count: T * S)
-        var topkWeights = [Double](repeating: 0, count: T * S)
-        var topkWeightBound = [Double](repeating: 0, count: T * S)
-        var sharedGate = [Double](repeating: 0, count: T)
-        var sharedGateBound = [Double](repeating: 0, count: T)
-        var ambiguous = [Bool](repeating: false, count: T)
-        var routerTolerance = [Double](repeating: 0, count: T)
-        // per token: routed (expert, weight, weight bound) plus shared
-        var slotExpert = [Int](repeating: 0, count: T * slotsAll)
-        var slotWeight = [Double](repeating: 0, count: T * slotsAll)
-        var slotWeightBound = [Double](repeating: 0, count: T * slotsAll)
-
-        let ws = try layer.sharedGateWeight()
-        for t in 0..<T {
-            let row = Array(logits[(t * E)..<((t + 1) * E)])
-            let rb = Array(logitBound[(t * E)..<((t + 1) * E)])
-            let order = (0..<E).sorted { row[$0] != row[$1] ? row[$0] > row[$1] : $0 < $1 }
-            let maxLogit = row[order[0]]
-            // fp32 softmax evaluation slack on the comparison of two logits
-            let slack = 4 * u * (1 + Swift.abs(maxLogit)) + 2 * trans
-            routerTolerance[t] = slack
-            let maxBound = rb[order[0]]
-            if K < E {
-                let a = order[K - 1], b = order[K]
-                if row[a] - row[b] <= rb[a] + rb[b] + slack { ambiguous[t] = true }
-                // Where the K-th probability may underflow to 0 in fp32 (flushed below 2^-126), the
-                // experts that underflow are tied at 0 and a kernel may take any of them.
-                if Self.mayUnderflow(row[a] + rb[a] + slack, max: maxLogit - maxBound) { ambiguous[t] = true }
-            }
-            var chosen = Array(order.prefix(K))
-            if let routing {
-                guard routing.ids.count == T, routing.ids[t].count == K else {
-                    throw ReferenceError.invalid("routing override has the wrong shape at token \(t): expected \(K) ids")
-                }
-                chosen = routing.ids[t]
-                for e in chosen where e < 0 || e >= E {
-                    throw ReferenceError.invalid("routing override: expert id \(e) at token \(t) is out of range 0..<\(E)")
-                }
-                guard Set(chosen).count == K else {
-                    throw ReferenceError.invalid("routing override: token \(t) selects an expert twice: \(chosen)")
-                }
-            }
-            // softmax over all E in float64 (from the max for stability)
-            var denom = 0.0
-            for e in 0..<E { denom += Foundation.exp(row[e] - maxLogit) }
-            var p = chosen.map { Foundation.exp(row[$0] - maxLogit) / denom }
-            var setMax = 0.0
-            for e in chosen { setMax = Swift.max(setMax, rb[e]) }
-            if c.renormalize {
-                let s = p.reduce(0, +)
-                p = p.map { $0 / s }
-            } else {
-                setMax = rb.max() ?? 0
-            }
-            let rel = Foundation.expm1(2 * setMax) + 2 * trans + Double(E + K + 8) * u
-            // slots in descending weight (ties: lower id) — the order kernels report them in
-            let ranked = zip(chosen, p).sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }
-            for (s, (e, w)) in ranked.enumerated() {
-                var (wr, wb) = Self.roundInterval(w, bounds ? rel * w : 0, recipe.routingWeights)
-                if bounds && Self.mayUnderflow(row[e] + rb[e] + slack, max: maxLogit - maxBound) {
-                    wb = Swift.max(wb, Swift.abs(wr) * (1 + 0x1p-20) + 0x1p-126)   // may be exactly 0 in fp32
-                }
-                slotExpert[t * slotsAll + s] = e
-                slotWeight[t * slotsAll + s] = wr
-                slotWeightBound[t * slotsAll + s] = wb
-                topkIds[t * S + s] = Int32(e)
-                topkWeights[t * S + s] = wr
-                topkWeightBound[t * S + s] = wb
-            }
-            if shared, let ws {
-                var dot = 0.0, absDot = 0.0
-                for h in 0..<H { dot += x[t * H + h] * ws[h]; absDot += Swift.abs(x[t * H + h] * ws[h]) }
-                var db = bounds ? Self.gamma(H + 4, u) * absDot : 0
-                (dot, db) = Self.roundInterval(dot, db, recipe.sharedGate)
-                var g = Self.sigmoid(dot)
-                var gb = bounds ? 0.25 * db + trans * g + 0x1p-126 : 0   // an fp32 sigmoid may flush a tiny gate to 0
-                (g, gb) = Self.roundInterval(g, gb, recipe.sharedGate)
-                sharedGate[t] = g
-                sharedGateBound[t] = gb
-                slotExpert[t * slotsAll + K] = E
-                slotWeight[t * slotsAll + K] = g
-                slotWeightBound[t * slotsAll + K] = gb
-                if fused {
-                    topkIds[t * S + K] = Int32(E)
-                    topkWeights[t * S + K] = g
-                    topkWeightBound[t * S + K] = gb
-                }
-            }
-        }
-
-        // ---- activations (fp8 quantization per token per 1×128 group) -------------------------
+    /// Dynamic per-token 1×128 fp8 quantization of the activations (fp8 recipes), with the
+    /// midpoint radius of each code, and the rows routed to each expert.
+    func quantizeActivations(_ x: [Double], tokens T: Int, router: RouterStep) -> ExpertInputs {
+        let c = layer.config
+        let H = c.hidden, E = c.experts
+        let bounds = options.computeBounds
         var xin = x
         var xinRadius = [Float](repeating: 0, count: bounds && recipe.activationFP8 ? T * H : 0)
+        var midpointTokens = [Bool](repeating: false, count: statisticsEnabled && recipe.activationFP8 ? T : 0)
         if recipe.activationFP8, let f = layer.weightFormat.fp8 {
             let q = GroupQuantizer(format: f, convention: recipe.scaleConvention)
             for t in 0..<T {
@@ -267,138 +195,54 @@ public final class MoEReferenceEngine {
                 if bounds {
                     // A kernel whose x·(1/scale) differs in the last bit may pick the other code where
                     // the scaled value sits on a rounding midpoint: one fp8 step there.
-                    Self.midpointRadius(row: row.map(Double.init), quantizer: q) { i, r in xinRadius[t * H + i] = Float(r) }
+                    Self.midpointRadius(row: row.map(Double.init), quantizer: q) { i, r in
+                        xinRadius[t * H + i] = Float(r)
+                        if !midpointTokens.isEmpty { midpointTokens[t] = true }
+                    }
                 }
             }
         }
-
-        // ---- experts ---------------------------------------------------------------------------
-        var out = [Double](repeating: 0, count: T * H)
-        var outBound = [Double](repeating: 0, count: T * H)
-        var absSum = [Double](repeating: 0, count: T * H)
-        let Imax = Swift.max(c.intermediate, c.sharedIntermediate)
-        var inter: [Double]? = options.keepIntermediate ? [Double](repeating: 0, count: T * S * Imax) : nil
-        var interBound: [Double]? = options.keepIntermediate ? [Double](repeating: 0, count: T * S * Imax) : nil
-
-        // rows routed to each expert: (token, slot)
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
         var rowsOf = [[(Int, Int)]](repeating: [], count: E + 1)
         for t in 0..<T {
-            for s in 0..<slotsAll { rowsOf[slotExpert[t * slotsAll + s]].append((t, s)) }
+            for s in 0..<slotsAll { rowsOf[router.slotExpert[t * slotsAll + s]].append((t, s)) }
         }
         let fp8q: GroupQuantizer? = recipe.intermediateFP8 ? layer.weightFormat.fp8.map { GroupQuantizer(format: $0, convention: recipe.scaleConvention) } : nil
+        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, rowsOf: rowsOf, requantizer: fp8q)
+    }
 
-        // One expert's stage 1 and stage 2 for all its rows (pure: safe to run concurrently).
-        struct ExpertPart {
-            var act: [Double], actBound: [Double]   // stage-1 intermediate before fp8 requantization
-            var y: [Double], yBound: [Double]       // stage-2 output per row, after the recipe's down rounding
-        }
-        let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
-        // Read-only views of the (now final) inputs for the concurrent expert workers.
-        let xinFinal = xin, xinRadiusFinal = xinRadius
-        func processExpert(_ e: Int, _ scratch: inout WeightScratch) throws -> ExpertPart {
-            let rows = rowsOf[e]
-            let n = rows.count
-            let Ie = c.intermediate(ofExpert: e)
-            // float32 mode, no bounds, bf16 weights in memory: the fused GEMM reads them directly
-            var fused: (gate: UnsafeRawPointer, up: UnsafeRawPointer, down: UnsafeRawPointer)? = nil
-            if options.float32 && !bounds && options.fusedBF16GEMM && FastGEMM.path != 0,
-               let g = layer.rawBF16(expert: e, .gate), let u = layer.rawBF16(expert: e, .up), let d = layer.rawBF16(expert: e, .down) {
-                fused = (g, u, d)
-            }
-            // weight buffers are reused from expert to expert (decode overwrites every element)
-            if fused != nil {
-                // nothing to decode
-            } else if options.float32 {
-                scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: true)
-                try scratch.w13.f32.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
-                try scratch.w2.f32.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
-            } else {
-                scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: false)
-                try scratch.w13.f64.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
-                try scratch.w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
-            }
-            let w13 = scratch.w13, w2 = scratch.w2
-            var xe = [Double](repeating: 0, count: n * H)
-            xinFinal.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
-                for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
-            } }
-            var gu = [Double](repeating: 0, count: n * 2 * Ie)
-            var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
-            var boundA1: [Float] = []
-            if bounds {
-                boundA1 = [Float](repeating: 0, count: n * H)
-                xinFinal.withUnsafeBufferPointer { xinP in xinRadiusFinal.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
-                    for (r, (t, _)) in rows.enumerated() {
-                        for h in 0..<H {
-                            dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
-                        }
-                    }
-                } } }
-            }
-            if let fused {
-                try fusedGemm(Self.floats(xe) { $0 }, [(fused.gate, 0), (fused.up, Ie)], rowsEach: Ie, into: &gu, m: n, n: 2 * Ie, k: H) {
-                    var tmp = [Float](repeating: 0, count: 2 * Ie * H)
-                    try tmp.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
-                }
-            } else {
-                gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
-            }
-            if bounds { boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H) }
-            // SwiGLU with the recipe's rounding points
-            var act = [Double](repeating: 0, count: n * Ie)
-            var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
-            for r in 0..<n {
-                for i in 0..<Ie {
-                    var g = gu[r * 2 * Ie + i], up = gu[r * 2 * Ie + Ie + i]
-                    var gb = bounds ? guBound[r * 2 * Ie + i] : 0, ub = bounds ? guBound[r * 2 * Ie + Ie + i] : 0
-                    (g, gb) = Self.roundInterval(g, gb, recipe.gateUp)
-                    (up, ub) = Self.roundInterval(up, ub, recipe.gateUp)
-                    var s = g * Self.sigmoid(g)
-                    var sb = 1.1 * gb + trans * Swift.abs(s)
-                    (s, sb) = Self.roundInterval(s, sb, recipe.activation)
-                    var h = s * up
-                    var hb = Swift.abs(up) * sb + Swift.abs(s) * ub + sb * ub + (trans + 2 * u) * Swift.abs(h)
-                    (h, hb) = Self.roundInterval(h, bounds ? hb : 0, recipe.intermediate)
-                    act[r * Ie + i] = h
-                    if bounds { actBound[r * Ie + i] = hb }
-                }
-            }
-            let part = ExpertPart(act: act, actBound: actBound, y: [], yBound: [])
-            if let q = fp8q {
-                for r in 0..<n {
-                    Self.requantize(row: &act, rowBound: &actBound, offset: r * Ie, count: Ie, quantizer: q, bounds: bounds)
-                }
-            }
-            // stage 2
-            var y = [Double](repeating: 0, count: n * H)
-            var yBound = [Double](repeating: 0, count: bounds ? n * H : 0)
-            var boundA2: [Float] = []
-            if bounds {
-                let g2 = Self.gamma(Ie + 2 * ((Ie + 127) / 128) + 4, u)
-                boundA2 = [Float](repeating: 0, count: n * Ie)
-                for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
-            }
-            if let fused {
-                try fusedGemm(Self.floats(act) { $0 }, [(fused.down, 0)], rowsEach: H, into: &y, m: n, n: H, k: Ie) {
-                    var tmp = [Float](repeating: 0, count: H * Ie)
-                    try tmp.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
-                }
-            } else {
-                gemm(act, w2, &y, m: n, n: H, k: Ie)
-            }
-            if bounds { boundGemm(boundA2, w2, &yBound, m: n, n: H, k: Ie) }
-            if recipe.down != .none {
-                for i in 0..<(n * H) {
-                    let (v, b) = Self.roundInterval(y[i], bounds ? yBound[i] : 0, recipe.down)
-                    y[i] = v
-                    if bounds { yBound[i] = b }
-                }
-            }
-            return ExpertPart(act: options.keepIntermediate ? part.act : [], actBound: options.keepIntermediate ? part.actBound : [],
-                              y: y, yBound: yBound)
-        }
+    /// What the expert pipeline accumulates per token.
+    struct Combined {
+        var out: [Double], outBound: [Double], absSum: [Double]
+        var inter: [Double]?, interBound: [Double]?, interVariance: [Double]?
+        var elementVariance: [Double], expertTokenVariance: [Double]
+        /// ‖y_s‖ per (token, slot) `[T, slotsAll]`, and the contributions `w_s·y_s` when kept.
+        var slotNorm: [Double]
+        var contributions: [Float]?
+        /// Per touched expert, its rows' stage-2 inputs as the statistical model sees them.
+        var projections: [Int: ProjectionInput] = [:]
+    }
 
-        // Experts run concurrently (each GEMM single-threaded), in batches that bound the memory.
+    /// Runs every touched expert (concurrently, each GEMM single-threaded, in batches that bound
+    /// the memory) and combines their weighted outputs per token.
+    func runExperts(_ inputs: ExpertInputs, tokens T: Int, router: RouterStep) throws -> Combined {
+        let c = layer.config
+        let H = c.hidden, E = c.experts
+        let stats = statisticsEnabled
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
+        let S = c.topK + (c.fusable && options.fuseShared ? 1 : 0)
+        let Imax = Swift.max(c.intermediate, c.sharedIntermediate)
+        let keep = options.keepIntermediate
+        let keepContributions = stats && options.keepContributions && T * slotsAll * H <= options.contributionLimit
+        var acc = Combined(
+            out: [Double](repeating: 0, count: T * H), outBound: [Double](repeating: 0, count: T * H),
+            absSum: [Double](repeating: 0, count: T * H),
+            inter: keep ? [Double](repeating: 0, count: T * S * Imax) : nil, interBound: keep ? [Double](repeating: 0, count: T * S * Imax) : nil,
+            interVariance: keep && stats ? [Double](repeating: 0, count: T * S * Imax) : nil,
+            elementVariance: [Double](repeating: 0, count: stats ? T * H : 0), expertTokenVariance: [Double](repeating: 0, count: stats ? T : 0),
+            slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0),
+            contributions: keepContributions ? [Float](repeating: 0, count: T * slotsAll * H) : nil)
+        let rowsOf = inputs.rowsOf
         let touched = (0...E).filter { !rowsOf[$0].isEmpty }
         let workers = Swift.max(1, BLAS.threads)
         let rowBudget = Swift.max(1, (1 << 24) / Swift.max(H, 1))
@@ -435,91 +279,144 @@ public final class MoEReferenceEngine {
                             lock.unlock()
                             if stop { break }
                             let i = order[k]
-                            do { base[i] = try processExpert(batch[i], &scratch) } catch { lock.lock(); failure = failure ?? error; lock.unlock() }
+                            do { base[i] = try processExpert(batch[i], inputs, &scratch) } catch { lock.lock(); failure = failure ?? error; lock.unlock() }
                         }
                     }
                 }
             } else {
-                for i in 0..<batch.count { parts[i] = try processExpert(batch[i], &serialScratch) }
+                for i in 0..<batch.count { parts[i] = try processExpert(batch[i], inputs, &serialScratch) }
             }
             if let failure { throw failure }
-            // Combine in expert order. Workers own disjoint token ranges, so every element is
-            // summed in the same order as a serial combine (identical bits).
-            let lanes = workers > 1 && T > 1 ? Swift.min(workers, T) : 1
-            let interWidth = Imax
-            out.withUnsafeMutableBufferPointer { outP in outBound.withUnsafeMutableBufferPointer { outBoundP in absSum.withUnsafeMutableBufferPointer { absSumP in
-                let o = outP.baseAddress!, ob = outBoundP.baseAddress, asum = absSumP.baseAddress
-                withOptionalPointers(&inter, &interBound) { ip, ibp in
-                    func combine(_ lane: Int) {
-                        let t0 = T * lane / lanes, t1 = T * (lane + 1) / lanes
-                        for (bi, e) in batch.enumerated() {
-                            let part = parts[bi]!
-                            let Ie = c.intermediate(ofExpert: e)
-                            part.y.withUnsafeBufferPointer { yP in part.yBound.withUnsafeBufferPointer { ybP in
-                                for (r, (t, s)) in rowsOf[e].enumerated() where t >= t0 && t < t1 {
-                                    if let ip, s < S {
-                                        for i in 0..<Ie {
-                                            ip[(t * S + s) * interWidth + i] = part.act[r * Ie + i]
-                                            if bounds, let ibp { ibp[(t * S + s) * interWidth + i] = part.actBound[r * Ie + i] }
-                                        }
-                                    }
-                                    let w = slotWeight[t * slotsAll + s], wb = slotWeightBound[t * slotsAll + s]
-                                    let y = yP.baseAddress! + r * H, orow = o + t * H
-                                    if bounds {
-                                        let yb = ybP.baseAddress! + r * H, obrow = ob! + t * H, arow = asum! + t * H
-                                        for h in 0..<H {
-                                            let yv = y[h]
-                                            var cv = w * yv
-                                            var cb = Swift.abs(w) * yb[h] + wb * (Swift.abs(yv) + yb[h]) + u * Swift.abs(cv)
-                                            (cv, cb) = Self.roundInterval(cv, cb, recipe.weighted)
-                                            orow[h] += cv
-                                            obrow[h] += cb
-                                            arow[h] += Swift.abs(cv) + cb
-                                        }
-                                    } else if recipe.weighted == .none {
-                                        for h in 0..<H { orow[h] += w * y[h] }
-                                    } else {
-                                        for h in 0..<H { orow[h] += Self.roundInterval(w * y[h], 0, recipe.weighted).0 }
-                                    }
-                                }
-                            } }
-                        }
-                    }
-                    if lanes > 1 {
-                        DispatchQueue.concurrentPerform(iterations: lanes) { combine($0) }
-                    } else {
-                        combine(0)
-                    }
-                }
-            } } }
+            combine(batch, parts.map { $0! }, into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers)
+            for (bi, e) in batch.enumerated() { if let p = parts[bi]!.projection { acc.projections[e] = p } }
             batchStart = batchEnd
         }
-        var finalBound = outBound
-        if bounds {
-            let combineFactor: Double
-            switch recipe.combine {
-            case .exact: combineFactor = Self.gamma(slotsAll + 2, 0x1p-53)
-            case .fp32: combineFactor = Self.gamma(slotsAll + 2, 0x1p-24)
-            case .bf16: combineFactor = Double(slotsAll + 1) * 0x1p-8
-            }
-            let smallest = recipe.combine == .bf16 ? 0x1p-133 : 0x1p-149
-            for i in 0..<(T * H) {
-                let b = outBound[i] + combineFactor * absSum[i] + Double(slotsAll) * smallest
-                let (rv, _) = Self.roundInterval(out[i], 0, recipe.output)
-                if let f = recipe.output.format {
-                    let lo = f.round(out[i] - b), hi = f.round(out[i] + b)
-                    finalBound[i] = Swift.max(Swift.abs(lo - out[i]), Swift.abs(hi - out[i]), Swift.abs(rv - out[i]))
-                } else {
-                    finalBound[i] = b
+        return acc
+    }
+
+    /// Adds a batch of experts' weighted outputs into the per-token sums, in expert order.
+    /// Workers own disjoint token ranges, so every element is summed in the same order as a
+    /// serial combine (identical bits).
+    private func combine(_ batch: [Int], _ parts: [ExpertPart], into acc: inout Combined, tokens T: Int, router: RouterStep,
+                         rowsOf: [[(Int, Int)]], workers: Int) {
+        let c = layer.config
+        let H = c.hidden
+        let bounds = options.computeBounds, stats = statisticsEnabled
+        let u = recipe.accumulatorUnitRoundoff
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
+        let S = c.topK + (c.fusable && options.fuseShared ? 1 : 0)
+        let interWidth = Swift.max(c.intermediate, c.sharedIntermediate)
+        let lanes = workers > 1 && T > 1 ? Swift.min(workers, T) : 1
+        let weighted = recipe.weighted
+        withUnsafeMutablePointers(&acc) { p in
+            func lane(_ lane: Int) {
+                let t0 = T * lane / lanes, t1 = T * (lane + 1) / lanes
+                for (bi, e) in batch.enumerated() {
+                    let part = parts[bi]
+                    let Ie = c.intermediate(ofExpert: e)
+                    part.y.withUnsafeBufferPointer { yP in part.yBound.withUnsafeBufferPointer { ybP in
+                        for (r, (t, s)) in rowsOf[e].enumerated() where t >= t0 && t < t1 {
+                            if let ip = p.inter, s < S {
+                                for i in 0..<Ie {
+                                    ip[(t * S + s) * interWidth + i] = part.act[r * Ie + i]
+                                    if bounds, let ibp = p.interBound { ibp[(t * S + s) * interWidth + i] = part.actBound[r * Ie + i] }
+                                    if let ivp = p.interVariance { ivp[(t * S + s) * interWidth + i] = part.actVariance[r * Ie + i] }
+                                }
+                            }
+                            let w = router.slotWeight[t * slotsAll + s], wb = router.slotWeightBound[t * slotsAll + s]
+                            let y = yP.baseAddress! + r * H, orow = p.out + t * H
+                            if stats {
+                                p.expertTokenVariance![t] += w * w * part.rowVariance[r]
+                                p.slotNorm![t * slotsAll + s] = part.rowNorm2[r].squareRoot()
+                            }
+                            if bounds {
+                                let yb = ybP.baseAddress! + r * H, obrow = p.outBound + t * H, arow = p.absSum + t * H
+                                for h in 0..<H {
+                                    let yv = y[h]
+                                    var cv = w * yv
+                                    var cb = Swift.abs(w) * yb[h] + wb * (Swift.abs(yv) + yb[h]) + u * Swift.abs(cv)
+                                    if stats {
+                                        var v = w * w * part.yVariance[r * H + h]
+                                        if weighted != .none {
+                                            let sigma = (v + w * w * part.rowVariance[r]).squareRoot()
+                                            v = StatisticalModel.roundingVariance(cv, sigma: sigma, weighted)
+                                        }
+                                        p.elementVariance![t * H + h] += v
+                                    }
+                                    (cv, cb) = Self.roundInterval(cv, cb, weighted)
+                                    orow[h] += cv
+                                    obrow[h] += cb
+                                    arow[h] += Swift.abs(cv) + cb
+                                    if let cp = p.contributions { cp[(t * slotsAll + s) * H + h] = Float(cv) }
+                                }
+                            } else if weighted == .none {
+                                for h in 0..<H { orow[h] += w * y[h] }
+                            } else {
+                                for h in 0..<H { orow[h] += Self.roundInterval(w * y[h], 0, weighted).0 }
+                            }
+                        }
+                    } }
                 }
             }
+            if lanes > 1 {
+                DispatchQueue.concurrentPerform(iterations: lanes) { lane($0) }
+            } else {
+                lane(0)
+            }
         }
-        return ReferenceResult(
-            tokens: T, hidden: H, experts: E, topK: K, slots: S, sharedFused: fused, recipe: recipe,
-            output: out, bound: finalBound, routerLogits: logits, routerLogitBound: logitBound,
-            topkIds: topkIds, topkWeights: topkWeights, topkWeightBound: topkWeightBound,
-            sharedGate: sharedGate, sharedGateBound: sharedGateBound, ambiguousTokens: ambiguous,
-            routerTolerance: routerTolerance, intermediate: inter, intermediateBound: interBound, intermediateWidth: Imax)
+    }
+
+    /// The final bound: the combine's accumulation over the slots and the output rounding; and,
+    /// with statistics, their share of each element's independent variance.
+    func outputBound(_ acc: inout Combined, tokens T: Int) -> [Double] {
+        guard options.computeBounds else { return acc.outBound }
+        let c = layer.config
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
+        let combineFactor: Double
+        switch recipe.combine {
+        case .exact: combineFactor = Self.gamma(slotsAll + 2, 0x1p-53)
+        case .fp32: combineFactor = Self.gamma(slotsAll + 2, 0x1p-24)
+        case .bf16: combineFactor = Double(slotsAll + 1) * 0x1p-8
+        }
+        let smallest = recipe.combine == .bf16 ? 0x1p-133 : 0x1p-149
+        var finalBound = acc.outBound
+        for i in 0..<(T * c.hidden) {
+            let b = acc.outBound[i] + combineFactor * acc.absSum[i] + Double(slotsAll) * smallest
+            let (rv, _) = Self.roundInterval(acc.out[i], 0, recipe.output)
+            if let f = recipe.output.format {
+                let lo = f.round(acc.out[i] - b), hi = f.round(acc.out[i] + b)
+                finalBound[i] = Swift.max(Swift.abs(lo - acc.out[i]), Swift.abs(hi - acc.out[i]), Swift.abs(rv - acc.out[i]))
+            } else {
+                finalBound[i] = b
+            }
+        }
+        if statisticsEnabled {
+            for i in 0..<(T * c.hidden) {
+                acc.elementVariance[i] += StatisticalModel.combineVariance(absSum: acc.absSum[i], slots: slotsAll, combine: recipe.combine)
+                    + StatisticalModel.outputRoundingVariance(acc.out[i], sigma: acc.elementVariance[i].squareRoot(), recipe.output)
+            }
+        }
+        return finalBound
+    }
+
+    /// Per token, the variance that the routing weights and the shared gate bring along any unit
+    /// direction of the output: `Σ_s Var(w_s)·‖y_s‖² + Σ_j Var(l_j)·w_j²·(‖y_j‖ + ‖ȳ‖)²`
+    /// (+ the left-out experts' share of the denominator without renormalization), ȳ = Σ w_s·y_s.
+    func routerTokenVariance(_ router: RouterStep, _ acc: Combined, tokens T: Int) -> [Double] {
+        let c = layer.config
+        let K = c.topK
+        let slotsAll = K + (c.hasSharedExpert ? 1 : 0)
+        return (0..<T).map { t in
+            var ybar = 0.0
+            for s in 0..<K { ybar += Swift.abs(router.slotWeight[t * slotsAll + s]) * acc.slotNorm[t * slotsAll + s] }
+            var v = router.unchosenLogitVariance[t] * ybar * ybar
+            for s in 0..<slotsAll {
+                let norm = acc.slotNorm[t * slotsAll + s]
+                v += router.slotWeightVariance[t * slotsAll + s] * norm * norm
+                if s < K { v += router.slotLogitVariance[t * slotsAll + s] * (norm + ybar) * (norm + ybar) }
+            }
+            return v
+        }
     }
 
     // MARK: GEMM helpers
@@ -547,7 +444,7 @@ public final class MoEReferenceEngine {
     }
 
     /// `C = A · Bᵀ`: float64, or float32 in the fast mode.
-    private func gemm(_ a: [Double], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
+    func gemm(_ a: [Double], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
         if options.float32 {
             let af = Self.floats(a) { $0 }
             var cf = [Float](repeating: 0, count: m * n)
@@ -567,7 +464,7 @@ public final class MoEReferenceEngine {
     /// `C[m, n] = A[m, k] · Wᵀ` through the fused bf16-weight GEMM, W given as row blocks of
     /// `rowsEach` rows (`parts`: raw bf16 pointer, first column of C). Where a weight is NaN/Inf,
     /// `report` decodes the matrix the ordinary way, which throws naming the tensor and element.
-    private func fusedGemm(_ a: [Float], _ parts: [(UnsafeRawPointer, Int)], rowsEach: Int, into c: inout [Double],
+    func fusedGemm(_ a: [Float], _ parts: [(UnsafeRawPointer, Int)], rowsEach: Int, into c: inout [Double],
                            m: Int, n: Int, k: Int, report: () throws -> Void) throws {
         var cf = [Float](repeating: 0, count: m * n)
         var status: Int32 = 1
@@ -588,7 +485,7 @@ public final class MoEReferenceEngine {
 
     /// `C = A · |B|ᵀ` for non-negative `A` in float32, rounded up by the float32 GEMM's own
     /// worst-case error so the result is an upper bound.
-    private func boundGemm(_ a: [Float], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
+    func boundGemm(_ a: [Float], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
         let bf = b.f32.isEmpty ? Self.floats(b.f64) { Swift.abs($0) } : b.f32.map { Swift.abs($0) }
         var cf = [Float](repeating: 0, count: m * n)
         a.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
@@ -602,7 +499,7 @@ public final class MoEReferenceEngine {
 
     /// `Float(f(v))` for every element, through raw pointers (no bounds checks, vectorizable).
     @inline(__always)
-    private static func floats(_ v: [Double], _ f: (Double) -> Double) -> [Float] {
+    static func floats(_ v: [Double], _ f: (Double) -> Double) -> [Float] {
         [Float](unsafeUninitializedCapacity: v.count) { out, count in
             v.withUnsafeBufferPointer { src in
                 for i in 0..<src.count { out[i] = Float(f(src[i])) }
@@ -677,16 +574,34 @@ public final class MoEReferenceEngine {
     }
 }
 
-/// Calls `body` with the base addresses of two optional arrays (nil where an array is nil or empty).
-private func withOptionalPointers(_ a: inout [Double]?, _ b: inout [Double]?, _ body: (UnsafeMutablePointer<Double>?, UnsafeMutablePointer<Double>?) -> Void) {
-    guard a != nil else { body(nil, nil); return }
-    a!.withUnsafeMutableBufferPointer { ap in
-        if b != nil, !b!.isEmpty {
-            b!.withUnsafeMutableBufferPointer { bp in body(ap.baseAddress, bp.baseAddress) }
-        } else {
-            body(ap.baseAddress, nil)
-        }
-    }
+/// Raw pointers into a `Combined` accumulator for the combine's workers (nil where an array is
+/// absent or empty).
+struct CombinedPointers {
+    var out: UnsafeMutablePointer<Double>, outBound: UnsafeMutablePointer<Double>, absSum: UnsafeMutablePointer<Double>
+    var inter: UnsafeMutablePointer<Double>?, interBound: UnsafeMutablePointer<Double>?, interVariance: UnsafeMutablePointer<Double>?
+    var elementVariance: UnsafeMutablePointer<Double>?, expertTokenVariance: UnsafeMutablePointer<Double>?, slotNorm: UnsafeMutablePointer<Double>?
+    var contributions: UnsafeMutablePointer<Float>?
+}
+
+/// Calls `body` with the base address of `a` (nil where it is nil or empty).
+private func withPointer<E, R>(_ a: inout [E]?, _ body: (UnsafeMutablePointer<E>?) -> R) -> R {
+    if a == nil || a!.isEmpty { return body(nil) }
+    return a!.withUnsafeMutableBufferPointer { body($0.baseAddress) }
+}
+
+private func withPointer<E, R>(_ a: inout [E], _ body: (UnsafeMutablePointer<E>?) -> R) -> R {
+    a.isEmpty ? body(nil) : a.withUnsafeMutableBufferPointer { body($0.baseAddress) }
+}
+
+/// Calls `body` with raw pointers into every array of `acc`.
+func withUnsafeMutablePointers(_ acc: inout MoEReferenceEngine.Combined, _ body: (CombinedPointers) -> Void) {
+    withPointer(&acc.out) { o in withPointer(&acc.outBound) { ob in withPointer(&acc.absSum) { asum in
+    withPointer(&acc.inter) { ip in withPointer(&acc.interBound) { ibp in withPointer(&acc.interVariance) { ivp in
+    withPointer(&acc.elementVariance) { ev in withPointer(&acc.expertTokenVariance) { tv in withPointer(&acc.slotNorm) { sn in
+    withPointer(&acc.contributions) { cp in
+        body(CombinedPointers(out: o!, outBound: ob!, absSum: asum!, inter: ip, interBound: ibp, interVariance: ivp,
+                              elementVariance: ev, expertTokenVariance: tv, slotNorm: sn, contributions: cp))
+    } } } } } } } } } }
 }
 
 /// The fused bf16-weight GEMM's code path on this CPU (CFastGEMM).

@@ -18,6 +18,8 @@ public final class CPUModelKernel: KernelUnderTest {
         "splitk_workspace_not_zeroed", "splitk_bf16_partials", "splitk_fp16_partials", "wrong_kblock_scale",
         "shared_slot_dropped", "shared_gate_no_sigmoid", "shared_in_renormalization", "shared_id_e_minus_1",
         "padding_expert_zero", "last_partial_m_tile_skipped", "fnuz_as_fn", "renormalize_ignored",
+        // precision faults (FACTS §8): inside a worst-case bound on ordinary data, seen by the statistical tier
+        "fp8_accumulation_14bit", "intermediate_rounded_twice", "expert_scaled_1p2m6", "splitk_bf16_after_atomic",
     ]
     /// Variants a correct checker must accept.
     public static let benignVariants = ["benign_reverse_accumulation", "benign_tie_order_high", "benign_fp32_shared_gate"]
@@ -149,6 +151,9 @@ public final class CPUModelKernel: KernelUnderTest {
         let wrongScale = matrixIsW13 && on("wrong_kblock_scale")
         let bf16Partials = splitK && on("splitk_bf16_partials"), fp16Partials = splitK && on("splitk_fp16_partials")
         var acc: Float = (splitK && perSplit == 1 && on("splitk_workspace_not_zeroed")) ? garbage : 0
+        // fp8_accumulation_14bit: the running sum kept in ~14 significant bits (a tensor core's
+        // internal accumulator) across the whole K, never promoted to fp32
+        let low = on("fp8_accumulation_14bit")
         var b0 = 0
         while b0 < kb {
             let b1 = Swift.min(kb, b0 + perSplit)
@@ -157,16 +162,27 @@ public final class CPUModelKernel: KernelUnderTest {
                 var partial: Float = 0
                 for i in (b * 128)..<Swift.min(k, (b + 1) * 128) {
                     partial += codec.value(actCodes[i]) * codec.value(codes[base + i])
+                    if low { partial = Self.round14(partial) }
                 }
                 let aScale = wrongScale ? actScales[(b + 1) % kb] : actScales[b]
                 p += (aScale * scales[sBase + b]) * partial
+                if low { p = Self.round14(p) }
             }
             if bf16Partials { p = BFloat16.round(p) }
             else if fp16Partials { p = Float(SmallFloatFormat.float16.round(Double(p))) }
             acc += p
+            if low { acc = Self.round14(acc) }
             b0 = b1
         }
+        // splitk_bf16_after_atomic: the fp32 workspace sum rounded to bf16 before silu·up
+        if splitK && on("splitk_bf16_after_atomic") { acc = BFloat16.round(acc) }
         return acc
+    }
+
+    /// Rounds to 14 significant bits, nearest even (a tensor core's reduced accumulator).
+    static func round14(_ x: Float) -> Float {
+        let b = x.bitPattern
+        return Float(bitPattern: (b &+ 0x1FF &+ ((b >> 10) & 1)) & ~0x3FF)
     }
 
     func experts(_ layer: SyntheticLayer, w: Weights, x: [Float], ids: [Int32], weights: [Float], S: Int, splits: Int, garbage: Float)
@@ -195,14 +211,17 @@ public final class CPUModelKernel: KernelUnderTest {
                                 splits: splits, reverse: false, garbage: garbage)
                     let u = dot(w, matrixIsW13: true, slot: e, row: I + i, rows: 2 * I, k: H, act: xt, actCodes: xc, actScales: xs,
                                 splits: splits, reverse: false, garbage: garbage)
-                    h[i] = BFloat16.round(g / (1 + expf(-g)) * u)
+                    let silu = g / (1 + expf(-g))
+                    h[i] = on("intermediate_rounded_twice") ? BFloat16.round(BFloat16.round(silu) * u) : BFloat16.round(silu * u)
                     inter[p * I + i] = Double(h[i])
                 }
                 if skipped.contains(p) { continue }
                 let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.spec.format.fp8!)) } ?? ([], [])
+                // expert_scaled_1p2m6: token 0's top expert computes its output × (1 + 2^-6)
+                let scale: Float = on("expert_scaled_1p2m6") && e == Int(ids[0]) ? 1 + 0x1p-6 : 1
                 for o in 0..<H {
-                    y[p * H + o] = dot(w, matrixIsW13: false, slot: e, row: o, rows: H, k: I, act: h, actCodes: hc, actScales: hs,
-                                       splits: 1, reverse: on("benign_reverse_accumulation"), garbage: garbage)
+                    y[p * H + o] = scale * dot(w, matrixIsW13: false, slot: e, row: o, rows: H, k: I, act: h, actCodes: hc, actScales: hs,
+                                               splits: 1, reverse: on("benign_reverse_accumulation"), garbage: garbage)
                 }
             }
         }

@@ -29,7 +29,10 @@ public final class RoutedOnlyLayer: MoELayerSource {
 public struct StageReport: Codable, Sendable {
     public var stage: String
     public var passed: Bool
+    /// The rigorous tier (per-element bound).
     public var verdict: Verdict?
+    /// The statistical tier (nil where the stage has none, or with `--rigorous-only`).
+    public var precision: PrecisionVerdict?
     /// Where the worst element sits, in the stage's own terms.
     public var worst: String
     public var problems: [String]
@@ -50,6 +53,8 @@ public struct CaseReport: Codable, Sendable {
     public var kernelMilliseconds: Double
     public var referenceSeconds: Double
     public var error: String?
+    /// The smallest scale errors this case's whole-layer verdict would detect, per tier.
+    public var sensitivity: Sensitivity?
 
     /// The one line printed per case.
     public var line: String {
@@ -60,12 +65,24 @@ public struct CaseReport: Codable, Sendable {
         s += String(format: " | kernel %.3f ms, reference %.2f s", kernelMilliseconds, referenceSeconds)
         if ambiguousTokens > 0 { s += ", \(ambiguousTokens) ambiguous token(s), \(teacherForcedTokens) teacher-forced" }
         if !runsIdentical { s += ", runs differ bitwise" }
+        if let sensitivity { s += "\n    " + sensitivity.line }
         for st in stages where !st.passed {
             s += "\n    \(st.stage): worst at \(st.worst)"
             for p in st.problems.prefix(5) { s += "\n    \(st.stage): \(p)" }
+            if let pr = st.precision, !pr.passed { s += "\n    \(st.stage): " + pr.summary }
         }
         return s
     }
+}
+
+/// How much of a kernel the verifier may use.
+public enum VerifyMode: String, Codable, Sendable, CaseIterable {
+    /// Every stage the kernel exposes: router, align, stage 1 and stage 2 teacher-forced with the
+    /// reference's routing, and the whole layer judged with the kernel's own (accepted) routing.
+    case stages
+    /// The whole layer's output only (a kernel with no stage outputs): tokens whose routing a
+    /// correct kernel may choose either way are left out of each tier's verdict.
+    case forwardOnly = "forward-only"
 }
 
 /// Runs one case against a kernel and the reference, stage by stage.
@@ -73,15 +90,24 @@ public struct CaseVerifier {
     public let kernel: KernelUnderTest
     /// Adjusts the kernel's declared recipe (e.g. to allow either rounding where a variant may).
     public var adjustRecipe: ((Recipe) -> Recipe)?
+    /// Judge with the rigorous tier only (the statistical tier is still reported where computed).
+    public var rigorousOnly: Bool
+    public var mode: VerifyMode
+    /// Changes the kernel's whole-layer outputs before they are judged (sensitivity studies:
+    /// `Mutation`); nil in ordinary runs.
+    public var mutateForward: ((inout [Double], ReferenceResult, (RoutingOverride) throws -> ReferenceResult) throws -> Void)?
 
-    public init(kernel: KernelUnderTest, adjustRecipe: ((Recipe) -> Recipe)? = nil) {
+    public init(kernel: KernelUnderTest, adjustRecipe: ((Recipe) -> Recipe)? = nil, rigorousOnly: Bool = false, mode: VerifyMode = .stages) {
         self.kernel = kernel
         self.adjustRecipe = adjustRecipe
+        self.rigorousOnly = rigorousOnly
+        self.mode = mode
     }
 
     public func verify(_ vc: VerifyCase) -> CaseReport {
         var report = CaseReport(name: vc.name, spec: vc.spec, splitK: vc.splitK, fused: vc.fuseShared, recipe: "", passed: false, stages: [],
-                                ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0, referenceSeconds: 0, error: nil)
+                                ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0, referenceSeconds: 0, error: nil,
+                                sensitivity: nil)
         do {
             try verify(vc, into: &report)
         } catch {
@@ -99,19 +125,57 @@ public struct CaseVerifier {
         var recipe = try kernel.recipe(for: vc.spec.format)
         if let adjustRecipe { recipe = adjustRecipe(recipe) }
         report.recipe = recipe.name
-        let T = vc.spec.tokens, H = c.hidden, E = c.experts, K = c.topK, I = c.intermediate
+        let T = vc.spec.tokens
         let x = layer.inputs()
         let start = Date()
-        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: ReferenceOptions(keepIntermediate: true, fuseShared: vc.fuseShared))
+        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe,
+                                            options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: vc.fuseShared, keepContributions: true))
         let ref = try engine.run(inputs: x, tokens: T)
         report.referenceSeconds = Date().timeIntervalSince(start)
-        let S = ref.slots
         report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count
 
-        let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
+        var run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
         report.kernelMilliseconds = run.forwardMilliseconds
+        if let mutateForward {
+            for i in run.forwardOutputs.indices {
+                try mutateForward(&run.forwardOutputs[i], ref) { try engine.run(inputs: x, tokens: T, routing: $0) }
+            }
+        }
+        let judged: ReferenceResult
+        var mask: (rigorous: [Bool]?, statistical: [Bool]?) = (nil, nil)
+        if mode == .stages {
+            let router = try judgeRouter(run, ref: ref, engine: engine, inputs: x, fused: vc.fuseShared)
+            report.stages.append(router.report)
+            report.teacherForcedTokens = router.forced
+            report.stages.append(StageReport(stage: "align", passed: run.alignProblems.isEmpty, verdict: nil, precision: nil, worst: "-", problems: run.alignProblems))
+            report.stages.append(judgeStage1(run, ref: ref, intermediate: c.intermediate))
+            report.stages.append(judgeStage2(run, ref: ref))
+            judged = router.forcedRef
+        } else {
+            // No routing from the kernel: leave out the tokens whose experts a correct kernel may pick either way.
+            judged = ref
+            mask.rigorous = ref.ambiguousTokens.map { !$0 }
+            mask.statistical = ref.statistics.map { $0.ambiguousTokens.map { !$0 } }
+        }
+        for (i, out) in run.forwardOutputs.enumerated() {
+            report.stages.append(judgeWholeLayer(out, ref: judged, stage: "forward#\(i + 1)", mask: mask))
+        }
+        report.sensitivity = report.stages.last { $0.stage.hasPrefix("forward") }?.precision?.sensitivity
+        if run.forwardOutputs.count == 2 {
+            let a = run.forwardOutputs[0], b = run.forwardOutputs[1]
+            report.runsIdentical = zip(a, b).allSatisfy { $0.bitPattern == $1.bitPattern }
+        }
+        report.passed = report.stages.allSatisfy(\.passed)
+    }
 
-        // ---- router ----
+    /// A stage passes when the rigorous tier passes and, unless `rigorousOnly`, the statistical one.
+    func passes(_ v: Verdict, _ p: PrecisionVerdict?) -> Bool { v.passed && (rigorousOnly || p?.passed ?? true) }
+
+    /// The router: logits within their bound, the kernel's top-K equal to the reference's or, at
+    /// an ambiguous token, a possible choice (then teacher-forced), the shared slot, the weights.
+    func judgeRouter(_ run: KernelRun, ref: ReferenceResult, engine: MoEReferenceEngine, inputs x: [Double], fused: Bool) throws
+        -> (report: StageReport, forced: Int, forcedRef: ReferenceResult) {
+        let T = ref.tokens, E = ref.experts, K = ref.topK, S = ref.slots
         var routerProblems: [String] = []
         let logitVerdict = Verdict.compare(actual: run.logits.map(Double.init), reference: ref.routerLogits, bound: ref.routerLogitBound)
         if !logitVerdict.passed {
@@ -135,7 +199,7 @@ public struct CaseVerifier {
             } else {
                 override.append(kSet)
             }
-            if vc.fuseShared {
+            if fused {
                 if run.ids[t * S + K] != Int32(E) {
                     routerProblems.append("token \(t): shared slot has id \(run.ids[t * S + K]), expected \(E)")
                 }
@@ -146,7 +210,6 @@ public struct CaseVerifier {
             }
             if routerProblems.count > 20 { break }
         }
-        report.teacherForcedTokens = forced
         // routed weights, matched by id, against the reference with the kernel's (accepted) choice
         let forcedRef = forced > 0 ? try engine.run(inputs: x, tokens: T, routing: RoutingOverride(ids: override)) : ref
         var wk: [Double] = [], wr: [Double] = [], wb: [Double] = []
@@ -164,46 +227,65 @@ public struct CaseVerifier {
             routerProblems.append(String(format: "routing weights outside their bound: %d of %d (worst: token %d, kernel %.6g, reference %.6g ± %.2g)",
                                          weightVerdict.violations, weightVerdict.elements, i / Swift.max(K, 1), weightVerdict.worstValue, weightVerdict.worstReference, weightVerdict.worstBound))
         }
-        report.stages.append(StageReport(stage: "router", passed: routerProblems.isEmpty, verdict: logitVerdict,
-                                         worst: logitVerdict.worstIndex >= 0 ? "token \(logitVerdict.worstIndex / E), expert \(logitVerdict.worstIndex % E)" : "-",
-                                         problems: routerProblems))
+        let report = StageReport(stage: "router", passed: routerProblems.isEmpty, verdict: logitVerdict, precision: nil,
+                                 worst: logitVerdict.worstIndex >= 0 ? "token \(logitVerdict.worstIndex / E), expert \(logitVerdict.worstIndex % E)" : "-",
+                                 problems: routerProblems)
+        return (report, forced, forcedRef)
+    }
 
-        // ---- align ----
-        report.stages.append(StageReport(stage: "align", passed: run.alignProblems.isEmpty, verdict: nil, worst: "-", problems: run.alignProblems))
-
-        // ---- stage 1 (reference ids) ----
-        var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = []
-        let width = ref.intermediateWidth
+    /// Stage 1 with the reference's ids: the bf16 intermediate per (token, slot).
+    func judgeStage1(_ run: KernelRun, ref: ReferenceResult, intermediate I: Int) -> StageReport {
+        let T = ref.tokens, S = ref.slots, width = ref.intermediateWidth
+        var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = [], interVar: [Double] = []
+        let variance = ref.statistics?.intermediateVariance
         for t in 0..<T {
             for s in 0..<S {
                 for i in 0..<I {
                     interRef.append(ref.intermediate![(t * S + s) * width + i])
                     interBound.append(ref.intermediateBound![(t * S + s) * width + i])
                     interK.append(run.intermediate[(t * S + s) * I + i])
+                    if let variance { interVar.append(variance[(t * S + s) * width + i]) }
                 }
             }
         }
         let v1 = Verdict.compare(actual: interK, reference: interRef, bound: interBound)
-        report.stages.append(StageReport(stage: "stage1", passed: v1.passed, verdict: v1, worst: Self.pairLocation(v1.worstIndex, ids: ref.topkIds, S: S, width: I, v: v1),
-                                         problems: v1.passed ? [] : ["intermediate outside its bound: \(v1.violations) of \(v1.elements) (\(v1))"]))
+        let p1 = variance == nil ? nil : StatisticalJudge.judgeElements(interK, reference: interRef, variance: interVar)
+        var problems = v1.passed ? [] : ["intermediate outside its bound: \(v1.violations) of \(v1.elements) (\(v1))"]
+        if let p1, !p1.passed { problems += p1.failures.map { "precision: \($0)" } }
+        return StageReport(stage: "stage1", passed: passes(v1, p1), verdict: v1, precision: p1,
+                           worst: Self.pairLocation(v1.worstIndex, ids: ref.topkIds, S: S, width: I, v: v1), problems: problems)
+    }
 
-        // ---- stage 2 (reference ids and weights) ----
+    /// Stages 1 + 2 with the reference's ids and weights.
+    func judgeStage2(_ run: KernelRun, ref: ReferenceResult) -> StageReport {
         let v2 = Verdict.compare(actual: run.stagedOutput, reference: ref.output, bound: ref.bound)
-        report.stages.append(StageReport(stage: "stage2", passed: v2.passed, verdict: v2, worst: Self.outputLocation(v2.worstIndex, ids: ref.topkIds, S: S, H: H, v: v2),
-                                         problems: v2.passed ? [] : ["output outside its bound: \(v2.violations) of \(v2.elements)"]))
+        let p2 = StatisticalJudge.judgeOutput(run.stagedOutput, reference: ref, includeRouter: false)
+        var problems = v2.passed ? [] : ["output outside its bound: \(v2.violations) of \(v2.elements)"]
+        if let p2, !p2.passed { problems += p2.failures.map { "precision: \($0)" } }
+        return StageReport(stage: "stage2", passed: passes(v2, p2), verdict: v2, precision: p2,
+                           worst: Self.outputLocation(v2.worstIndex, ids: ref.topkIds, S: ref.slots, H: ref.hidden, v: v2), problems: problems)
+    }
 
-        // ---- whole layer, twice ----
-        for (i, out) in run.forwardOutputs.enumerated() {
-            let v = Verdict.compare(actual: out, reference: forcedRef.output, bound: forcedRef.bound)
-            report.stages.append(StageReport(stage: "forward#\(i + 1)", passed: v.passed, verdict: v,
-                                             worst: Self.outputLocation(v.worstIndex, ids: forcedRef.topkIds, S: S, H: H, v: v),
-                                             problems: v.passed ? [] : ["output outside its bound: \(v.violations) of \(v.elements), \(v.nonFinite) non-finite"]))
+    /// The whole layer against `ref`, over the tokens each tier's mask keeps (all without one).
+    func judgeWholeLayer(_ out: [Double], ref: ReferenceResult, stage: String, mask: (rigorous: [Bool]?, statistical: [Bool]?)) -> StageReport {
+        let H = ref.hidden
+        let v: Verdict
+        if let keep = mask.rigorous {
+            let idx = (0..<(ref.tokens * H)).filter { keep[$0 / H] }
+            v = Verdict.compare(actual: idx.map { out[$0] }, reference: idx.map { ref.output[$0] }, bound: idx.map { ref.bound[$0] })
+        } else {
+            v = Verdict.compare(actual: out, reference: ref.output, bound: ref.bound)
         }
-        if run.forwardOutputs.count == 2 {
-            let a = run.forwardOutputs[0], b = run.forwardOutputs[1]
-            report.runsIdentical = zip(a, b).allSatisfy { $0.bitPattern == $1.bitPattern }
+        let p = StatisticalJudge.judgeOutput(out, reference: ref, tokens: mask.statistical)
+        var problems = v.passed ? [] : ["output outside its bound: \(v.violations) of \(v.elements), \(v.nonFinite) non-finite"]
+        if let p, !p.passed { problems += p.failures.map { "precision: \($0)" } }
+        // (with a mask the worst index counts kept elements only: locate it among them)
+        var worst = "-"
+        if v.worstIndex >= 0 {
+            let flat = mask.rigorous.map { keep in (0..<(ref.tokens * H)).filter { keep[$0 / H] }[v.worstIndex] } ?? v.worstIndex
+            worst = Self.outputLocation(flat, ids: ref.topkIds, S: ref.slots, H: H, v: v)
         }
-        report.passed = report.stages.allSatisfy(\.passed)
+        return StageReport(stage: stage, passed: passes(v, p), verdict: v, precision: p, worst: worst, problems: problems)
     }
 
     /// Whether `chosen` is a top-K choice consistent with the logits within their bounds: no

@@ -9,9 +9,39 @@ public struct FaultMatrix: Codable, Sendable {
     public struct Cell: Codable, Sendable {
         public var fault: String
         public var family: String
+        /// `ordinary` (random data like the catalogue's) or `designed` (data built for a fault class).
+        public var data: String
         public var flagged: Bool
+        /// Which tier flagged it: `rigorous`, `statistical`, `both`, or `-`.
+        public var tier: String
         /// The first failing stage (or the error) when flagged.
         public var evidence: String
+    }
+
+    /// One row of `moecheck faults --json`.
+    public struct Row: Codable, Sendable {
+        public var fault: String, family: String, data: String, detected: Bool, tier: String
+    }
+
+    public var rows: [Row] { cells.map { Row(fault: $0.fault, family: $0.family, data: $0.data, detected: $0.flagged, tier: $0.tier) } }
+
+    /// Whether a family's data is designed for a fault class (split-K data, near ties) rather than
+    /// ordinary random data.
+    public static func dataKind(_ vc: VerifyCase) -> String {
+        vc.spec.inputs == .normal && vc.spec.routing == .uniform && vc.spec.scales == .counter ? "ordinary" : "designed"
+    }
+
+    /// Which tier flagged a case: the rigorous one (bounds, router, align, errors) and/or the statistical one.
+    public static func tier(_ r: CaseReport) -> String {
+        let rigorous = r.error != nil || r.stages.contains { st in st.verdict.map { !$0.passed } ?? !st.passed }
+            || r.stages.contains { $0.stage == "router" && !$0.passed }
+        let statistical = r.stages.contains { !($0.precision?.passed ?? true) }
+        switch (rigorous, statistical) {
+        case (true, true): return "both"
+        case (true, false): return "rigorous"
+        case (false, true): return "statistical"
+        default: return "-"
+        }
     }
     public var families: [String]
     public var faults: [String]
@@ -39,6 +69,7 @@ public struct FaultMatrix: Codable, Sendable {
             SyntheticSpec(config: cfg, format: f, tokens: t, seed: 11, routing: routing, inputs: inputs, scales: scales)
         }
         return [
+            VerifyCase(name: "splitk-fp8fn-one-tile-per-split-ordinary", spec: spec(split, .fp8e4m3fn, 2), splitK: kb),
             VerifyCase(name: "bf16-T33", spec: spec(c, .bf16, 33)),
             VerifyCase(name: "fp8fn-T33", spec: spec(c, .fp8e4m3fn, 33)),
             VerifyCase(name: "fp8fnuz-T33", spec: spec(c, .fp8e4m3fnuz, 33)),
@@ -70,7 +101,7 @@ public struct FaultMatrix: Codable, Sendable {
             for vc in families {
                 let r = v.verify(vc)
                 let evidence = r.error ?? r.stages.first(where: { !$0.passed }).map { "\($0.stage): \($0.problems.first ?? $0.worst)" } ?? ""
-                cells.append(Cell(fault: f, family: vc.name, flagged: !r.passed, evidence: evidence))
+                cells.append(Cell(fault: f, family: vc.name, data: dataKind(vc), flagged: !r.passed, tier: tier(r), evidence: evidence))
                 progress("\(f) × \(vc.name): \(r.passed ? "pass" : "flagged")")
             }
         }
@@ -92,7 +123,9 @@ public struct FaultMatrix: Codable, Sendable {
             line += benign ? (any ? "FALSE ALARM" : "accepted (benign)") : (any ? "detected" : "MISSED")
             s += line + "\n"
         }
-        for (i, fam) in families.enumerated() { s += "F\(i + 1) = \(fam)\n" }
+        for (i, fam) in families.enumerated() {
+            s += "F\(i + 1) = \(fam) (\(cells.first { $0.family == fam }?.data ?? "-"))\n"
+        }
         return s
     }
 }

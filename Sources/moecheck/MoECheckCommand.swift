@@ -11,7 +11,7 @@ struct MoECheckCommand: ParsableCommand {
         commandName: "moecheck",
         abstract: "Prove fused Mixture-of-Experts kernels correct against a float64 reference with rigorous per-element bounds.",
         version: moecheckVersion,
-        subcommands: [Inspect.self, Reference.self, Goldens.self, Verify.self, Fuzz.self, Faults.self, Bench.self]
+        subcommands: [Inspect.self, Reference.self, Goldens.self, Verify.self, Fuzz.self, Faults.self, Sensitivity.self, Bench.self]
     )
 }
 

@@ -1,0 +1,239 @@
+import CFastGEMM
+import Foundation
+import LowPrecision
+import TensorIO
+
+/// The inputs every expert worker reads (immutable while the experts run).
+struct ExpertInputs {
+    /// Stage-1 activations `[T, H]` after the recipe's fp8 quantization, and the midpoint radius
+    /// of each quantized element (empty without fp8 activations or bounds).
+    let x: [Double]
+    let xRadius: [Float]
+    /// Tokens with an fp8 code at a rounding midpoint: the statistical model takes the rigorous
+    /// stage-1 radius for them (a kernel's code there is not a random event).
+    let midpointTokens: [Bool]
+    /// `(token, slot)` rows routed to each expert (index E: the shared expert).
+    let rowsOf: [[(Int, Int)]]
+    let requantizer: GroupQuantizer?
+}
+
+/// One expert's stage 1 and stage 2 for all its rows.
+struct ExpertPart {
+    var act: [Double], actBound: [Double], actVariance: [Double]   // stage-1 intermediate before fp8 requantization
+    var y: [Double], yBound: [Double]       // stage-2 output per row, after the recipe's down rounding
+    /// Statistical model: per element of y, the variance of independent errors `[n, H]`; per row,
+    /// the variance reaching the row's output through correlated paths (Σ_i Var(a_i)·‖W2[:,i]‖²) and ‖y‖².
+    var yVariance: [Double], rowVariance: [Double], rowNorm2: [Double]
+    /// What the second pass needs to project this expert's correlated errors on any direction.
+    var projection: ProjectionInput? = nil
+}
+
+/// One expert's stage-2 inputs as the statistical model sees them, per row: the variance of
+/// each input element `[n, Ie]`, and for fp8 the dequantized values `[n, Ie]` with each
+/// 1×128 group's scale-change factor `[n, groups]`.
+struct ProjectionInput {
+    var rows: [(Int, Int)]
+    var inputVariance: [Float]
+    var input: [Float]
+    var groupFactors: [Double]
+    var groups: Int
+}
+
+extension MoEReferenceEngine {
+    /// Stage 1 (gate/up GEMM, SwiGLU with the recipe's rounding points), the fp8 requantization
+    /// and stage 2 (down GEMM) of expert `e` for all its rows. Pure: safe to run concurrently.
+    func processExpert(_ e: Int, _ inputs: ExpertInputs, _ scratch: inout WeightScratch) throws -> ExpertPart {
+        let c = layer.config
+        let H = c.hidden
+        let bounds = options.computeBounds, stats = statisticsEnabled
+        let u = recipe.accumulatorUnitRoundoff
+        let rows = inputs.rowsOf[e]
+        let n = rows.count
+        let Ie = c.intermediate(ofExpert: e)
+        // float32 mode, no bounds, bf16 weights in memory: the fused GEMM reads them directly
+        var fused: (gate: UnsafeRawPointer, up: UnsafeRawPointer, down: UnsafeRawPointer)? = nil
+        if options.float32 && !bounds && options.fusedBF16GEMM && FastGEMM.path != 0,
+           let g = layer.rawBF16(expert: e, .gate), let u = layer.rawBF16(expert: e, .up), let d = layer.rawBF16(expert: e, .down) {
+            fused = (g, u, d)
+        }
+        // weight buffers are reused from expert to expert (decode overwrites every element)
+        if fused != nil {
+            // nothing to decode
+        } else if options.float32 {
+            scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: true)
+            try scratch.w13.f32.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+            try scratch.w2.f32.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+        } else {
+            scratch.reserve(gateUp: 2 * Ie * H, down: H * Ie, float32: false)
+            try scratch.w13.f64.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+            try scratch.w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+        }
+        let w13 = scratch.w13, w2 = scratch.w2
+        var xe = [Double](repeating: 0, count: n * H)
+        inputs.x.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
+            for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
+        } }
+        var gu = [Double](repeating: 0, count: n * 2 * Ie)
+        var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
+        if let fused {
+            try fusedGemm(Self.floats(xe) { $0 }, [(fused.gate, 0), (fused.up, Ie)], rowsEach: Ie, into: &gu, m: n, n: 2 * Ie, k: H) {
+                var tmp = [Float](repeating: 0, count: 2 * Ie * H)
+                try tmp.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
+            }
+        } else {
+            gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
+        }
+        if bounds {
+            let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
+            var boundA1 = [Float](repeating: 0, count: n * H)
+            inputs.x.withUnsafeBufferPointer { xinP in inputs.xRadius.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
+                for (r, (t, _)) in rows.enumerated() {
+                    for h in 0..<H {
+                        dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
+                    }
+                }
+            } } }
+            boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H)
+        }
+        var part = swiGLU(gu: gu, guBound: guBound, rows: rows, inputs: inputs, n: n, Ie: Ie)
+        var act = part.act, actBound = part.actBound
+        var actVariance = part.actVariance
+        var groupRowVariance = [Double](repeating: 0, count: stats ? n : 0)
+        var groupFactors: [Double] = []
+        let colNorm2 = stats ? Self.columnNorms2(w2, rows: H, columns: Ie) : []
+        if let q = inputs.requantizer {
+            for r in 0..<n {
+                if stats {
+                    let g = StatisticalModel.requantizationVariance(
+                        row: act, variance: &actVariance, offset: r * Ie, count: Ie, quantizer: q, columnNorms2: colNorm2)
+                    groupRowVariance[r] = g.trace
+                    groupFactors += g.groupFactors
+                }
+                Self.requantize(row: &act, rowBound: &actBound, offset: r * Ie, count: Ie, quantizer: q, bounds: bounds)
+            }
+        }
+        // stage 2
+        var y = [Double](repeating: 0, count: n * H)
+        var yBound = [Double](repeating: 0, count: bounds ? n * H : 0)
+        let g2 = Self.gamma(Ie + 2 * ((Ie + 127) / 128) + 4, u)
+        if let fused {
+            try fusedGemm(Self.floats(act) { $0 }, [(fused.down, 0)], rowsEach: H, into: &y, m: n, n: H, k: Ie) {
+                var tmp = [Float](repeating: 0, count: H * Ie)
+                try tmp.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+            }
+        } else {
+            gemm(act, w2, &y, m: n, n: H, k: Ie)
+        }
+        if bounds {
+            var boundA2 = [Float](repeating: 0, count: n * Ie)
+            for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
+            boundGemm(boundA2, w2, &yBound, m: n, n: H, k: Ie)
+        }
+        var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = []
+        if stats {
+            (yVariance, rowVariance) = stage2Variance(act: act, actVariance: actVariance, w2: w2, colNorm2: colNorm2,
+                                                      groupRowVariance: groupRowVariance, n: n, H: H, Ie: Ie)
+            rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
+        }
+        if recipe.down != .none {
+            for i in 0..<(n * H) {
+                if stats {
+                    // σ of y before its rounding: its own accumulation plus (conservatively) all of the row's correlated variance
+                    let sigma = (yVariance[i] + rowVariance[i / H]).squareRoot()
+                    yVariance[i] = StatisticalModel.roundingVariance(y[i], sigma: sigma, recipe.down)
+                }
+                let (v, b) = Self.roundInterval(y[i], bounds ? yBound[i] : 0, recipe.down)
+                y[i] = v
+                if bounds { yBound[i] = b }
+            }
+        }
+        if stats && options.keepContributions {
+            part.projection = ProjectionInput(rows: rows, inputVariance: actVariance.map { Float($0) },
+                                              input: inputs.requantizer == nil ? [] : act.map { Float($0) },
+                                              groupFactors: groupFactors, groups: inputs.requantizer == nil ? 0 : (Ie + 127) / 128)
+        }
+        if !options.keepIntermediate { part.act = []; part.actBound = []; part.actVariance = [] }
+        part.y = y; part.yBound = yBound
+        part.yVariance = yVariance; part.rowVariance = rowVariance; part.rowNorm2 = rowNorm2
+        return part
+    }
+
+    /// SwiGLU with the recipe's rounding points (gate/up, silu, product), the bounds and the
+    /// statistical variances of the intermediate.
+    private func swiGLU(gu: [Double], guBound: [Double], rows: [(Int, Int)], inputs: ExpertInputs, n: Int, Ie: Int) -> ExpertPart {
+        let bounds = options.computeBounds, stats = statisticsEnabled
+        let u = recipe.accumulatorUnitRoundoff
+        let trans = recipe.transcendentalRelativeError
+        let H = layer.config.hidden
+        let n1 = H + 2 * ((H + 127) / 128) + 4
+        // guBound = γ(n1)·Σ|x||w| where no fp8 code sat on a midpoint: σ = √n1·u·Σ|x||w|
+        let sigmaPerBound = StatisticalModel.accumulationSigmaFactor(terms: n1, unitRoundoff: u) / Self.gamma(n1, u)
+        var act = [Double](repeating: 0, count: n * Ie)
+        var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
+        var actVariance = [Double](repeating: 0, count: stats ? n * Ie : 0)
+        for r in 0..<n {
+            let toSigma = inputs.midpointTokens.isEmpty || !inputs.midpointTokens[rows[r].0] ? sigmaPerBound : 1
+            for i in 0..<Ie {
+                var g = gu[r * 2 * Ie + i], up = gu[r * 2 * Ie + Ie + i]
+                var gb = bounds ? guBound[r * 2 * Ie + i] : 0, ub = bounds ? guBound[r * 2 * Ie + Ie + i] : 0
+                var vg = 0.0, vu = 0.0
+                if stats {
+                    vg = StatisticalModel.roundingVariance(g, sigma: gb * toSigma, recipe.gateUp)
+                    vu = StatisticalModel.roundingVariance(up, sigma: ub * toSigma, recipe.gateUp)
+                }
+                (g, gb) = Self.roundInterval(g, gb, recipe.gateUp)
+                (up, ub) = Self.roundInterval(up, ub, recipe.gateUp)
+                var s = g * Self.sigmoid(g)
+                var sb = 1.1 * gb + trans * Swift.abs(s)
+                var vs = 0.0
+                if stats {
+                    let sg = Self.sigmoid(g)
+                    let d = sg * (1 + g * (1 - sg))
+                    vs = StatisticalModel.roundingVariance(s, sigma: (d * d * vg).squareRoot() + trans * Swift.abs(s), recipe.activation)
+                }
+                (s, sb) = Self.roundInterval(s, sb, recipe.activation)
+                var h = s * up
+                var hb = Swift.abs(up) * sb + Swift.abs(s) * ub + sb * ub + (trans + 2 * u) * Swift.abs(h)
+                if stats {
+                    let sigma = (up * up * vs + s * s * vu + vs * vu).squareRoot() + (trans + 2 * u) * Swift.abs(h)
+                    actVariance[r * Ie + i] = StatisticalModel.roundingVariance(h, sigma: sigma, recipe.intermediate)
+                }
+                (h, hb) = Self.roundInterval(h, bounds ? hb : 0, recipe.intermediate)
+                act[r * Ie + i] = h
+                if bounds { actBound[r * Ie + i] = hb }
+            }
+        }
+        return ExpertPart(act: act, actBound: actBound, actVariance: actVariance, y: [], yBound: [], yVariance: [], rowVariance: [], rowNorm2: [])
+    }
+
+    /// The statistical model's stage 2: the independent part of each output element's variance
+    /// (the dot product's own fp32 accumulation, `√n·u·Σ|a||w|`) and each row's correlated part
+    /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
+    private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, colNorm2: [Double], groupRowVariance: [Double],
+                                n: Int, H: Int, Ie: Int) -> ([Double], [Double]) {
+        let u = recipe.accumulatorUnitRoundoff
+        var absDot = [Double](repeating: 0, count: n * H)
+        boundGemm(Self.floats(act) { Swift.abs($0) }, w2, &absDot, m: n, n: H, k: Ie)
+        let f = StatisticalModel.accumulationSigmaFactor(terms: Ie + 2 * ((Ie + 127) / 128) + 4, unitRoundoff: u)
+        var yVariance = [Double](repeating: 0, count: n * H)
+        for i in 0..<(n * H) { let s = f * absDot[i]; yVariance[i] = s * s }
+        var rowVariance = [Double](repeating: 0, count: n)
+        for r in 0..<n {
+            var v = groupRowVariance.isEmpty ? 0 : groupRowVariance[r]
+            for i in 0..<Ie { v += actVariance[r * Ie + i] * colNorm2[i] }
+            rowVariance[r] = v
+        }
+        return (yVariance, rowVariance)
+    }
+
+    /// ‖W[:, i]‖² for each column of a row-major `[rows, columns]` matrix.
+    static func columnNorms2(_ w: WeightMatrix, rows: Int, columns: Int) -> [Double] {
+        var out = [Double](repeating: 0, count: columns)
+        if w.f64.isEmpty {
+            for h in 0..<rows { for i in 0..<columns { let v = Double(w.f32[h * columns + i]); out[i] += v * v } }
+        } else {
+            for h in 0..<rows { for i in 0..<columns { let v = w.f64[h * columns + i]; out[i] += v * v } }
+        }
+        return out
+    }
+}

@@ -1,0 +1,94 @@
+import Foundation
+import LowPrecision
+import TensorIO
+
+extension MoEReferenceEngine {
+    /// The statistical model's second pass: for each token and each test direction (the
+    /// token's output, and each slot's contribution), the variance that the correlated errors
+    /// bring along that direction, exactly under the model rather than by Cauchy–Schwarz:
+    /// `Σ_{s,i} w_s²·Var(a_{s,i})·(W2_s[:,i]·d)²` (+ the fp8 groups' scale changes
+    /// `factor_g·(Σ_{i∈g} a_i·W2_s[:,i]·d)²`) and the routing terms
+    /// `Σ_j Var(l_j)·w_j²·(y_j·d − ȳ·d)² + Σ_s Var(w_s)·(y_s·d)²`. Costs one float32 GEMM of
+    /// `(1 + slots)` directions per row against each touched expert's W2 (decoded again).
+    func directionVariance(_ acc: Combined, router: RouterStep, tokens T: Int) throws -> [Double]? {
+        guard let contrib = acc.contributions else { return nil }
+        let c = layer.config
+        let H = c.hidden, K = c.topK
+        let slotsAll = K + (c.hasSharedExpert ? 1 : 0)
+        let D = 1 + slotsAll
+        var result = [Double](repeating: 0, count: T * D)
+        let outF = acc.out.map { Float($0) }
+        // routing terms: per token, the dot products of every slot's contribution with every direction
+        var dots = [Float](repeating: 0, count: slotsAll * D)
+        var dirs = [Float](repeating: 0, count: D * H)
+        for t in 0..<T {
+            dirs.withUnsafeMutableBufferPointer { dp in
+                (dp.baseAddress!).update(from: outF.withUnsafeBufferPointer { $0.baseAddress! + t * H }, count: H)
+                contrib.withUnsafeBufferPointer { cp in (dp.baseAddress! + H).update(from: cp.baseAddress! + t * slotsAll * H, count: slotsAll * H) }
+            }
+            contrib.withUnsafeBufferPointer { cp in dirs.withUnsafeBufferPointer { dp in dots.withUnsafeMutableBufferPointer { op in
+                BLAS.sgemmABt(cp.baseAddress! + t * slotsAll * H, dp.baseAddress!, op.baseAddress!, m: slotsAll, n: D, k: H)
+            } } }
+            for j in 0..<D {
+                var ybar = 0.0
+                for s in 0..<K { ybar += Double(dots[s * D + j]) }
+                var v = router.unchosenLogitVariance[t] * ybar * ybar
+                for s in 0..<slotsAll {
+                    let w = router.slotWeight[t * slotsAll + s]
+                    let yd = w != 0 ? Double(dots[s * D + j]) / w : 0
+                    v += router.slotWeightVariance[t * slotsAll + s] * yd * yd
+                    if s < K { v += router.slotLogitVariance[t * slotsAll + s] * (yd - ybar) * (yd - ybar) }
+                }
+                result[t * D + j] = v
+            }
+        }
+        // expert terms: each touched expert's W2 against the directions of the rows it serves
+        for e in acc.projections.keys.sorted() {
+            let p = acc.projections[e]!
+            let Ie = c.intermediate(ofExpert: e)
+            var w2 = [Float](repeating: 0, count: H * Ie)
+            try w2.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
+            var w2t = [Float](repeating: 0, count: Ie * H)
+            for h in 0..<H { for i in 0..<Ie { w2t[i * H + h] = w2[h * Ie + i] } }
+            let chunk = Swift.max(1, (1 << 22) / Swift.max(D * H, 1))
+            var r0 = 0
+            while r0 < p.rows.count {
+                let r1 = Swift.min(p.rows.count, r0 + chunk)
+                let m = (r1 - r0) * D
+                var a = [Float](repeating: 0, count: m * H)
+                for r in r0..<r1 {
+                    let (t, _) = p.rows[r]
+                    let base = (r - r0) * D * H
+                    for h in 0..<H { a[base + h] = outF[t * H + h] }
+                    for s in 0..<slotsAll {
+                        for h in 0..<H { a[base + (1 + s) * H + h] = contrib[(t * slotsAll + s) * H + h] }
+                    }
+                }
+                var proj = [Float](repeating: 0, count: m * Ie)
+                a.withUnsafeBufferPointer { ap in w2t.withUnsafeBufferPointer { wp in proj.withUnsafeMutableBufferPointer { op in
+                    BLAS.sgemmABt(ap.baseAddress!, wp.baseAddress!, op.baseAddress!, m: m, n: Ie, k: H)
+                } } }
+                for r in r0..<r1 {
+                    let (t, s) = p.rows[r]
+                    let w = router.slotWeight[t * slotsAll + s]
+                    for j in 0..<D {
+                        let u = (r - r0) * D + j
+                        var v = 0.0
+                        for i in 0..<Ie {
+                            let pu = Double(proj[u * Ie + i])
+                            v += Double(p.inputVariance[r * Ie + i]) * pu * pu
+                        }
+                        for g in 0..<p.groups {
+                            var shift = 0.0
+                            for i in (g * 128)..<Swift.min(Ie, (g + 1) * 128) { shift += Double(p.input[r * Ie + i]) * Double(proj[u * Ie + i]) }
+                            v += p.groupFactors[r * p.groups + g] * shift * shift
+                        }
+                        result[t * D + j] += w * w * v
+                    }
+                }
+                r0 = r1
+            }
+        }
+        return result
+    }
+}

@@ -1,0 +1,213 @@
+import Foundation
+import LowPrecision
+import TensorIO
+
+/// What the router step hands to the expert pipeline and to the result.
+struct RouterStep {
+    /// Router logits after the recipe's rounding `[T, E]`, and their rigorous bound.
+    var logits: [Double]
+    var logitBound: [Double]
+    /// `[T, S]` (S = K, +1 with the shared expert fused).
+    var topkIds: [Int32]
+    var topkWeights: [Double]
+    var topkWeightBound: [Double]
+    var sharedGate: [Double]
+    var sharedGateBound: [Double]
+    var ambiguous: [Bool]
+    var routerTolerance: [Double]
+    /// `[T, slotsAll]`: routed slots in descending weight, then the shared expert (id E).
+    var slotExpert: [Int]
+    var slotWeight: [Double]
+    var slotWeightBound: [Double]
+    /// Statistical model (empty without statistics): variance of a slot's weight from the
+    /// softmax's own evaluation and the weight's rounding point `[T, slotsAll]`; the routed
+    /// slots' logit variance × weight² `[T, slotsAll]`; Σ over experts left out of
+    /// Var(logit)·p² (only without renormalization) `[T]`; tokens whose K-th and (K+1)-th
+    /// experts a correct kernel may swap with more than negligible probability `[T]`.
+    var slotWeightVariance: [Double] = []
+    var slotLogitVariance: [Double] = []
+    var unchosenLogitVariance: [Double] = []
+    var statisticallyAmbiguous: [Bool] = []
+}
+
+extension MoEReferenceEngine {
+    /// Router logits, top-K, renormalization, the shared gate, and (with a routing override) the
+    /// kernel's own choice of experts.
+    func route(_ x: [Double], tokens T: Int, routing: RoutingOverride?) throws -> RouterStep {
+        let c = layer.config
+        let H = c.hidden, E = c.experts, K = c.topK
+        let bounds = options.computeBounds, stats = statisticsEnabled
+        let u = recipe.accumulatorUnitRoundoff
+        let trans = recipe.transcendentalRelativeError
+        let shared = c.hasSharedExpert
+        let fused = c.fusable && options.fuseShared
+        let S = K + (fused ? 1 : 0)
+        let slotsAll = K + (shared ? 1 : 0)
+
+        let wg = try layer.routerWeight()
+        var logits = [Double](repeating: 0, count: T * E)
+        var logitBound = [Double](repeating: 0, count: T * E)
+        var logitSigma = [Double](repeating: 0, count: stats ? T * E : 0)
+        x.withUnsafeBufferPointer { xp in wg.withUnsafeBufferPointer { wp in logits.withUnsafeMutableBufferPointer { lp in
+            BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H)
+        } } }
+        if bounds {
+            let absX: [Float] = x.map { Float(Swift.abs($0)) }
+            let g = Self.gamma(H + 4, u)
+            let absW = wg.map { Float(Swift.abs($0)) }
+            var tmp = [Float](repeating: 0, count: T * E)
+            absX.withUnsafeBufferPointer { a in absW.withUnsafeBufferPointer { b in tmp.withUnsafeMutableBufferPointer { t in
+                BLAS.sgemmABt(a.baseAddress!, b.baseAddress!, t.baseAddress!, m: T, n: E, k: H)
+            } } }
+            let safety = 1 + Double(H + 8) * 0x1p-23
+            for i in 0..<(T * E) { logitBound[i] = g * Double(tmp[i]) * safety }
+            if stats {
+                let s = StatisticalModel.accumulationSigmaFactor(terms: H + 4, unitRoundoff: u) * safety
+                for i in 0..<(T * E) { logitSigma[i] = s * Double(tmp[i]) }
+            }
+        }
+        let preRounding = stats ? logits : []
+        for i in 0..<(T * E) {
+            (logits[i], logitBound[i]) = Self.roundInterval(logits[i], logitBound[i], recipe.routerLogits)
+        }
+        var step = RouterStep(
+            logits: logits, logitBound: logitBound,
+            topkIds: [Int32](repeating: 0, count: T * S), topkWeights: [Double](repeating: 0, count: T * S),
+            topkWeightBound: [Double](repeating: 0, count: T * S),
+            sharedGate: [Double](repeating: 0, count: T), sharedGateBound: [Double](repeating: 0, count: T),
+            ambiguous: [Bool](repeating: false, count: T), routerTolerance: [Double](repeating: 0, count: T),
+            slotExpert: [Int](repeating: 0, count: T * slotsAll), slotWeight: [Double](repeating: 0, count: T * slotsAll),
+            slotWeightBound: [Double](repeating: 0, count: T * slotsAll))
+        var logitVariance: [Double] = []
+        if stats {
+            step.slotWeightVariance = [Double](repeating: 0, count: T * slotsAll)
+            step.slotLogitVariance = [Double](repeating: 0, count: T * slotsAll)
+            step.unchosenLogitVariance = [Double](repeating: 0, count: T)
+            step.statisticallyAmbiguous = [Bool](repeating: false, count: T)
+            logitVariance = (0..<(T * E)).map { StatisticalModel.roundingVariance(preRounding[$0], sigma: logitSigma[$0], recipe.routerLogits) }
+        }
+        let ws = try layer.sharedGateWeight()
+        for t in 0..<T {
+            try routeToken(t, step: &step, routing: routing, preRounding: preRounding, logitSigma: logitSigma, logitVariance: logitVariance)
+            if shared, let ws {
+                var dot = 0.0, absDot = 0.0
+                for h in 0..<H { dot += x[t * H + h] * ws[h]; absDot += Swift.abs(x[t * H + h] * ws[h]) }
+                var db = bounds ? Self.gamma(H + 4, u) * absDot : 0
+                let dotSigma = StatisticalModel.accumulationSigmaFactor(terms: H + 4, unitRoundoff: u) * absDot
+                let dotPre = dot
+                (dot, db) = Self.roundInterval(dot, db, recipe.sharedGate)
+                var g = Self.sigmoid(dot)
+                var gb = bounds ? 0.25 * db + trans * g + 0x1p-126 : 0   // an fp32 sigmoid may flush a tiny gate to 0
+                let gPre = g
+                (g, gb) = Self.roundInterval(g, gb, recipe.sharedGate)
+                step.sharedGate[t] = g
+                step.sharedGateBound[t] = gb
+                step.slotExpert[t * slotsAll + K] = E
+                step.slotWeight[t * slotsAll + K] = g
+                step.slotWeightBound[t * slotsAll + K] = gb
+                if stats {
+                    // The inner rounding's flips move σ by σ'·step (σ' ≤ 1/4); the outer one flips on its own.
+                    let vDot = StatisticalModel.roundingVariance(dotPre, sigma: dotSigma, recipe.sharedGate)
+                    let sigmaG = (0.25 * vDot.squareRoot() + trans * gPre)
+                    step.slotWeightVariance[t * slotsAll + K] = StatisticalModel.roundingVariance(gPre, sigma: sigmaG, recipe.sharedGate) + sigmaG * sigmaG
+                }
+                if fused {
+                    step.topkIds[t * S + K] = Int32(E)
+                    step.topkWeights[t * S + K] = g
+                    step.topkWeightBound[t * S + K] = gb
+                }
+            }
+        }
+        return step
+    }
+
+    /// One token's top-K, softmax, renormalization and (statistics) routing-weight variances.
+    private func routeToken(_ t: Int, step: inout RouterStep, routing: RoutingOverride?, preRounding: [Double], logitSigma: [Double],
+                            logitVariance: [Double]) throws {
+        let c = layer.config
+        let E = c.experts, K = c.topK
+        let bounds = options.computeBounds, stats = statisticsEnabled
+        let u = recipe.accumulatorUnitRoundoff
+        let trans = recipe.transcendentalRelativeError
+        let fused = c.fusable && options.fuseShared
+        let S = K + (fused ? 1 : 0)
+        let slotsAll = K + (c.hasSharedExpert ? 1 : 0)
+        let row = Array(step.logits[(t * E)..<((t + 1) * E)])
+        let rb = Array(step.logitBound[(t * E)..<((t + 1) * E)])
+        let order = (0..<E).sorted { row[$0] != row[$1] ? row[$0] > row[$1] : $0 < $1 }
+        let maxLogit = row[order[0]]
+        // fp32 softmax evaluation slack on the comparison of two logits
+        let slack = 4 * u * (1 + Swift.abs(maxLogit)) + 2 * trans
+        step.routerTolerance[t] = slack
+        let maxBound = rb[order[0]]
+        if K < E {
+            let a = order[K - 1], b = order[K]
+            if row[a] - row[b] <= rb[a] + rb[b] + slack { step.ambiguous[t] = true }
+            // Where the K-th probability may underflow to 0 in fp32 (flushed below 2^-126), the
+            // experts that underflow are tied at 0 and a kernel may take any of them.
+            if Self.mayUnderflow(row[a] + rb[a] + slack, max: maxLogit - maxBound) { step.ambiguous[t] = true }
+            if stats {
+                step.statisticallyAmbiguous[t] = step.ambiguous[t] && (
+                    StatisticalModel.maySwap(high: preRounding[t * E + a], highSigma: logitSigma[t * E + a],
+                                             low: preRounding[t * E + b], lowSigma: logitSigma[t * E + b], rounding: recipe.routerLogits, slack: slack)
+                    || Self.mayUnderflow(row[a] + rb[a] + slack, max: maxLogit - maxBound))
+            }
+        }
+        var chosen = Array(order.prefix(K))
+        if let routing {
+            guard routing.ids.count == step.ambiguous.count, routing.ids[t].count == K else {
+                throw ReferenceError.invalid("routing override has the wrong shape at token \(t): expected \(K) ids")
+            }
+            chosen = routing.ids[t]
+            for e in chosen where e < 0 || e >= E {
+                throw ReferenceError.invalid("routing override: expert id \(e) at token \(t) is out of range 0..<\(E)")
+            }
+            guard Set(chosen).count == K else {
+                throw ReferenceError.invalid("routing override: token \(t) selects an expert twice: \(chosen)")
+            }
+        }
+        // softmax over all E in float64 (from the max for stability)
+        var denom = 0.0
+        for e in 0..<E { denom += Foundation.exp(row[e] - maxLogit) }
+        var p = chosen.map { Foundation.exp(row[$0] - maxLogit) / denom }
+        var setMax = 0.0
+        for e in chosen { setMax = Swift.max(setMax, rb[e]) }
+        if c.renormalize {
+            let s = p.reduce(0, +)
+            p = p.map { $0 / s }
+        } else {
+            setMax = rb.max() ?? 0
+        }
+        let rel = Foundation.expm1(2 * setMax) + 2 * trans + Double(E + K + 8) * u
+        // slots in descending weight (ties: lower id) — the order kernels report them in
+        let ranked = zip(chosen, p).sorted { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }
+        for (s, (e, w)) in ranked.enumerated() {
+            var (wr, wb) = Self.roundInterval(w, bounds ? rel * w : 0, recipe.routingWeights)
+            if bounds && Self.mayUnderflow(row[e] + rb[e] + slack, max: maxLogit - maxBound) {
+                wb = Swift.max(wb, Swift.abs(wr) * (1 + 0x1p-20) + 0x1p-126)   // may be exactly 0 in fp32
+            }
+            step.slotExpert[t * slotsAll + s] = e
+            step.slotWeight[t * slotsAll + s] = wr
+            step.slotWeightBound[t * slotsAll + s] = wb
+            step.topkIds[t * S + s] = Int32(e)
+            step.topkWeights[t * S + s] = wr
+            step.topkWeightBound[t * S + s] = wb
+            if stats {
+                // the softmax's own fp32 evaluation, then the weight's rounding point
+                let sigmaEval = (2 * trans + Double(E + K + 8) * u) * w
+                step.slotWeightVariance[t * slotsAll + s] = StatisticalModel.roundingVariance(w, sigma: sigmaEval, recipe.routingWeights) + sigmaEval * sigmaEval
+                step.slotLogitVariance[t * slotsAll + s] = logitVariance[t * E + e] * w * w
+            }
+        }
+        if stats && !c.renormalize {
+            // Without renormalization every logit moves the softmax's denominator.
+            let taken = Set(chosen)
+            var v = 0.0
+            for e in 0..<E where !taken.contains(e) {
+                let pe = Foundation.exp(row[e] - maxLogit) / denom
+                v += logitVariance[t * E + e] * pe * pe
+            }
+            step.unchosenLogitVariance[t] = v
+        }
+    }
+}

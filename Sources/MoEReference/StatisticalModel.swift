@@ -1,0 +1,187 @@
+import Foundation
+import LowPrecision
+
+/// The statistical error model of a kernel that follows a recipe (docs/error-bounds.md,
+/// "Statistical tier").
+///
+/// Where the rigorous bound takes every rounding error at its worst, this model treats the
+/// rounding errors of a correct kernel as independent, zero-mean and bounded (Higham & Mary,
+/// SIAM J. Sci. Comput. 2019): an fp32 dot product of n terms then errs by a sub-Gaussian
+/// amount with variance proxy `n·u²·(Σ|a·b|)²`, and a rounding point whose input carries such
+/// noise of standard deviation σ lands on the reference's rounded value except with probability
+/// `exp(−d²/(2σ²))`, d being the distance to the nearest rounding boundary. Every quantity here
+/// is a *variance proxy*: under the model the kernel's error has at most this variance, and its
+/// weighted sums have sub-Gaussian tails with it.
+public enum StatisticalModel {
+    /// √n·u: the standard-deviation proxy of an n-term fp32 dot product per unit of Σ|a·b|.
+    @inline(__always)
+    public static func accumulationSigmaFactor(terms n: Int, unitRoundoff u: Double) -> Double {
+        Double(n).squareRoot() * u
+    }
+
+    /// Variance proxy of `kernel − reference` after a rounding point, where the kernel's input
+    /// differs from the reference's exact pre-rounding value `v` by noise of standard deviation
+    /// `sigma`, and the reference carries `round(v)`.
+    ///
+    /// `E[err²] = Σ_k P(|err| ≥ k·q)·(2k−1)·q²` for an error that is a multiple of the step q; the
+    /// probability of crossing the k-th boundary is at most `exp(−d_k²/(2σ²))`. Three boundaries
+    /// on each side are counted; noise wider than a step adds `σ² + q²`. Without rounding the
+    /// noise passes through (`σ²`). `bf16OrFP32` adds the rounding's own size (the kernel may keep
+    /// the unrounded value).
+    public static func roundingVariance(_ v: Double, sigma: Double, _ rounding: Rounding) -> Double {
+        guard let f = rounding.format else { return sigma * sigma }
+        let grid = gridVariance(v, sigma: sigma, f)
+        guard rounding == .bf16OrFP32 else { return grid }
+        let rv = f.round(v)
+        return Swift.max(grid, (v - rv) * (v - rv) + sigma * sigma)
+    }
+
+    /// `roundingVariance` for a grid `f` (round to nearest even).
+    public static func gridVariance(_ v: Double, sigma: Double, _ f: SmallFloatFormat) -> Double {
+        guard sigma > 0, v.isFinite else { return 0 }
+        let (dOut, dIn, qOut, qIn) = boundaryDistances(v, f)
+        var variance = 0.0
+        let twoSigma2 = 2 * sigma * sigma
+        for k in 1...3 {
+            let kk = Double(k - 1), weight = Double(2 * k - 1)
+            let pOut = Foundation.exp(-(dOut + kk * qOut) * (dOut + kk * qOut) / twoSigma2)
+            let pIn = Foundation.exp(-(dIn + kk * qIn) * (dIn + kk * qIn) / twoSigma2)
+            variance += weight * (pOut * qOut * qOut + pIn * qIn * qIn)
+        }
+        if sigma > qIn / 4 { variance += sigma * sigma + qOut * qOut }
+        return variance
+    }
+
+    /// Distances from |v| to the rounding boundaries around `round(v)` outward (larger
+    /// magnitude) and inward, and the grid's steps on each side.
+    @inline(__always)
+    static func boundaryDistances(_ v: Double, _ f: SmallFloatFormat) -> (out: Double, in: Double, stepOut: Double, stepIn: Double) {
+        let a = Swift.abs(v), ar = Swift.abs(f.round(v, saturating: true))
+        let qOut = f.ulp(of: ar)
+        let qIn = ar > 0 ? f.ulp(of: ar - qOut / 4) : qOut
+        return (Swift.max(0, ar + qOut / 2 - a), Swift.max(0, a - (ar - qIn / 2)), qOut, qIn)
+    }
+
+    /// The fp8 requantization of one row of the bf16 intermediate per 1×128 group, seen by the
+    /// model: replaces each element's variance (`variance[offset..<offset+count]`, before: of the
+    /// bf16 value; after: of its fp8 value) and returns, per group, the variance factor of the
+    /// group scale moving when the group's largest element flips (every dequantized value of the
+    /// group then moves by the same relative amount r, with probability p: factor p·r², an error
+    /// along `Σ_{i∈g} a_i·W2[:,i]`), and the row's share of the trace, `Σ_g factor·(Σ|a_i|·‖W2[:,i]‖)²`.
+    ///
+    /// An element's code changes with the probability that its bf16 value flips (Var/step²)
+    /// when an fp8 midpoint lies within one bf16 step, with the probability that the scale moves
+    /// when one lies within the scale's relative step, and always when the scaled value sits on
+    /// a midpoint (a kernel's `x·(1/scale)` may differ in the last bit).
+    public static func requantizationVariance(row: [Double], variance: inout [Double], offset: Int, count: Int, quantizer q: GroupQuantizer,
+                                              columnNorms2: [Double]) -> (groupFactors: [Double], trace: Double) {
+        let bf = SmallFloatFormat.bfloat16
+        let f8 = q.codec.format
+        var correlated = 0.0
+        var factors: [Double] = []
+        var start = 0
+        while start < count {
+            let end = Swift.min(start + q.groupSize, count)
+            var amax = 0.0
+            for i in start..<end { amax = Swift.max(amax, Swift.abs(row[offset + i])) }
+            let s = Double(q.scale(amax: Float(amax)))
+            let stepAmax = bf.ulp(of: amax)
+            var pScale = 0.0
+            for i in start..<end where Swift.abs(row[offset + i]) >= amax - 1.01 * stepAmax {
+                pScale += Swift.min(1, variance[offset + i] / (stepAmax * stepAmax))
+            }
+            pScale = Swift.min(1, pScale)
+            let relScale = amax > 0 ? stepAmax / amax : 0
+            var groupShift = 0.0
+            for i in start..<end {
+                let v = row[offset + i], vv = variance[offset + i]
+                let z = v / s
+                let (dOut, dIn, qOut, qIn) = boundaryDistances(z, f8)
+                let dMid = Swift.min(dOut, dIn)
+                let step = Swift.max(qOut, qIn) * s
+                let stepB = bf.ulp(of: v)
+                var vq = 0.0
+                if dMid * s <= 1.01 * stepB { vq += Swift.min(1, vv / (stepB * stepB)) * step * step }
+                if dMid <= 1.01 * Swift.abs(z) * relScale { vq += pScale * step * step }
+                if dMid <= Swift.abs(z) * 0x1p-21 + 0x1p-60 { vq += step * step }
+                vq = Swift.max(vq, gridVariance(z, sigma: vv.squareRoot() / s, f8) * s * s)
+                variance[offset + i] = vq
+                groupShift += Swift.abs(f8.round(z, saturating: true) * s) * columnNorms2[i].squareRoot()
+            }
+            correlated += pScale * (relScale * groupShift) * (relScale * groupShift)
+            factors.append(pScale * relScale * relScale)
+            start = end
+        }
+        return (factors, correlated)
+    }
+
+    /// Whether a correct kernel may order two logits the other way round (or tie them) with a
+    /// probability above the model's negligible level (6σ on each side): `high` is the
+    /// reference's K-th logit before rounding, `low` the (K+1)-th.
+    public static func maySwap(high: Double, highSigma: Double, low: Double, lowSigma: Double, rounding: Rounding, slack: Double) -> Bool {
+        let lambda = 6.0
+        let hi = high - lambda * highSigma, lo = low + lambda * lowSigma
+        if let f = rounding.format {
+            return f.round(hi) <= f.round(lo) + slack
+        }
+        return hi <= lo + slack
+    }
+}
+
+extension StatisticalModel {
+    /// Variance proxy of the weighted combine's own accumulation over `slots` terms: fp32
+    /// `(√(S+2)·u·Σ|c|)²`; bf16 (atomics or a bf16 buffer, any order): S roundings of partial sums,
+    /// each within half a bf16 step of `Σ|c|`.
+    public static func combineVariance(absSum: Double, slots: Int, combine: CombineMode) -> Double {
+        switch combine {
+        case .exact: return 0
+        case .fp32:
+            let s = accumulationSigmaFactor(terms: slots + 2, unitRoundoff: 0x1p-24) * absSum
+            return s * s
+        case .bf16:
+            let half = SmallFloatFormat.bfloat16.ulp(of: absSum) / 2
+            return Double(slots) * half * half
+        }
+    }
+
+    /// Variance proxy of the final output rounding, seen from the reference's value before it:
+    /// half a step of the output format, at the larger step within 6σ of the value.
+    public static func outputRoundingVariance(_ v: Double, sigma: Double, _ rounding: Rounding) -> Double {
+        guard let f = rounding.format else { return 0 }
+        let half = f.ulp(of: Swift.abs(v) + 6 * sigma) / 2
+        return half * half
+    }
+}
+
+/// The statistical model of a correct kernel's error for one reference run: a kernel's output
+/// error `e = o − output` has, along any direction `d` (per token), variance at most
+/// `Σ_h d_h²·elementVariance[t,h] + ‖d_t‖²·(expertTokenVariance[t] + routerTokenVariance[t])`
+/// (the second term by Cauchy–Schwarz over the errors that reach all of a token's output
+/// through the down projection, the routing weights and the shared gate).
+public struct ReferenceStatistics: Sendable {
+    /// `[T, H]`: independent per element (stage-2 and combine accumulation, output rounding).
+    public var elementVariance: [Double]
+    /// `[T]`: stage-1 intermediate flips and fp8 requantization changes, propagated through W2.
+    public var expertTokenVariance: [Double]
+    /// `[T]`: routing weights (logit flips, softmax evaluation, weight rounding) and shared gate.
+    public var routerTokenVariance: [Double]
+    /// `[T·S, Imax]` variance of the bf16 intermediate (before fp8 requantization), when kept.
+    public var intermediateVariance: [Double]?
+    /// `[T, slots]`: routed experts in descending weight, then the shared expert (id E).
+    public var slotExperts: [Int32]
+    public var slots: Int
+    /// `[T, slots, H]` each slot's weighted contribution, when kept.
+    public var contributions: [Float]?
+    /// Tokens whose K-th and (K+1)-th experts a correct kernel may swap with non-negligible
+    /// probability under the model.
+    public var ambiguousTokens: [Bool]
+    /// Tokens with an fp8 activation code on a rounding midpoint (their stage-1 variance is the
+    /// rigorous radius), empty without fp8 activations.
+    public var midpointTokens: [Bool]
+    /// `[T, 1 + slots]`: the variance of `d·e_t` from the correlated errors (stage-1 flips and
+    /// fp8 scale changes through W2, routing weights, shared gate), computed exactly under the
+    /// model for d = the token's output (column 0) and d = each slot's contribution (column
+    /// 1 + s); nil when the contributions were not kept (the judge then falls back to
+    /// Cauchy–Schwarz: ‖d‖²·(expert + router token variance)).
+    public var directionVariance: [Double]?
+}
