@@ -5,20 +5,15 @@ import TensorIO
 
 // MARK: - Deterministic random numbers
 
-/// SplitMix64: integer-only, so case `i` of seed `S` is the same on every machine.
-public struct FuzzRNG {
-    var state: UInt64
+/// The fuzzer's generator: `SplitMix64` (LowPrecision) seeded from (campaign seed, case index),
+/// integer-only, so case `i` of seed `S` is the same on every machine.
+public struct FuzzRNG: RandomNumberGenerator {
+    var generator: SplitMix64
     public init(seed: UInt64, index: UInt64 = 0) {
-        state = seed &* 0x9E37_79B9_7F4A_7C15 ^ (index &+ 0x632B_E59B_D9B4_E019) &* 0xBF58_476D_1CE4_E5B9
+        generator = SplitMix64(seed: seed &* SplitMix64.increment ^ (index &+ 0x632B_E59B_D9B4_E019) &* 0xBF58_476D_1CE4_E5B9)
         _ = next(); _ = next()
     }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    public mutating func next() -> UInt64 { generator.next() }
     /// Uniform in `range` (integer arithmetic only).
     public mutating func int(_ range: ClosedRange<Int>) -> Int {
         let n = UInt64(range.upperBound - range.lowerBound + 1)

@@ -2,6 +2,7 @@ import CMoEKernelABI
 import Foundation
 @testable import KernelBridge
 import Testing
+import MoECheckTestSupport
 
 // KernelBridge without a GPU: every test loads a fake library (FakeKernelLibrary.swift) built
 // with the system's cc. The suite is serialized because the fake's mode and counters are

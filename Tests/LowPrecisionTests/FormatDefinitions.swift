@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 // Test support for the LowPrecision suites.
 //
@@ -162,56 +163,4 @@ struct EncoderUnderTest: Sendable, CustomStringConvertible {
             UInt32(FP8Codec.e4m3fnuz.code(Float($0)))
         },
     ]
-}
-
-/// Whether two decoded values agree: both NaN, or equal with the same sign (so −0 ≠ +0).
-func sameValue(_ a: Double, _ b: Double) -> Bool {
-    if a.isNaN || b.isNaN { return a.isNaN && b.isNaN }
-    return a == b && a.sign == b.sign
-}
-
-/// Records at most `limit` failures of a combinatorial sweep, then a total, so a broken codec
-/// reports a handful of named cases instead of 65,536.
-struct FailureLog {
-    let context: String
-    let limit: Int
-    private(set) var failures = 0
-    private(set) var checks = 0
-
-    init(_ context: String, limit: Int = 8) {
-        self.context = context
-        self.limit = limit
-    }
-
-    mutating func check(_ condition: Bool, _ message: @autoclosure () -> String,
-                        sourceLocation: SourceLocation = #_sourceLocation) {
-        checks += 1
-        if condition { return }
-        failures += 1
-        if failures <= limit {
-            Issue.record(Comment(rawValue: "\(context): \(message())"), sourceLocation: sourceLocation)
-        }
-    }
-
-    /// Records the total when failures were capped; expects that something was checked at all.
-    func finish(sourceLocation: SourceLocation = #_sourceLocation) {
-        #expect(checks > 0, "\(context): no cases were checked", sourceLocation: sourceLocation)
-        if failures > limit {
-            Issue.record(Comment(rawValue: "\(context): \(failures) of \(checks) checks failed (first \(limit) shown)"),
-                         sourceLocation: sourceLocation)
-        }
-    }
-}
-
-/// SplitMix64: a small seeded generator so every random case is repeatable.
-struct SeededGenerator: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }

@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 /// One edge case: an input, the entry point and the code FACTS §3 / torch / ml_dtypes give.
 struct EdgeCase: Sendable, CustomTestStringConvertible {

@@ -3,11 +3,10 @@ import MoEReference
 import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // End to end: the built `moecheck` executable, its output and exit codes. Every failure prints
 // the command line and what the tool said (ToolRun.description).
-
-private let toolMissingReason = "the moecheck executable was not found next to the test runner or under .build*/release (MOECHECK_BIN overrides)"
 
 /// A directory holding the good case file, shared by the CLI tests.
 private let workspace: Result<(dir: TemporaryDirectory, good: String), Error> = Result {
@@ -36,7 +35,7 @@ private func expectExit(_ run: ToolRun, _ status: Int32?, sourceLocation: Source
     }
 }
 
-@Suite("moecheck end to end", .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: toolMissingReason)))
+@Suite("moecheck end to end", .tags(.endToEnd), .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
 struct CLITests {
     @Test("inspect on a good case file prints family, H, I, E, K, fusable and exits 0")
     func inspectGood() throws {

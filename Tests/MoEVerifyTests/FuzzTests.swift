@@ -3,6 +3,7 @@ import MoEReference
 import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // `moecheck fuzz`: the generator (determinism, shards, validity, cost caps), the float32
 // self-check, fault finding with shrinking, and replay.
@@ -17,7 +18,7 @@ private func fuzzDims(_ v: VerifyCase) -> [String: Int] {
     return ["T": v.spec.tokens, "E": c.experts, "K": c.topK, "H": c.hidden, "I": c.intermediate, "Is": c.sharedIntermediate, "split": v.splitK]
 }
 
-@Suite("fuzz generator")
+@Suite("fuzz generator", .tags(.fuzz))
 struct FuzzGeneratorTests {
     @Test("same seed, same cases; another seed, other cases")
     func deterministic() {
@@ -103,7 +104,7 @@ struct FuzzGeneratorTests {
     }
 }
 
-@Suite("fuzz campaigns")
+@Suite("fuzz campaigns", .tags(.fuzz))
 struct FuzzCampaignTests {
     @Test("the float32 reference stays inside the float64 oracle's bounds on 50 cases")
     func selfCheck() {
@@ -176,7 +177,7 @@ struct FuzzCampaignTests {
     }
 }
 
-@Suite("moecheck fuzz end to end", .enabled(if: MoECheckTool.isAvailable))
+@Suite("moecheck fuzz end to end", .tags(.fuzz, .endToEnd), .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
 struct FuzzCLITests {
     @Test("--cpu-selfcheck passes and reports its case count; --json writes every report")
     func selfCheck() throws {
@@ -205,5 +206,26 @@ struct FuzzCLITests {
         #expect(replay.exitStatus == 1 && replay.stdout.contains("0 passed, 1 failed"), "\(replay)")
         let clean = try MoECheckTool.run(["fuzz", "--cpu-model", "--replay", json])
         #expect(clean.exitStatus == 0 && clean.stdout.contains("1 passed, 0 failed"), "\(clean)")
+    }
+}
+
+/// The long fuzz tier (README "Tests"): the same checks as "fuzz campaigns" over many more cases.
+@Suite("fuzz campaigns, long tier", .tags(.fuzz, .longTier), .enabled(if: TestTier.long, TestTier.longSkipReason))
+struct FuzzLongTierTests {
+    @Test("the float32 reference stays inside the float64 oracle's bounds on 1,000 cases")
+    func selfCheckLong() {
+        let verifier = CaseVerifier(kernel: ReferenceSelfCheckKernel())
+        let s = FuzzCampaign(generator: FuzzGenerator(seed: 11, limits: fuzzSmallLimits), verifier: verifier, maxCases: 1000)
+            .run(reproducer: { "moecheck fuzz --cpu-selfcheck --replay '\(FuzzReplay.json($0))'" })
+        #expect(s.casesRun == 1000)
+        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))\n\(s.reproducers.joined(separator: "\n"))")
+    }
+
+    @Test("the unfaulted CPU model passes 300 cases")
+    func cpuModelCleanLong() throws {
+        let verifier = CaseVerifier(kernel: try CPUModelKernel())
+        let s = FuzzCampaign(generator: FuzzGenerator(seed: 12, limits: fuzzSmallLimits, allExperts: true), verifier: verifier, maxCases: 300)
+            .run(reproducer: { FuzzReplay.json($0) })
+        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))")
     }
 }
