@@ -1,4 +1,5 @@
 import Foundation
+import KernelBridge
 import MoEReference
 @testable import MoEVerify
 import Testing
@@ -21,6 +22,13 @@ private func matrix() throws -> FaultMatrix { try requireSuccess(cpuMatrix, "Fau
 
 @Suite("Fault matrix with the CPU fault models (small families)")
 struct FaultMatrixTests {
+    @Test("the CPU models know exactly the fault build's names, harmful and benign (KernelFault)")
+    func cpuModelFaultNames() {
+        #expect(CPUModelKernel.harmfulFaults == KernelFault.harmful.map(\.rawValue))
+        #expect(CPUModelKernel.benignVariants == KernelFault.benign.map(\.rawValue))
+        #expect(KernelFault.allCases.allSatisfy { FaultMatrix.isBenign($0.rawValue) == $0.isBenign })
+    }
+
     @Test("the matrix has one cell per fault and family")
     func shape() throws {
         let m = try matrix()
