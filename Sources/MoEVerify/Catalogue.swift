@@ -134,16 +134,32 @@ public enum Catalogue {
         case "splitk": return splitK()
         case "catalogue": return models() + splitK()
         case "all": return smoke() + models() + splitK()
-        default: throw VerifyError.usage("unknown suite '\(name)' (known: \(suites.joined(separator: ", ")))")
+        default: throw VerifyError.unknownSuite(name, known: suites)
         }
     }
 }
 
+/// A verification that could not run (a case that runs and fails is a `CaseReport`, not an error).
 public enum VerifyError: Error, CustomStringConvertible {
+    /// A suite name that `Catalogue` does not know.
+    case unknownSuite(String, known: [String])
+    /// No case of a suite matches a filter.
+    case noMatchingCases(suite: String, filter: String?)
+    /// A `--shard` that is not `i/n` with `0 <= i < n`.
+    case badShard(String)
+    /// A `--replay` argument that is not a `VerifyCase` JSON.
+    case badReplay(String)
+    /// Any other wrong request (kept for callers that describe their own problem).
     case usage(String)
+    /// Any other failure to run (kept for callers that describe their own problem).
     case failed(String)
+
     public var description: String {
         switch self {
+        case let .unknownSuite(name, known): return "unknown suite '\(name)' (known: \(known.joined(separator: ", ")))"
+        case let .noMatchingCases(suite, filter): return "no case of suite '\(suite)' matches filter '\(filter ?? "")'"
+        case let .badShard(s): return "--shard expects i/n with 0 <= i < n, got '\(s)'"
+        case let .badReplay(why): return "--replay: not a VerifyCase JSON (\(why))"
         case .usage(let s), .failed(let s): return s
         }
     }

@@ -95,7 +95,7 @@ public struct FuzzShard: Codable, Sendable, Equatable, CustomStringConvertible {
     public init(parsing s: String) throws {
         let parts = s.split(separator: "/")
         guard parts.count == 2, let i = Int(parts[0]), let n = Int(parts[1]), n >= 1, i >= 0, i < n else {
-            throw VerifyError.usage("--shard expects i/n with 0 <= i < n, got '\(s)'")
+            throw VerifyError.badShard(s)
         }
         index = i; count = n
     }
@@ -235,9 +235,7 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
     public var device: String { "CPU (float32 reference engine)" }
     public init() {}
 
-    public func recipe(for format: WeightFormat) throws -> Recipe {
-        format.fp8 != nil ? .fusedFP8 : .fusedBF16
-    }
+    public func recipe(for format: WeightFormat) throws -> Recipe { .default(for: format) }
 
     public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
         let c = layer.config, T = vc.spec.tokens, K = c.topK, H = c.hidden, I = c.intermediate
@@ -432,7 +430,7 @@ public enum FuzzReplay {
         do {
             return try JSONDecoder().decode(VerifyCase.self, from: Data(json.utf8))
         } catch {
-            throw VerifyError.usage("--replay: not a VerifyCase JSON (\(error))")
+            throw VerifyError.badReplay("\(error)")
         }
     }
 }
