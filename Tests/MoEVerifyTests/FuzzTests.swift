@@ -108,21 +108,14 @@ struct FuzzGeneratorTests {
 struct FuzzCampaignTests {
     @Test("the float32 reference stays inside the float64 oracle's bounds on 50 cases")
     func selfCheck() {
-        let verifier = CaseVerifier(kernel: ReferenceSelfCheckKernel())
-        let campaign = FuzzCampaign(generator: FuzzGenerator(seed: 7, limits: fuzzSmallLimits), verifier: verifier, maxCases: 50)
-        let s = campaign.run(reproducer: { "moecheck fuzz --cpu-selfcheck --replay '\(FuzzReplay.json($0))'" })
-        #expect(s.casesRun == 50)
-        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))\n\(s.reproducers.joined(separator: "\n"))")
+        let s = selfCheckCampaign(seed: 7, cases: 50)
         #expect(s.reports.count == 50 && s.reportsIncluded == "all")
         #expect(s.line.contains("50 passed, 0 failed"))
     }
 
     @Test("the unfaulted CPU model passes a small campaign")
     func cpuModelClean() throws {
-        let verifier = CaseVerifier(kernel: try CPUModelKernel())
-        let s = FuzzCampaign(generator: FuzzGenerator(seed: 2, limits: fuzzSmallLimits, allExperts: true), verifier: verifier, maxCases: 25)
-            .run(reproducer: { FuzzReplay.json($0) })
-        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))")
+        try cleanCPUModelCampaign(seed: 2, cases: 25)
     }
 
     @Test("a CPU fault model is found, shrunk to a smaller case that still fails, and replays",
@@ -214,18 +207,30 @@ struct FuzzCLITests {
 struct FuzzLongTierTests {
     @Test("the float32 reference stays inside the float64 oracle's bounds on 1,000 cases")
     func selfCheckLong() {
-        let verifier = CaseVerifier(kernel: ReferenceSelfCheckKernel())
-        let s = FuzzCampaign(generator: FuzzGenerator(seed: 11, limits: fuzzSmallLimits), verifier: verifier, maxCases: 1000)
-            .run(reproducer: { "moecheck fuzz --cpu-selfcheck --replay '\(FuzzReplay.json($0))'" })
-        #expect(s.casesRun == 1000)
-        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))\n\(s.reproducers.joined(separator: "\n"))")
+        _ = selfCheckCampaign(seed: 11, cases: 1000)
     }
 
     @Test("the unfaulted CPU model passes 300 cases")
     func cpuModelCleanLong() throws {
-        let verifier = CaseVerifier(kernel: try CPUModelKernel())
-        let s = FuzzCampaign(generator: FuzzGenerator(seed: 12, limits: fuzzSmallLimits, allExperts: true), verifier: verifier, maxCases: 300)
-            .run(reproducer: { FuzzReplay.json($0) })
-        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))")
+        try cleanCPUModelCampaign(seed: 12, cases: 300)
     }
+}
+
+/// A `--cpu-selfcheck` campaign of `cases` small cases: every case runs and passes.
+private func selfCheckCampaign(seed: UInt64, cases: Int, sourceLocation: SourceLocation = #_sourceLocation) -> FuzzSummary {
+    let verifier = CaseVerifier(kernel: ReferenceSelfCheckKernel())
+    let s = FuzzCampaign(generator: FuzzGenerator(seed: seed, limits: fuzzSmallLimits), verifier: verifier, maxCases: cases)
+        .run(reproducer: { "moecheck fuzz --cpu-selfcheck --replay '\(FuzzReplay.json($0))'" })
+    #expect(s.casesRun == cases, sourceLocation: sourceLocation)
+    #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))\n\(s.reproducers.joined(separator: "\n"))",
+            sourceLocation: sourceLocation)
+    return s
+}
+
+/// A campaign of the unfaulted CPU model kernel over `cases` small cases: every case passes.
+private func cleanCPUModelCampaign(seed: UInt64, cases: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let verifier = CaseVerifier(kernel: try CPUModelKernel())
+    let s = FuzzCampaign(generator: FuzzGenerator(seed: seed, limits: fuzzSmallLimits, allExperts: true), verifier: verifier, maxCases: cases)
+        .run(reproducer: { FuzzReplay.json($0) })
+    #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))", sourceLocation: sourceLocation)
 }
