@@ -250,8 +250,8 @@ public enum Goldens {
         return GoldenManifestEntry(
             name: gc.name, family: c.family.rawValue, T: s.tokens, H: c.hidden, I: c.intermediate, Is: c.sharedIntermediate,
             E: c.experts, K: c.topK, renormalize: c.renormalize,
-            weight_dtype: s.format == .bf16 ? "BF16" : (s.format == .fp8e4m3fn ? "F8_E4M3" : "F8_E4M3FNUZ"),
-            fp8_format: s.format.fp8 == nil ? nil : (s.format == .fp8e4m3fn ? "e4m3fn" : "e4m3fnuz"),
+            weight_dtype: s.format.dtype.rawValue,
+            fp8_format: s.format.fp8?.rawValue,
             layout: gc.layout.rawValue, recipe: gc.recipe, shared_fused: result.sharedFused, seed: s.seed,
             routing: s.routing.rawValue, inputs: s.inputs.rawValue, scales: s.scales.rawValue, spec: s, spec_only: gc.specOnly,
             ambiguous_tokens: result.ambiguousTokens.filter { $0 }.count, max_bound: result.maxBound, note: gc.note,
