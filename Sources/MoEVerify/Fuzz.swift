@@ -134,29 +134,36 @@ public struct FuzzGenerator: Sendable {
         }
     }
 
+    /// T in 1…max: half from the interesting list (with extra weight on 1–3), half log-uniform
+    /// with a lean to odd.
+    static func tokenCount(_ rng: inout FuzzRNG, max: Int) -> Int {
+        if rng.chance(55) {
+            let ok = interestingTokens.filter { $0 <= max }
+            var T = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
+            if rng.chance(25) { T = Swift.min(max, 1 + rng.int(0...2)) }
+            return T
+        }
+        let T = rng.logUniform(max)
+        return rng.chance(50) ? Swift.min(max, T | 1) : T
+    }
+
+    /// E in 1…max: half from the interesting list, half log-uniform.
+    static func expertCount(_ rng: inout FuzzRNG, max: Int) -> Int {
+        if rng.chance(50) {
+            let ok = interestingExperts.filter { $0 <= max }
+            return ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
+        }
+        return rng.logUniform(max)
+    }
+
+    /// Case `index` of this campaign: a pure function of (seed, index, limits).
     public func makeCase(index: Int) -> VerifyCase {
         var rng = FuzzRNG(seed: seed, index: UInt64(index))
         let L = limits
         // format
         let format: WeightFormat = rng.pick([(.bf16, 40), (.fp8e4m3fn, 35), (.fp8e4m3fnuz, 25)])
-        // tokens: half from the interesting list, half log-uniform with a lean to odd
-        var T: Int
-        if rng.chance(55) {
-            let ok = Self.interestingTokens.filter { $0 <= L.maxTokens }
-            T = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
-            if rng.chance(25) { T = Swift.min(L.maxTokens, 1 + rng.int(0...2)) }  // extra weight on 1–3
-        } else {
-            T = rng.logUniform(L.maxTokens)
-            if rng.chance(50) { T = Swift.min(L.maxTokens, T | 1) }
-        }
-        // experts and top-k
-        var E: Int
-        if rng.chance(50) {
-            let ok = Self.interestingExperts.filter { $0 <= L.maxExperts }
-            E = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
-        } else {
-            E = rng.logUniform(L.maxExperts)
-        }
+        var T = Self.tokenCount(&rng, max: L.maxTokens)
+        var E = Self.expertCount(&rng, max: L.maxExperts)
         var K = rng.chance(15) ? Swift.min(E, 16) : Swift.min(E, rng.logUniform(Swift.min(E, 16)))
         // sizes
         var H = Self.dimension(&rng, max: L.maxHidden)
