@@ -144,23 +144,12 @@ struct EncoderUnderTest: Sendable, CustomStringConvertible {
         EncoderUnderTest(name: "Float16Codec.bits(Double)", format: .float16, takesFloat: false) {
             UInt32(Float16Codec.bits($0))
         },
-        EncoderUnderTest(name: "e4m3fn.code(Double)", format: .e4m3fn, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fn.code($0))
-        },
-        EncoderUnderTest(name: "e4m3fn.code(Double, saturating)", format: .e4m3fn, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fn.code($0, saturating: true))
-        },
-        EncoderUnderTest(name: "e4m3fn.code(Float)", format: .e4m3fn, takesFloat: true) {
-            UInt32(FP8Codec.e4m3fn.code(Float($0)))
-        },
-        EncoderUnderTest(name: "e4m3fnuz.code(Double)", format: .e4m3fnuz, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fnuz.code($0))
-        },
-        EncoderUnderTest(name: "e4m3fnuz.code(Double, saturating)", format: .e4m3fnuz, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fnuz.code($0, saturating: true))
-        },
-        EncoderUnderTest(name: "e4m3fnuz.code(Float)", format: .e4m3fnuz, takesFloat: true) {
-            UInt32(FP8Codec.e4m3fnuz.code(Float($0)))
-        },
-    ]
+    ] + fp8Encoders(.e4m3fn, .e4m3fn) + fp8Encoders(.e4m3fnuz, .e4m3fnuz)
+
+    /// The three fp8 entry points of `codec`: code(Double), code(Double, saturating), code(Float).
+    static func fp8Encoders(_ codec: FP8Codec, _ format: FormatUnderTest) -> [EncoderUnderTest] {
+        [EncoderUnderTest(name: "\(format).code(Double)", format: format, takesFloat: false) { UInt32(codec.code($0)) },
+         EncoderUnderTest(name: "\(format).code(Double, saturating)", format: format, takesFloat: false) { UInt32(codec.code($0, saturating: true)) },
+         EncoderUnderTest(name: "\(format).code(Float)", format: format, takesFloat: true) { UInt32(codec.code(Float($0))) }]
+    }
 }
