@@ -36,11 +36,14 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "lowprecision-bench", dependencies: ["LowPrecision"]),
-        .testTarget(name: "LowPrecisionTests", dependencies: ["LowPrecision"]),
-        .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "LowPrecision"]),
-        .testTarget(name: "MoEReferenceTests", dependencies: ["MoEReference", "TensorIO", "LowPrecision", "CFastGEMM", "COpenBLAS"]),
-        .testTarget(name: "KernelBridgeTests", dependencies: ["KernelBridge", "CMoEKernelABI"]),
-        .testTarget(name: "MoEVerifyTests", dependencies: ["MoEVerify", "MoEReference", "TensorIO", "KernelBridge"]),
+        // Shared by every test target: the seeded generator, expect helpers, scratch files, tags and
+        // the MOECHECK_LONG_TESTS switch (see its TestSupport.swift).
+        .target(name: "MoECheckTestSupport", dependencies: ["LowPrecision"], path: "Tests/MoECheckTestSupport"),
+        .testTarget(name: "LowPrecisionTests", dependencies: ["LowPrecision", "MoECheckTestSupport"]),
+        .testTarget(name: "TensorIOTests", dependencies: ["TensorIO", "LowPrecision", "MoECheckTestSupport"]),
+        .testTarget(name: "MoEReferenceTests", dependencies: ["MoEReference", "TensorIO", "LowPrecision", "CFastGEMM", "COpenBLAS", "MoECheckTestSupport"]),
+        .testTarget(name: "KernelBridgeTests", dependencies: ["KernelBridge", "CMoEKernelABI", "MoECheckTestSupport"]),
+        .testTarget(name: "MoEVerifyTests", dependencies: ["MoEVerify", "MoEReference", "TensorIO", "KernelBridge", "MoECheckTestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

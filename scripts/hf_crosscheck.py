@@ -288,15 +288,19 @@ def build_weights(c: Case, gen: Gen):
             return gen.f32_weight((rows, cols), cols)
         return gen.bf16_weight((rows, cols), cols, x_std=1.15 if cols == H else 1.0)
 
-    # shared expert
-    for proj, (r, cc) in (("gate_proj", (Is, H)), ("up_proj", (Is, H)), ("down_proj", (H, Is))):
+    def projection(name, r, cc):
+        """One 2-D projection `<name>.weight` (fp8 codes + `<name>.weight_scale_inv`, or plain); its values."""
         if fp8:
             codes, si, deq = gen.fp8_weight(r, cc, fmt)
-            put_fp8(f"shared_expert.{proj}.weight", codes, si, f"shared_expert.{proj}.weight_scale_inv")
+            put_fp8(f"{name}.weight", codes, si, f"{name}.weight_scale_inv")
         else:
             deq = dense(r, cc)
-            put_plain(f"shared_expert.{proj}.weight", deq)
-        W["shared_" + proj] = deq
+            put_plain(f"{name}.weight", deq)
+        return deq
+
+    # shared expert
+    for proj, (r, cc) in (("gate_proj", (Is, H)), ("up_proj", (Is, H)), ("down_proj", (H, Is))):
+        W["shared_" + proj] = projection(f"shared_expert.{proj}", r, cc)
 
     # routed experts
     gate_up = np.empty((E, 2 * I, H))
@@ -304,12 +308,7 @@ def build_weights(c: Case, gen: Gen):
     if c.layout == "per-expert":
         for e in range(E):
             for proj, (r, cc) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-                if fp8:
-                    codes, si, deq = gen.fp8_weight(r, cc, fmt)
-                    put_fp8(f"experts.{e}.{proj}.weight", codes, si, f"experts.{e}.{proj}.weight_scale_inv")
-                else:
-                    deq = dense(r, cc)
-                    put_plain(f"experts.{e}.{proj}.weight", deq)
+                deq = projection(f"experts.{e}.{proj}", r, cc)
                 if proj == "gate_proj":
                     gate_up[e, :I] = deq
                 elif proj == "up_proj":

@@ -11,19 +11,21 @@ public typealias MoERecipeDeclaration = moe_recipe
 /// A failure at the kernel boundary: which function, the status, and the library's own message.
 public struct KernelError: Error, CustomStringConvertible, Sendable {
     public let function: String
+    /// The raw `moe_status`, or `KernelError.bridgeStatus` for a failure of the bridge itself.
     public let status: Int32
     public let message: String
 
+    /// The status of a failure in the bridge itself (dlopen, dlsym, ABI version), not a call.
+    public static let bridgeStatus: Int32 = -1
+
+    /// The named status, when `status` is one of the header's.
+    public var kernelStatus: KernelLibrary.Status? { KernelLibrary.Status(rawValue: status) }
+
     public var description: String {
         let statusName: String
-        switch status {
-        case 1: statusName = "invalid argument"
-        case 2: statusName = "device error"
-        case 3: statusName = "unsupported"
-        case 4: statusName = "out of memory"
-        case -1: statusName = "bridge"
-        default: statusName = "status \(status)"
-        }
+        if let named = kernelStatus, named != .ok { statusName = named.description }
+        else if status == Self.bridgeStatus { statusName = "bridge" }
+        else { statusName = "status \(status)" }
         return "\(function) failed (\(statusName)): \(message.isEmpty ? "(the library gave no message)" : message)"
     }
 }
@@ -103,16 +105,16 @@ public final class KernelLibrary: @unchecked Sendable {
     public init(path: String) throws {
         self.path = path
         guard FileManager.default.fileExists(atPath: path) else {
-            throw KernelError(function: "dlopen", status: -1, message: "\(path): no such file (build it with `make -C Kernels PLATFORM=nvidia|amd`)")
+            throw KernelError(function: "dlopen", status: KernelError.bridgeStatus, message: "\(path): no such file (build it with `make -C Kernels PLATFORM=nvidia|amd`)")
         }
         guard let h = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown error"
-            throw KernelError(function: "dlopen", status: -1, message: why)
+            throw KernelError(function: "dlopen", status: KernelError.bridgeStatus, message: why)
         }
         handle = h
         func sym<T>(_ name: String, _: T.Type) throws -> T {
             guard let p = dlsym(h, name) else {
-                throw KernelError(function: "dlsym", status: -1, message: "\(path) does not export '\(name)' (not a MoECheck kernel library, or an older ABI)")
+                throw KernelError(function: "dlsym", status: KernelError.bridgeStatus, message: "\(path) does not export '\(name)' (not a MoECheck kernel library, or an older ABI)")
             }
             return unsafeBitCast(p, to: T.self)
         }
@@ -122,8 +124,8 @@ public final class KernelLibrary: @unchecked Sendable {
         do {
             fnAbiVersion = try sym("moe_abi_version", FnI32.self)
             let v = fnAbiVersion()
-            guard v == MOE_ABI_VERSION else {
-                throw KernelError(function: "moe_abi_version", status: -1, message: "library ABI version \(v), MoECheck speaks \(MOE_ABI_VERSION)")
+            guard v == KernelLibrary.abiVersion else {
+                throw KernelError(function: "moe_abi_version", status: KernelError.bridgeStatus, message: "library ABI version \(v), MoECheck speaks \(MOE_ABI_VERSION)")
             }
             fnLibraryName = try sym("moe_library_name", FnStr.self)
             fnRecipe = try sym("moe_declared_recipe", FnRecipe.self)
@@ -160,7 +162,7 @@ public final class KernelLibrary: @unchecked Sendable {
     // MARK: the one wrapper per call
 
     private func check(_ function: String, _ status: Int32) throws {
-        guard status == 0 else {
+        guard status == KernelLibrary.Status.ok.rawValue else {
             let msg = fnLastError().map { String(cString: $0) } ?? ""
             throw KernelError(function: function, status: status, message: msg)
         }
@@ -192,7 +194,7 @@ public final class KernelLibrary: @unchecked Sendable {
     public func allocate(_ bytes: Int) throws -> DeviceBuffer {
         var p: UnsafeMutableRawPointer? = nil
         try check("moe_malloc(\(bytes) bytes)", fnMalloc(&p, Swift.max(bytes, 1)))
-        guard let p else { throw KernelError(function: "moe_malloc", status: -1, message: "returned success and a NULL pointer") }
+        guard let p else { throw KernelError(function: "moe_malloc", status: KernelError.bridgeStatus, message: "returned success and a NULL pointer") }
         return DeviceBuffer(library: self, pointer: p, bytes: bytes)
     }
 
@@ -265,7 +267,7 @@ public final class KernelLibrary: @unchecked Sendable {
     public var canFillCounter: Bool { fnFill != nil }
 
     public func fillCounter(_ dst: DeviceBuffer, kind: Int32, count: Int, seed: UInt64, stream: UInt64, offset: Int, param: Int32) throws {
-        guard let fnFill else { throw KernelError(function: "moe_fill_counter", status: 3, message: "not exported by \(path)") }
+        guard let fnFill else { throw KernelError(function: "moe_fill_counter", status: Status.unsupported.rawValue, message: "not exported by \(path)") }
         try check("moe_fill_counter", fnFill(dst.pointer, kind, Int64(count), seed, stream, Int64(offset), param))
     }
 
@@ -276,7 +278,7 @@ public final class KernelLibrary: @unchecked Sendable {
     }
 
     public func setFault(_ name: String?) throws {
-        guard let fnSetFault else { throw KernelError(function: "moe_set_fault", status: 3, message: "not exported by \(path)") }
+        guard let fnSetFault else { throw KernelError(function: "moe_set_fault", status: Status.unsupported.rawValue, message: "not exported by \(path)") }
         try check("moe_set_fault(\(name ?? "none"))", name.map { n in n.withCString { fnSetFault($0) } } ?? fnSetFault(nil))
     }
 }

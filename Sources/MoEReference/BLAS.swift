@@ -1,4 +1,5 @@
 import COpenBLAS
+import Foundation
 
 /// The OpenBLAS calls the reference makes; nothing else touches the C symbols.
 public enum BLAS {
@@ -6,6 +7,20 @@ public enum BLAS {
     public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }
 
     public static var threads: Int { Int(openblas_get_num_threads()) }
+
+    /// The environment variable that sets the thread count when no option does.
+    public static let threadsEnvironmentVariable = "MOECHECK_BLAS_THREADS"
+
+    /// The thread count given by `MOECHECK_BLAS_THREADS`, if set to an integer.
+    public static var environmentThreads: Int? {
+        ProcessInfo.processInfo.environment[threadsEnvironmentVariable].flatMap(Int.init)
+    }
+
+    /// Pins the thread count: `requested` (a command-line option) if given, else
+    /// `MOECHECK_BLAS_THREADS`, else `fallback`; at least 1.
+    public static func configureThreads(requested: Int?, fallback: Int = 2) {
+        setThreads(Swift.max(1, requested ?? environmentThreads ?? fallback))
+    }
 
     /// `C[m,n] = A[m,k] · B[n,k]ᵀ` in float64, all row-major.
     static func gemmABt(_ a: UnsafePointer<Double>, _ b: UnsafePointer<Double>, _ c: UnsafeMutablePointer<Double>, m: Int, n: Int, k: Int) {

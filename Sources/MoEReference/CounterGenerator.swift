@@ -1,3 +1,5 @@
+import LowPrecision
+
 /// Test data as a pure function of (seed, stream, index), in integer arithmetic only, so the
 /// host and a GPU (`moe_fill_counter` in `Kernels/include/moe_kernels.h`) make identical bits and
 /// a huge layer need never be materialized on the host (DESIGN §7). No `log`/`exp`/`cos`:
@@ -7,14 +9,9 @@ public struct CounterGenerator: Sendable {
 
     public init(seed: UInt64) { self.seed = seed }
 
-    /// splitmix64's finalizer.
+    /// SplitMix64's output function (`SplitMix64.mix` in LowPrecision: one implementation).
     @inlinable @inline(__always)
-    public static func mix64(_ x: UInt64) -> UInt64 {
-        var z = x &+ 0x9E37_79B9_7F4A_7C15
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    public static func mix64(_ x: UInt64) -> UInt64 { SplitMix64.mix(x) }
 
     /// Stream id of a tensor name (FNV-1a 64), so each tensor has its own sequence.
     public static func stream(_ name: String) -> UInt64 {

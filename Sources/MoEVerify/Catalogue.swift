@@ -38,19 +38,23 @@ public struct ModelShape: Sendable {
                   sharedIntermediate: sharedIntermediate / tensorParallel, experts: experts, topK: topK, renormalize: renormalize)
     }
 
+    init(_ name: String, _ family: ModelFamily, hidden: Int, intermediate: Int, sharedIntermediate: Int? = nil, experts: Int, topK: Int,
+         renormalize: Bool = true, tensorParallel: Int) {
+        self.name = name; self.family = family; self.hidden = hidden; self.intermediate = intermediate
+        self.sharedIntermediate = sharedIntermediate ?? intermediate; self.experts = experts; self.topK = topK
+        self.renormalize = renormalize; self.tensorParallel = tensorParallel
+    }
+
+    /// Is = I and renormalization unless stated.
     public static let all: [ModelShape] = [
-        ModelShape(name: "qwen3.5-397b-a17b-tp8", family: .qwen35Moe, hidden: 4096, intermediate: 1024, sharedIntermediate: 1024,
-                   experts: 512, topK: 10, renormalize: true, tensorParallel: 8),
-        ModelShape(name: "qwen3.5-122b-a10b-tp4", family: .qwen35Moe, hidden: 3072, intermediate: 1024, sharedIntermediate: 1024,
-                   experts: 256, topK: 8, renormalize: true, tensorParallel: 4),
-        ModelShape(name: "qwen3.5-35b-a3b-tp1", family: .qwen35Moe, hidden: 2048, intermediate: 512, sharedIntermediate: 512,
-                   experts: 256, topK: 8, renormalize: true, tensorParallel: 1),
-        ModelShape(name: "qwen3-next-80b-a3b-tp2", family: .qwen3Next, hidden: 2048, intermediate: 512, sharedIntermediate: 512,
-                   experts: 512, topK: 10, renormalize: true, tensorParallel: 2),
-        ModelShape(name: "qwen2-57b-a14b-tp4", family: .qwen2Moe, hidden: 3584, intermediate: 2560, sharedIntermediate: 20480,
-                   experts: 64, topK: 8, renormalize: false, tensorParallel: 4),
-        ModelShape(name: "qwen1.5-moe-a2.7b-tp1", family: .qwen2Moe, hidden: 2048, intermediate: 1408, sharedIntermediate: 5632,
-                   experts: 60, topK: 4, renormalize: false, tensorParallel: 1),
+        ModelShape("qwen3.5-397b-a17b-tp8", .qwen35Moe, hidden: 4096, intermediate: 1024, experts: 512, topK: 10, tensorParallel: 8),
+        ModelShape("qwen3.5-122b-a10b-tp4", .qwen35Moe, hidden: 3072, intermediate: 1024, experts: 256, topK: 8, tensorParallel: 4),
+        ModelShape("qwen3.5-35b-a3b-tp1", .qwen35Moe, hidden: 2048, intermediate: 512, experts: 256, topK: 8, tensorParallel: 1),
+        ModelShape("qwen3-next-80b-a3b-tp2", .qwen3Next, hidden: 2048, intermediate: 512, experts: 512, topK: 10, tensorParallel: 2),
+        ModelShape("qwen2-57b-a14b-tp4", .qwen2Moe, hidden: 3584, intermediate: 2560, sharedIntermediate: 20480, experts: 64, topK: 8,
+                   renormalize: false, tensorParallel: 4),
+        ModelShape("qwen1.5-moe-a2.7b-tp1", .qwen2Moe, hidden: 2048, intermediate: 1408, sharedIntermediate: 5632, experts: 60, topK: 4,
+                   renormalize: false, tensorParallel: 1),
     ]
 }
 
@@ -60,14 +64,6 @@ public enum Catalogue {
 
     static let formats: [WeightFormat] = [.bf16, .fp8e4m3fn, .fp8e4m3fnuz]
 
-    static func tag(_ f: WeightFormat) -> String {
-        switch f {
-        case .bf16: return "bf16"
-        case .fp8e4m3fn: return "fp8fn"
-        case .fp8e4m3fnuz: return "fp8fnuz"
-        default: return f.rawValue
-        }
-    }
 
     /// The FP8 split-K accuracy cases (FACTS §5): H = 4096 (32 K-blocks), decode token counts,
     /// block scales spread over 2^16 across K, coherent large inputs so fp16 partials overflow and
@@ -81,7 +77,7 @@ public enum Catalogue {
                 for s in [1, 2, 4, 8, 16, 32] {
                     let spec = SyntheticSpec(config: config, format: f, tokens: tokens, seed: 7000 + UInt64(t), routing: .uniform,
                                              inputs: .coherent, scales: .spreadAcrossK)
-                    out.append(VerifyCase(name: "splitk-\(tag(f))-T\(tokens)-s\(s)", spec: spec, splitK: s))
+                    out.append(VerifyCase(name: "splitk-\(f.tag)-T\(tokens)-s\(s)", spec: spec, splitK: s))
                 }
             }
         }
@@ -100,15 +96,15 @@ public enum Catalogue {
         for f in formats {
             for (name, c) in configs {
                 for t in [1, 17, 33] {
-                    out.append(VerifyCase(name: "smoke-\(name)-\(tag(f))-T\(t)", spec: SyntheticSpec(config: c, format: f, tokens: t, seed: UInt64(100 + t))))
+                    out.append(VerifyCase(name: "smoke-\(name)-\(f.tag)-T\(t)", spec: SyntheticSpec(config: c, format: f, tokens: t, seed: UInt64(100 + t))))
                 }
             }
             let c = configs[0].1
             for mode in RoutingMode.allCases where mode != .uniform {
-                out.append(VerifyCase(name: "smoke-routing-\(mode.rawValue)-\(tag(f))", spec: SyntheticSpec(config: c, format: f, tokens: 16, seed: 5, routing: mode)))
+                out.append(VerifyCase(name: "smoke-routing-\(mode.rawValue)-\(f.tag)", spec: SyntheticSpec(config: c, format: f, tokens: 16, seed: 5, routing: mode)))
             }
             for mode in InputMode.allCases where mode != .normal {
-                out.append(VerifyCase(name: "smoke-inputs-\(mode.rawValue)-\(tag(f))", spec: SyntheticSpec(config: c, format: f, tokens: 16, seed: 6, inputs: mode)))
+                out.append(VerifyCase(name: "smoke-inputs-\(mode.rawValue)-\(f.tag)", spec: SyntheticSpec(config: c, format: f, tokens: 16, seed: 6, inputs: mode)))
             }
         }
         return out
@@ -121,7 +117,7 @@ public enum Catalogue {
         for m in ModelShape.all {
             for f in formats {
                 for t in tokens {
-                    out.append(VerifyCase(name: "\(m.name)-\(tag(f))-T\(t)", spec: SyntheticSpec(config: m.config, format: f, tokens: t, seed: UInt64(t))))
+                    out.append(VerifyCase(name: "\(m.name)-\(f.tag)-T\(t)", spec: SyntheticSpec(config: m.config, format: f, tokens: t, seed: UInt64(t))))
                 }
             }
         }
@@ -134,16 +130,32 @@ public enum Catalogue {
         case "splitk": return splitK()
         case "catalogue": return models() + splitK()
         case "all": return smoke() + models() + splitK()
-        default: throw VerifyError.usage("unknown suite '\(name)' (known: \(suites.joined(separator: ", ")))")
+        default: throw VerifyError.unknownSuite(name, known: suites)
         }
     }
 }
 
+/// A verification that could not run (a case that runs and fails is a `CaseReport`, not an error).
 public enum VerifyError: Error, CustomStringConvertible {
+    /// A suite name that `Catalogue` does not know.
+    case unknownSuite(String, known: [String])
+    /// No case of a suite matches a filter.
+    case noMatchingCases(suite: String, filter: String?)
+    /// A `--shard` that is not `i/n` with `0 <= i < n`.
+    case badShard(String)
+    /// A `--replay` argument that is not a `VerifyCase` JSON.
+    case badReplay(String)
+    /// Any other wrong request (kept for callers that describe their own problem).
     case usage(String)
+    /// Any other failure to run (kept for callers that describe their own problem).
     case failed(String)
+
     public var description: String {
         switch self {
+        case let .unknownSuite(name, known): return "unknown suite '\(name)' (known: \(known.joined(separator: ", ")))"
+        case let .noMatchingCases(suite, filter): return "no case of suite '\(suite)' matches filter '\(filter ?? "")'"
+        case let .badShard(s): return "--shard expects i/n with 0 <= i < n, got '\(s)'"
+        case let .badReplay(why): return "--replay: not a VerifyCase JSON (\(why))"
         case .usage(let s), .failed(let s): return s
         }
     }

@@ -5,20 +5,15 @@ import TensorIO
 
 // MARK: - Deterministic random numbers
 
-/// SplitMix64: integer-only, so case `i` of seed `S` is the same on every machine.
-public struct FuzzRNG {
-    var state: UInt64
+/// The fuzzer's generator: `SplitMix64` (LowPrecision) seeded from (campaign seed, case index),
+/// integer-only, so case `i` of seed `S` is the same on every machine.
+public struct FuzzRNG: RandomNumberGenerator {
+    var generator: SplitMix64
     public init(seed: UInt64, index: UInt64 = 0) {
-        state = seed &* 0x9E37_79B9_7F4A_7C15 ^ (index &+ 0x632B_E59B_D9B4_E019) &* 0xBF58_476D_1CE4_E5B9
+        generator = SplitMix64(seed: seed &* SplitMix64.increment ^ (index &+ 0x632B_E59B_D9B4_E019) &* 0xBF58_476D_1CE4_E5B9)
         _ = next(); _ = next()
     }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    public mutating func next() -> UInt64 { generator.next() }
     /// Uniform in `range` (integer arithmetic only).
     public mutating func int(_ range: ClosedRange<Int>) -> Int {
         let n = UInt64(range.upperBound - range.lowerBound + 1)
@@ -100,7 +95,7 @@ public struct FuzzShard: Codable, Sendable, Equatable, CustomStringConvertible {
     public init(parsing s: String) throws {
         let parts = s.split(separator: "/")
         guard parts.count == 2, let i = Int(parts[0]), let n = Int(parts[1]), n >= 1, i >= 0, i < n else {
-            throw VerifyError.usage("--shard expects i/n with 0 <= i < n, got '\(s)'")
+            throw VerifyError.badShard(s)
         }
         index = i; count = n
     }
@@ -139,29 +134,36 @@ public struct FuzzGenerator: Sendable {
         }
     }
 
+    /// T in 1…max: half from the interesting list (with extra weight on 1–3), half log-uniform
+    /// with a lean to odd.
+    static func tokenCount(_ rng: inout FuzzRNG, max: Int) -> Int {
+        if rng.chance(55) {
+            let ok = interestingTokens.filter { $0 <= max }
+            var T = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
+            if rng.chance(25) { T = Swift.min(max, 1 + rng.int(0...2)) }
+            return T
+        }
+        let T = rng.logUniform(max)
+        return rng.chance(50) ? Swift.min(max, T | 1) : T
+    }
+
+    /// E in 1…max: half from the interesting list, half log-uniform.
+    static func expertCount(_ rng: inout FuzzRNG, max: Int) -> Int {
+        if rng.chance(50) {
+            let ok = interestingExperts.filter { $0 <= max }
+            return ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
+        }
+        return rng.logUniform(max)
+    }
+
+    /// Case `index` of this campaign: a pure function of (seed, index, limits).
     public func makeCase(index: Int) -> VerifyCase {
         var rng = FuzzRNG(seed: seed, index: UInt64(index))
         let L = limits
         // format
         let format: WeightFormat = rng.pick([(.bf16, 40), (.fp8e4m3fn, 35), (.fp8e4m3fnuz, 25)])
-        // tokens: half from the interesting list, half log-uniform with a lean to odd
-        var T: Int
-        if rng.chance(55) {
-            let ok = Self.interestingTokens.filter { $0 <= L.maxTokens }
-            T = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
-            if rng.chance(25) { T = Swift.min(L.maxTokens, 1 + rng.int(0...2)) }  // extra weight on 1–3
-        } else {
-            T = rng.logUniform(L.maxTokens)
-            if rng.chance(50) { T = Swift.min(L.maxTokens, T | 1) }
-        }
-        // experts and top-k
-        var E: Int
-        if rng.chance(50) {
-            let ok = Self.interestingExperts.filter { $0 <= L.maxExperts }
-            E = ok.isEmpty ? 1 : ok[rng.int(0...(ok.count - 1))]
-        } else {
-            E = rng.logUniform(L.maxExperts)
-        }
+        var T = Self.tokenCount(&rng, max: L.maxTokens)
+        var E = Self.expertCount(&rng, max: L.maxExperts)
         var K = rng.chance(15) ? Swift.min(E, 16) : Swift.min(E, rng.logUniform(Swift.min(E, 16)))
         // sizes
         var H = Self.dimension(&rng, max: L.maxHidden)
@@ -240,9 +242,7 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
     public var device: String { "CPU (float32 reference engine)" }
     public init() {}
 
-    public func recipe(for format: WeightFormat) throws -> Recipe {
-        format.fp8 != nil ? .fusedFP8 : .fusedBF16
-    }
+    public func recipe(for format: WeightFormat) throws -> Recipe { .default(for: format) }
 
     public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
         let c = layer.config, T = vc.spec.tokens, K = c.topK, H = c.hidden, I = c.intermediate
@@ -437,7 +437,7 @@ public enum FuzzReplay {
         do {
             return try JSONDecoder().decode(VerifyCase.self, from: Data(json.utf8))
         } catch {
-            throw VerifyError.usage("--replay: not a VerifyCase JSON (\(error))")
+            throw VerifyError.badReplay("\(error)")
         }
     }
 }

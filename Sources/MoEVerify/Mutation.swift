@@ -104,7 +104,7 @@ public enum SensitivityStudy {
             for f in formats {
                 for t in tokens {
                     let spec = SyntheticSpec(config: shape.config, format: f, tokens: t, seed: seed)
-                    out.append(VerifyCase(name: "\(shape.name)-\(Catalogue.tag(f))-T\(t)", spec: spec))
+                    out.append(VerifyCase(name: "\(shape.name)-\(f.tag)-T\(t)", spec: spec))
                 }
             }
         }

@@ -126,210 +126,28 @@ public final class MoECaseFile: MoELayerSource {
 
     public var name: String { URL(fileURLWithPath: path).lastPathComponent }
 
+    /// Opens `path` and validates it, in this order: the layer prefix, the config, the inputs,
+    /// the router and shared gate, the routed experts (either layout) and the shared expert, one
+    /// storage format, the fp8 block size, then finite router and shared-gate weights. The first
+    /// problem throws a `TensorIOError` naming the file and the tensor.
     public init(path: String, prefix requestedPrefix: String? = nil) throws {
         self.path = path
         let file = try SafetensorsFile(path: path)
         self.file = file
-        // Prefix: the key ending in "mlp.gate.weight" (or a bare "gate.weight").
-        if let p = requestedPrefix {
-            guard file.contains(p + "gate.weight") else {
-                throw TensorIOError(file: path, tensor: p + "gate.weight", "not found (prefix '\(p)' given)")
-            }
-            prefix = p
-        } else {
-            let candidates = file.names.filter { $0.hasSuffix("mlp.gate.weight") }
-            if candidates.count > 1 {
-                throw TensorIOError(file: path, "several MoE layers (\(candidates.prefix(4).joined(separator: ", "))…); choose one with --prefix")
-            }
-            if let c = candidates.first { prefix = String(c.dropLast("gate.weight".count)) }
-            else if file.contains("gate.weight") { prefix = "" }
-            else {
-                throw TensorIOError(file: path, tensor: "*mlp.gate.weight", "missing required tensor: no router weight (a key ending in 'mlp.gate.weight') — is this an MoE layer?")
-            }
-        }
-        // Config.
-        var configObject: [String: Any]? = nil
-        var source = ""
-        if let text = file.metadata["config"] {
-            guard let data = text.data(using: .utf8), let o = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-                throw TensorIOError(file: path, "__metadata__['config'] is not a JSON object")
-            }
-            configObject = o
-            source = "__metadata__"
-        } else {
-            let beside = URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent("config.json").path
-            if FileManager.default.fileExists(atPath: beside) {
-                guard let data = FileManager.default.contents(atPath: beside),
-                      let o = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-                    throw TensorIOError(file: beside, "is not a JSON object")
-                }
-                configObject = o
-                source = beside
-            }
-        }
-        guard let configObject else {
-            throw TensorIOError(file: path, "no config: neither __metadata__['config'] nor a config.json beside the file")
-        }
-        let config = try MoEConfig.fromHuggingFace(configObject, file: source == "__metadata__" ? path : source)
-        self.config = config
-        self.configSource = source
-        let H = config.hidden, I = config.intermediate, E = config.experts, Is = config.sharedIntermediate
-
-        func need(_ name: String) throws -> Tensor {
-            guard file.contains(name) else { throw TensorIOError(file: path, tensor: name, "missing required tensor") }
-            return try file.tensor(name)
-        }
-        func expectShape(_ t: Tensor, _ name: String, _ shape: [Int], _ what: String) throws {
-            guard t.shape == shape else {
-                throw TensorIOError(file: path, tensor: name, "shape \(t.shape) disagrees with the config: expected \(shape) (\(what))")
-            }
-        }
-        func expectFloat(_ t: Tensor, _ name: String) throws {
-            guard t.dtype.isFloatingPoint else { throw TensorIOError(file: path, tensor: name, "dtype \(t.dtype) is not a floating-point type") }
-        }
-
-        // Inputs.
-        if file.contains("hidden_states") {
-            let x = try file.tensor("hidden_states")
-            guard x.shape.count == 2, x.shape[1] == H, x.shape[0] >= 1 else {
-                throw TensorIOError(file: path, tensor: "hidden_states", "shape \(x.shape) disagrees with the config: expected [T, \(H)] with T >= 1")
-            }
-            try expectFloat(x, "hidden_states")
-            if let bad = x.firstNonFinite() {
-                throw TensorIOError(file: path, tensor: "hidden_states", "non-finite input \(bad.value) at \(x.position(of: bad.index))")
-            }
-            hiddenStates = x
-        } else {
-            hiddenStates = nil
-        }
-        // Router and shared gate.
-        let routerName = prefix + "gate.weight"
-        router = try need(routerName)
-        try expectShape(router, routerName, [E, H], "[num_experts, hidden_size]")
-        try expectFloat(router, routerName)
-        let sgName = prefix + "shared_expert_gate.weight"
-        if Is > 0 {
-            let sg = try need(sgName)
-            guard sg.shape == [1, H] || sg.shape == [H] else {
-                throw TensorIOError(file: path, tensor: sgName, "shape \(sg.shape) disagrees with the config: expected [1, \(H)]")
-            }
-            try expectFloat(sg, sgName)
-            sharedGate = sg
-        } else {
-            sharedGate = nil
-        }
-
-        // Scales: "<weight>_scale_inv" beside "<...>.weight" is "<...>.weight_scale_inv"; for the
-        // combined 3-D tensors "<prefix>experts.gate_up_proj_scale_inv".
-        func scale(for weightName: String, weight: Tensor, rows: Int, columns: Int, slabs: Int?) throws -> (Tensor?, String?) {
-            guard weight.dtype.fp8Format != nil else { return (nil, nil) }
-            let name = weightName + "_scale_inv"
-            guard file.contains(name) else {
-                throw TensorIOError(file: path, tensor: name, "missing required tensor: fp8 weight '\(weightName)' needs its block scales")
-            }
-            let s = try file.tensor(name)
-            try expectFloat(s, name)
-            if let bad = s.firstNonFinite() {
-                throw TensorIOError(file: path, tensor: name, "non-finite scale \(bad.value) at \(s.position(of: bad.index))")
-            }
-            let cols = (columns + 127) / 128
-            let rowsA = (rows + 127) / 128
-            if let slabs {
-                // combined gate_up may be blocked over all 2I rows or per half (sglang layout)
-                let halves = weightName.hasSuffix("experts.gate_up_proj") ? 2 * ((I + 127) / 128) : rowsA
-                guard s.shape.count == 3, s.shape[0] == slabs, s.shape[2] == cols, s.shape[1] == rowsA || s.shape[1] == halves else {
-                    throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(slabs), \(rowsA), \(cols)]")
-                }
-            } else {
-                guard s.shape == [rowsA, cols] else {
-                    throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(rowsA), \(cols)] (ceil(out/128), ceil(in/128))")
-                }
-            }
-            return (s, name)
-        }
-
-        func perExpert(_ base: String, inter: Int) throws -> (Projection, Projection, Projection) {
-            var out: [Projection] = []
-            for (proj, rows, cols) in [("gate_proj", inter, H), ("up_proj", inter, H), ("down_proj", H, inter)] {
-                let n = base + proj + ".weight"
-                let w = try need(n)
-                try expectShape(w, n, [rows, cols], proj == "down_proj" ? "[hidden_size, intermediate]" : "[intermediate, hidden_size]")
-                try expectFloat(w, n)
-                let (s, sn) = try scale(for: n, weight: w, rows: rows, columns: cols, slabs: nil)
-                out.append(Projection(weightName: n, weight: w, scale: s, scaleName: sn, slab: nil, rows: rows, columns: cols,
-                                      rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
-            }
-            return (out[0], out[1], out[2])
-        }
-
-        var gates: [Projection] = [], ups: [Projection] = [], downs: [Projection] = []
-        let combinedName = prefix + "experts.gate_up_proj"
-        if file.contains(combinedName) {
-            layout = .combined
-            let gu = try file.tensor(combinedName)
-            try expectShape(gu, combinedName, [E, 2 * I, H], "[num_experts, 2*moe_intermediate_size, hidden_size]")
-            try expectFloat(gu, combinedName)
-            let dn = prefix + "experts.down_proj"
-            let d = try need(dn)
-            try expectShape(d, dn, [E, H, I], "[num_experts, hidden_size, moe_intermediate_size]")
-            try expectFloat(d, dn)
-            let (gs, gsn) = try scale(for: combinedName, weight: gu, rows: 2 * I, columns: H, slabs: E)
-            let (ds, dsn) = try scale(for: dn, weight: d, rows: H, columns: I, slabs: E)
-            // gate and up blocked separately (sglang's 2·ceil(I/128) rows) or over all 2I rows
-            // (DESIGN §4's ceil(2I/128)); the shapes coincide when I mod 128 is 0 or > 64, where the
-            // file's `__metadata__["gate_up_scale_blocking"]` ("per-half" | "combined") decides and
-            // "combined" is assumed without it.
-            let blocking = file.metadata["gate_up_scale_blocking"]
-            if let blocking, blocking != "per-half" && blocking != "combined" {
-                throw TensorIOError(file: path, "__metadata__ gate_up_scale_blocking is '\(blocking)'; expected 'per-half' or 'combined'")
-            }
-            if let gs, blocking == "per-half" && gs.shape[1] != 2 * ((I + 127) / 128) {
-                throw TensorIOError(file: path, tensor: gsn, "shape \(gs.shape) disagrees with gate_up_scale_blocking 'per-half': expected [\(E), \(2 * ((I + 127) / 128)), \((H + 127) / 128)]")
-            }
-            let separate = gs.map { blocking == "per-half" || (blocking == nil && $0.shape[1] != (2 * I + 127) / 128) } ?? false
-            for e in 0..<E {
-                gates.append(Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
-                                        rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
-                ups.append(Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
-                                      rowStart: I, blockOrigin: separate ? I : 0, scaleRowStart: separate ? (I + 127) / 128 : 0))
-                downs.append(Projection(weightName: dn, weight: d, scale: ds, scaleName: dsn, slab: e, rows: H, columns: I,
-                                        rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
-            }
-        } else {
-            guard file.contains(prefix + "experts.0.gate_proj.weight") else {
-                throw TensorIOError(file: path, tensor: combinedName,
-                                    "missing required tensor: routed experts found in neither layout ('\(combinedName)' nor '\(prefix)experts.0.gate_proj.weight')")
-            }
-            layout = .perExpert
-            for e in 0..<E {
-                let (g, u, d) = try perExpert(prefix + "experts.\(e).", inter: I)
-                gates.append(g); ups.append(u); downs.append(d)
-            }
-        }
-        if Is > 0 {
-            let (g, u, d) = try perExpert(prefix + "shared_expert.", inter: Is)
-            gates.append(g); ups.append(u); downs.append(d)
-        }
-        // One storage format for all projections.
-        let formats = Set((gates + ups + downs).map { WeightFormat(dtype: $0.weight.dtype) })
-        guard formats.count == 1, let format = formats.first else {
-            throw TensorIOError(file: path, "expert projections mix storage formats \(formats.map(\.rawValue).sorted()); MoECheck needs one format per layer")
-        }
-        if format.fp8 != nil, let q = configObject["quantization_config"] as? [String: Any],
-           let block = q["weight_block_size"] as? [Int], block != [128, 128] {
-            throw TensorIOError(file: path, "unsupported quantization_config weight_block_size \(block): only [128, 128] block scales are supported")
-        }
-        weightFormat = format
-        gateProjections = gates
-        upProjections = ups
-        downProjections = downs
-        // Router weights must be finite too (small: checked eagerly).
-        if let bad = router.firstNonFinite() {
-            throw TensorIOError(file: path, tensor: routerName, "non-finite weight \(bad.value) at \(router.position(of: bad.index))")
-        }
-        if let sg = sharedGate, let bad = sg.firstNonFinite() {
-            throw TensorIOError(file: path, tensor: sgName, "non-finite weight \(bad.value) at \(sg.position(of: bad.index))")
-        }
+        prefix = try CaseFileReader.findPrefix(in: file, path: path, requested: requestedPrefix)
+        let (configObject, source) = try CaseFileReader.readConfigObject(file: file, path: path)
+        config = try MoEConfig.fromHuggingFace(configObject, file: source == "__metadata__" ? path : source)
+        configSource = source
+        let reader = CaseFileReader(file: file, path: path, prefix: prefix, config: config)
+        hiddenStates = try reader.hiddenStates()
+        (router, sharedGate) = try reader.routerAndSharedGate()
+        let experts = try reader.experts()
+        layout = experts.layout
+        gateProjections = experts.gates
+        upProjections = experts.ups
+        downProjections = experts.downs
+        weightFormat = try reader.commonFormat(experts.gates + experts.ups + experts.downs, configObject: configObject)
+        try reader.expectFiniteGates(router: router, sharedGate: sharedGate)
     }
 
     public var tokens: Int { hiddenStates?.shape[0] ?? 0 }
@@ -476,5 +294,232 @@ public struct FusedWeights: Sendable {
     public init(format: WeightFormat, slots: Int, hidden: Int, intermediate: Int, w13: [UInt8], w2: [UInt8], w13Scale: [Float], w2Scale: [Float]) {
         self.format = format; self.slots = slots; self.hidden = hidden; self.intermediate = intermediate
         self.w13 = w13; self.w2 = w2; self.w13Scale = w13Scale; self.w2Scale = w2Scale
+    }
+}
+
+/// The validation steps of `MoECaseFile.init`, one function each; every failure is a
+/// `TensorIOError` naming the file and the tensor.
+struct CaseFileReader {
+    let file: SafetensorsFile
+    let path: String
+    let prefix: String
+    let config: MoEConfig
+
+    /// The requested prefix (which must have `gate.weight`), else the key ending in
+    /// "mlp.gate.weight" (exactly one), else "" for a bare "gate.weight".
+    static func findPrefix(in file: SafetensorsFile, path: String, requested: String?) throws -> String {
+        if let p = requested {
+            guard file.contains(p + "gate.weight") else {
+                throw TensorIOError(file: path, tensor: p + "gate.weight", "not found (prefix '\(p)' given)")
+            }
+            return p
+        }
+        let candidates = file.names.filter { $0.hasSuffix("mlp.gate.weight") }
+        if candidates.count > 1 {
+            throw TensorIOError(file: path, "several MoE layers (\(candidates.prefix(4).joined(separator: ", "))…); choose one with --prefix")
+        }
+        if let c = candidates.first { return String(c.dropLast("gate.weight".count)) }
+        if file.contains("gate.weight") { return "" }
+        throw TensorIOError(file: path, tensor: "*mlp.gate.weight", "missing required tensor: no router weight (a key ending in 'mlp.gate.weight') — is this an MoE layer?")
+    }
+
+    /// The HF config object and where it came from: `__metadata__["config"]`, else a
+    /// `config.json` beside the file.
+    static func readConfigObject(file: SafetensorsFile, path: String) throws -> ([String: Any], String) {
+        if let text = file.metadata["config"] {
+            guard let data = text.data(using: .utf8), let o = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                throw TensorIOError(file: path, "__metadata__['config'] is not a JSON object")
+            }
+            return (o, "__metadata__")
+        }
+        let beside = URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent("config.json").path
+        guard FileManager.default.fileExists(atPath: beside) else {
+            throw TensorIOError(file: path, "no config: neither __metadata__['config'] nor a config.json beside the file")
+        }
+        guard let data = FileManager.default.contents(atPath: beside),
+              let o = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+            throw TensorIOError(file: beside, "is not a JSON object")
+        }
+        return (o, beside)
+    }
+
+    var routerName: String { prefix + "gate.weight" }
+    var sharedGateName: String { prefix + "shared_expert_gate.weight" }
+
+    func need(_ name: String) throws -> Tensor {
+        guard file.contains(name) else { throw TensorIOError(file: path, tensor: name, "missing required tensor") }
+        return try file.tensor(name)
+    }
+
+    func expectShape(_ t: Tensor, _ name: String, _ shape: [Int], _ what: String) throws {
+        guard t.shape == shape else {
+            throw TensorIOError(file: path, tensor: name, "shape \(t.shape) disagrees with the config: expected \(shape) (\(what))")
+        }
+    }
+
+    func expectFloat(_ t: Tensor, _ name: String) throws {
+        guard t.dtype.isFloatingPoint else { throw TensorIOError(file: path, tensor: name, "dtype \(t.dtype) is not a floating-point type") }
+    }
+
+    /// `hidden_states [T, H]`, T >= 1, floating point, every value finite; nil when absent.
+    func hiddenStates() throws -> Tensor? {
+        guard file.contains("hidden_states") else { return nil }
+        let x = try file.tensor("hidden_states")
+        guard x.shape.count == 2, x.shape[1] == config.hidden, x.shape[0] >= 1 else {
+            throw TensorIOError(file: path, tensor: "hidden_states", "shape \(x.shape) disagrees with the config: expected [T, \(config.hidden)] with T >= 1")
+        }
+        try expectFloat(x, "hidden_states")
+        if let bad = x.firstNonFinite() {
+            throw TensorIOError(file: path, tensor: "hidden_states", "non-finite input \(bad.value) at \(x.position(of: bad.index))")
+        }
+        return x
+    }
+
+    /// The router `[E, H]` and, when the layer has a shared expert, its gate `[1, H]` or `[H]`.
+    func routerAndSharedGate() throws -> (Tensor, Tensor?) {
+        let H = config.hidden
+        let router = try need(routerName)
+        try expectShape(router, routerName, [config.experts, H], "[num_experts, hidden_size]")
+        try expectFloat(router, routerName)
+        guard config.sharedIntermediate > 0 else { return (router, nil) }
+        let sg = try need(sharedGateName)
+        guard sg.shape == [1, H] || sg.shape == [H] else {
+            throw TensorIOError(file: path, tensor: sharedGateName, "shape \(sg.shape) disagrees with the config: expected [1, \(H)]")
+        }
+        try expectFloat(sg, sharedGateName)
+        return (router, sg)
+    }
+
+    /// Router and shared-gate weights must be finite (small: checked eagerly).
+    func expectFiniteGates(router: Tensor, sharedGate: Tensor?) throws {
+        if let bad = router.firstNonFinite() {
+            throw TensorIOError(file: path, tensor: routerName, "non-finite weight \(bad.value) at \(router.position(of: bad.index))")
+        }
+        if let sg = sharedGate, let bad = sg.firstNonFinite() {
+            throw TensorIOError(file: path, tensor: sharedGateName, "non-finite weight \(bad.value) at \(sg.position(of: bad.index))")
+        }
+    }
+
+    /// The block scales of an fp8 weight (nil for other formats): "<...>.weight_scale_inv" beside
+    /// "<...>.weight"; for the combined 3-D tensors "<prefix>experts.gate_up_proj_scale_inv".
+    func scale(for weightName: String, weight: Tensor, rows: Int, columns: Int, slabs: Int?) throws -> (Tensor?, String?) {
+        guard weight.dtype.fp8Format != nil else { return (nil, nil) }
+        let name = weightName + "_scale_inv"
+        guard file.contains(name) else {
+            throw TensorIOError(file: path, tensor: name, "missing required tensor: fp8 weight '\(weightName)' needs its block scales")
+        }
+        let s = try file.tensor(name)
+        try expectFloat(s, name)
+        if let bad = s.firstNonFinite() {
+            throw TensorIOError(file: path, tensor: name, "non-finite scale \(bad.value) at \(s.position(of: bad.index))")
+        }
+        let cols = (columns + 127) / 128
+        let rowsA = (rows + 127) / 128
+        if let slabs {
+            // combined gate_up may be blocked over all 2I rows or per half (sglang layout)
+            let halves = weightName.hasSuffix("experts.gate_up_proj") ? 2 * ((config.intermediate + 127) / 128) : rowsA
+            guard s.shape.count == 3, s.shape[0] == slabs, s.shape[2] == cols, s.shape[1] == rowsA || s.shape[1] == halves else {
+                throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(slabs), \(rowsA), \(cols)]")
+            }
+        } else {
+            guard s.shape == [rowsA, cols] else {
+                throw TensorIOError(file: path, tensor: name, "shape \(s.shape) disagrees with the config: expected [\(rowsA), \(cols)] (ceil(out/128), ceil(in/128))")
+            }
+        }
+        return (s, name)
+    }
+
+    /// gate, up and down of one expert stored as three 2-D tensors under `base`.
+    func perExpert(_ base: String, inter: Int) throws -> (Projection, Projection, Projection) {
+        let H = config.hidden
+        var out: [Projection] = []
+        for (proj, rows, cols) in [("gate_proj", inter, H), ("up_proj", inter, H), ("down_proj", H, inter)] {
+            let n = base + proj + ".weight"
+            let w = try need(n)
+            try expectShape(w, n, [rows, cols], proj == "down_proj" ? "[hidden_size, intermediate]" : "[intermediate, hidden_size]")
+            try expectFloat(w, n)
+            let (s, sn) = try scale(for: n, weight: w, rows: rows, columns: cols, slabs: nil)
+            out.append(Projection(weightName: n, weight: w, scale: s, scaleName: sn, slab: nil, rows: rows, columns: cols,
+                                  rowStart: 0, blockOrigin: 0, scaleRowStart: 0))
+        }
+        return (out[0], out[1], out[2])
+    }
+
+    struct Experts {
+        var layout: ExpertLayout
+        var gates: [Projection] = [], ups: [Projection] = [], downs: [Projection] = []
+        mutating func append(_ p: (Projection, Projection, Projection)) { gates.append(p.0); ups.append(p.1); downs.append(p.2) }
+    }
+
+    /// The routed experts in either layout, then the shared expert (index E) when present.
+    func experts() throws -> Experts {
+        let combinedName = prefix + "experts.gate_up_proj"
+        var out: Experts
+        if file.contains(combinedName) {
+            out = try combinedExperts(combinedName)
+        } else {
+            guard file.contains(prefix + "experts.0.gate_proj.weight") else {
+                throw TensorIOError(file: path, tensor: combinedName,
+                                    "missing required tensor: routed experts found in neither layout ('\(combinedName)' nor '\(prefix)experts.0.gate_proj.weight')")
+            }
+            out = Experts(layout: .perExpert)
+            for e in 0..<config.experts { out.append(try perExpert(prefix + "experts.\(e).", inter: config.intermediate)) }
+        }
+        if config.sharedIntermediate > 0 { out.append(try perExpert(prefix + "shared_expert.", inter: config.sharedIntermediate)) }
+        return out
+    }
+
+    /// `experts.gate_up_proj [E, 2I, H]` (gate rows first) and `experts.down_proj [E, H, I]`.
+    func combinedExperts(_ combinedName: String) throws -> Experts {
+        let H = config.hidden, I = config.intermediate, E = config.experts
+        let gu = try file.tensor(combinedName)
+        try expectShape(gu, combinedName, [E, 2 * I, H], "[num_experts, 2*moe_intermediate_size, hidden_size]")
+        try expectFloat(gu, combinedName)
+        let dn = prefix + "experts.down_proj"
+        let d = try need(dn)
+        try expectShape(d, dn, [E, H, I], "[num_experts, hidden_size, moe_intermediate_size]")
+        try expectFloat(d, dn)
+        let (gs, gsn) = try scale(for: combinedName, weight: gu, rows: 2 * I, columns: H, slabs: E)
+        let (ds, dsn) = try scale(for: dn, weight: d, rows: H, columns: I, slabs: E)
+        let separate = try gateUpBlockedPerHalf(gs, gsn)
+        var out = Experts(layout: .combined)
+        for e in 0..<E {
+            out.append((Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
+                                   rowStart: 0, blockOrigin: 0, scaleRowStart: 0),
+                        Projection(weightName: combinedName, weight: gu, scale: gs, scaleName: gsn, slab: e, rows: I, columns: H,
+                                   rowStart: I, blockOrigin: separate ? I : 0, scaleRowStart: separate ? (I + 127) / 128 : 0),
+                        Projection(weightName: dn, weight: d, scale: ds, scaleName: dsn, slab: e, rows: H, columns: I,
+                                   rowStart: 0, blockOrigin: 0, scaleRowStart: 0)))
+        }
+        return out
+    }
+
+    /// Whether the combined gate_up scales block gate and up separately (sglang's 2·ceil(I/128)
+    /// rows) rather than over all 2I rows (DESIGN §4's ceil(2I/128)); the shapes coincide when
+    /// I mod 128 is 0 or > 64, where the file's `__metadata__["gate_up_scale_blocking"]`
+    /// ("per-half" | "combined") decides and "combined" is assumed without it.
+    func gateUpBlockedPerHalf(_ gs: Tensor?, _ gsn: String?) throws -> Bool {
+        let H = config.hidden, I = config.intermediate, E = config.experts
+        let blocking = file.metadata["gate_up_scale_blocking"]
+        if let blocking, blocking != "per-half" && blocking != "combined" {
+            throw TensorIOError(file: path, "__metadata__ gate_up_scale_blocking is '\(blocking)'; expected 'per-half' or 'combined'")
+        }
+        if let gs, blocking == "per-half" && gs.shape[1] != 2 * ((I + 127) / 128) {
+            throw TensorIOError(file: path, tensor: gsn, "shape \(gs.shape) disagrees with gate_up_scale_blocking 'per-half': expected [\(E), \(2 * ((I + 127) / 128)), \((H + 127) / 128)]")
+        }
+        return gs.map { blocking == "per-half" || (blocking == nil && $0.shape[1] != (2 * I + 127) / 128) } ?? false
+    }
+
+    /// The one storage format of every projection; fp8 needs 128×128 blocks.
+    func commonFormat(_ projections: [Projection], configObject: [String: Any]) throws -> WeightFormat {
+        let formats = Set(projections.map { WeightFormat(dtype: $0.weight.dtype) })
+        guard formats.count == 1, let format = formats.first else {
+            throw TensorIOError(file: path, "expert projections mix storage formats \(formats.map(\.rawValue).sorted()); MoECheck needs one format per layer")
+        }
+        if format.fp8 != nil, let q = configObject["quantization_config"] as? [String: Any],
+           let block = q["weight_block_size"] as? [Int], block != [128, 128] {
+            throw TensorIOError(file: path, "unsupported quantization_config weight_block_size \(block): only [128, 128] block scales are supported")
+        }
+        return format
     }
 }

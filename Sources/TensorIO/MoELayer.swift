@@ -25,6 +25,29 @@ public enum WeightFormat: String, Codable, CaseIterable, Sendable {
         }
     }
 
+    /// The safetensors dtype the projection weights are stored in (the inverse of `init(dtype:)`
+    /// on these five): the one mapping from this vocabulary to safetensors' strings (`dtype.rawValue`).
+    public var dtype: DType {
+        switch self {
+        case .f64: return .f64
+        case .f32: return .f32
+        case .bf16: return .bf16
+        case .fp8e4m3fn: return .f8e4m3fn
+        case .fp8e4m3fnuz: return .f8e4m3fnuz
+        }
+    }
+
+    /// The short tag in case names ("bf16", "fp8fn", "fp8fnuz", "f32", "f64").
+    public var tag: String {
+        switch self {
+        case .fp8e4m3fn: return "fp8fn"
+        case .fp8e4m3fnuz: return "fp8fnuz"
+        case .f64, .f32, .bf16: return rawValue
+        }
+    }
+
+    /// The format of weights stored as `dtype`: fp8 and bf16 as themselves, F64 as f64, any
+    /// other dtype as f32.
     public init(dtype: DType) {
         switch dtype {
         case .f64: self = .f64

@@ -74,64 +74,84 @@ public final class SafetensorsFile: @unchecked Sendable {
         let dataSize = size - dataStart
         for (name, value) in object {
             if name == "__metadata__" {
-                guard let m = value as? [String: Any] else {
-                    throw TensorIOError(file: path, "__metadata__ is not an object of strings")
-                }
-                for (k, v) in m {
-                    guard let s = v as? String else {
-                        throw TensorIOError(file: path, "__metadata__ key '\(k)' is not a string")
-                    }
-                    metadata[k] = s
-                }
-                continue
+                metadata = try Self.parseMetadata(value, path: path)
+            } else {
+                entries[name] = try Self.parseEntry(name, value, dataSize: dataSize, path: path)
             }
-            guard let e = value as? [String: Any] else {
-                throw TensorIOError(file: path, tensor: name, "header entry is not an object")
-            }
-            guard let dtypeName = e["dtype"] as? String else {
-                throw TensorIOError(file: path, tensor: name, "missing 'dtype'")
-            }
-            guard let dtype = DType(rawValue: dtypeName) else {
-                throw TensorIOError(file: path, tensor: name,
-                                    "unknown dtype '\(dtypeName)' (supported: \(DType.allCases.map(\.rawValue).joined(separator: ", ")))")
-            }
-            guard let shapeAny = e["shape"] as? [Any] else {
-                throw TensorIOError(file: path, tensor: name, "missing or non-array 'shape'")
-            }
-            var shape: [Int] = []
-            for d in shapeAny {
-                guard let n = d as? NSNumber, let v = Int(exactly: n.doubleValue), v >= 0 else {
-                    throw TensorIOError(file: path, tensor: name, "shape \(shapeAny) has a dimension that is not a non-negative integer")
-                }
-                shape.append(v)
-            }
-            guard let offs = e["data_offsets"] as? [Any], offs.count == 2,
-                  let b = (offs[0] as? NSNumber).flatMap({ Int(exactly: $0.doubleValue) }),
-                  let en = (offs[1] as? NSNumber).flatMap({ Int(exactly: $0.doubleValue) }) else {
-                throw TensorIOError(file: path, tensor: name, "'data_offsets' must be two integers")
-            }
-            guard b >= 0, en >= b else {
-                throw TensorIOError(file: path, tensor: name, "data_offsets [\(b), \(en)] are not an ascending non-negative range")
-            }
-            guard en <= dataSize else {
-                throw TensorIOError(file: path, tensor: name,
-                                    "data_offsets [\(b), \(en)] run past the \(dataSize)-byte data region (file truncated?)")
-            }
-            var elements = 1
-            for d in shape {
-                let (m, overflow) = elements.multipliedReportingOverflow(by: d)
-                guard !overflow else { throw TensorIOError(file: path, tensor: name, "shape \(shape) overflows") }
-                elements = m
-            }
-            let (expected, bytesOverflow) = elements.multipliedReportingOverflow(by: dtype.byteSize)
-            guard !bytesOverflow else { throw TensorIOError(file: path, tensor: name, "shape \(shape) of \(dtype) overflows (byte count)") }
-            guard expected == en - b else {
-                throw TensorIOError(file: path, tensor: name,
-                                    "shape \(shape) of \(dtype) needs \(expected) bytes but data_offsets [\(b), \(en)] hold \(en - b)")
-            }
-            entries[name] = Entry(dtype: dtype, shape: shape, begin: b, end: en)
         }
-        // The data region must be covered exactly: sorted ranges, no overlap, no gap, no tail.
+        self.metadata = metadata
+        self.entries = entries
+        self.names = try Self.checkCoverage(entries, dataSize: dataSize, path: path)
+    }
+
+    /// `__metadata__`: an object of strings.
+    static func parseMetadata(_ value: Any, path: String) throws -> [String: String] {
+        guard let m = value as? [String: Any] else {
+            throw TensorIOError(file: path, "__metadata__ is not an object of strings")
+        }
+        var metadata: [String: String] = [:]
+        for (k, v) in m {
+            guard let s = v as? String else {
+                throw TensorIOError(file: path, "__metadata__ key '\(k)' is not a string")
+            }
+            metadata[k] = s
+        }
+        return metadata
+    }
+
+    /// One tensor's header entry: a known dtype, a shape of non-negative integers, and
+    /// `data_offsets` inside the data region holding exactly the shape's bytes.
+    static func parseEntry(_ name: String, _ value: Any, dataSize: Int, path: String) throws -> Entry {
+        guard let e = value as? [String: Any] else {
+            throw TensorIOError(file: path, tensor: name, "header entry is not an object")
+        }
+        guard let dtypeName = e["dtype"] as? String else {
+            throw TensorIOError(file: path, tensor: name, "missing 'dtype'")
+        }
+        guard let dtype = DType(rawValue: dtypeName) else {
+            throw TensorIOError(file: path, tensor: name,
+                                "unknown dtype '\(dtypeName)' (supported: \(DType.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        guard let shapeAny = e["shape"] as? [Any] else {
+            throw TensorIOError(file: path, tensor: name, "missing or non-array 'shape'")
+        }
+        var shape: [Int] = []
+        for d in shapeAny {
+            guard let n = d as? NSNumber, let v = Int(exactly: n.doubleValue), v >= 0 else {
+                throw TensorIOError(file: path, tensor: name, "shape \(shapeAny) has a dimension that is not a non-negative integer")
+            }
+            shape.append(v)
+        }
+        guard let offs = e["data_offsets"] as? [Any], offs.count == 2,
+              let b = (offs[0] as? NSNumber).flatMap({ Int(exactly: $0.doubleValue) }),
+              let en = (offs[1] as? NSNumber).flatMap({ Int(exactly: $0.doubleValue) }) else {
+            throw TensorIOError(file: path, tensor: name, "'data_offsets' must be two integers")
+        }
+        guard b >= 0, en >= b else {
+            throw TensorIOError(file: path, tensor: name, "data_offsets [\(b), \(en)] are not an ascending non-negative range")
+        }
+        guard en <= dataSize else {
+            throw TensorIOError(file: path, tensor: name,
+                                "data_offsets [\(b), \(en)] run past the \(dataSize)-byte data region (file truncated?)")
+        }
+        var elements = 1
+        for d in shape {
+            let (m, overflow) = elements.multipliedReportingOverflow(by: d)
+            guard !overflow else { throw TensorIOError(file: path, tensor: name, "shape \(shape) overflows") }
+            elements = m
+        }
+        let (expected, bytesOverflow) = elements.multipliedReportingOverflow(by: dtype.byteSize)
+        guard !bytesOverflow else { throw TensorIOError(file: path, tensor: name, "shape \(shape) of \(dtype) overflows (byte count)") }
+        guard expected == en - b else {
+            throw TensorIOError(file: path, tensor: name,
+                                "shape \(shape) of \(dtype) needs \(expected) bytes but data_offsets [\(b), \(en)] hold \(en - b)")
+        }
+        return Entry(dtype: dtype, shape: shape, begin: b, end: en)
+    }
+
+    /// The data region must be covered exactly: sorted ranges, no overlap, no gap, no tail.
+    /// Returns the tensor names in data order.
+    static func checkCoverage(_ entries: [String: Entry], dataSize: Int, path: String) throws -> [String] {
         let sorted = entries.sorted { ($0.value.begin, $0.value.end, $0.key) < ($1.value.begin, $1.value.end, $1.key) }
         var cursor = 0
         for (name, e) in sorted {
@@ -146,9 +166,7 @@ public final class SafetensorsFile: @unchecked Sendable {
         if cursor != dataSize {
             throw TensorIOError(file: path, "data region holds \(dataSize) bytes but the tensors cover \(cursor)")
         }
-        self.metadata = metadata
-        self.entries = entries
-        self.names = sorted.map(\.key)
+        return sorted.map(\.key)
     }
 
     public func contains(_ name: String) -> Bool { entries[name] != nil }

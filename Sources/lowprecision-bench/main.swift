@@ -20,21 +20,14 @@ let mebi = arguments.count > 1 ? Int(arguments[1]) ?? 64 : 64
 let repetitions = arguments.count > 2 ? Int(arguments[2]) ?? 7 : 7
 let count = mebi << 20
 
-var state: UInt64 = 0x1234_5678_9ABC_DEF0
-func nextRandom() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
-}
+var random = SplitMix64(seed: 0x1234_5678_9ABC_DEF0)
 
 let source = UnsafeMutableBufferPointer<Float>.allocate(capacity: count)
 let bits = UnsafeMutableBufferPointer<UInt16>.allocate(capacity: count)
 let decoded = UnsafeMutableBufferPointer<Float>.allocate(capacity: count)
 defer { source.deallocate(); bits.deallocate(); decoded.deallocate() }
 for i in 0..<count {
-    let r = nextRandom()
+    let r = random.next()
     // Random sign and mantissa, exponent within ±40 binades of 1.
     let exponent = UInt32(127 - 40 + Int(r >> 58) % 81)
     source[i] = Float(bitPattern: UInt32(truncatingIfNeeded: r) & 0x807F_FFFF | exponent << 23)

@@ -13,8 +13,7 @@ struct Faults: ParsableCommand {
         benign variant keeps it in fp32. Exit 1 if a harmful fault is missed, a benign one is flagged, or the baseline fails.
         """)
 
-    @Option(help: "A FAULTS=1 kernel library (libmoekernels_faults.so).")
-    var kernels: String?
+    @OptionGroup var library: KernelLibraryOption
 
     @Flag(help: "Use the CPU fault models instead of a GPU library (runs anywhere).")
     var cpuModels = false
@@ -22,8 +21,7 @@ struct Faults: ParsableCommand {
     @Flag(help: "Use model-sized case families (H=2048, E=256) instead of small ones.")
     var large = false
 
-    @Option(help: "Write the matrix as JSON.")
-    var json: String?
+    @OptionGroup var report: JSONOutputOption
 
     @OptionGroup var blas: BLASOptions
 
@@ -38,13 +36,13 @@ struct Faults: ParsableCommand {
             make = { try CPUModelKernel(fault: $0) }
             label = "CPU fault models"
         } else {
-            guard let path = kernels ?? KernelLibrary.environmentPath else {
-                throw fail("faults: give a fault build with --kernels PATH (make -C Kernels PLATFORM=nvidia FAULTS=1), or --cpu-models")
+            guard let path = library.path else {
+                throw ToolFailure.noKernel(command: "faults", what: "a fault build with --kernels PATH (make -C Kernels PLATFORM=nvidia FAULTS=1), or --cpu-models")
             }
-            let kernel = try openDeviceKernel(path, command: "faults")
+            let kernel = try failing("faults") { try DeviceKernel.open(path: path) }
             let lib = kernel.library
             faults = lib.faultNames
-            guard !faults.isEmpty else { throw fail("faults: \(path) injects no faults (build it with FAULTS=1)") }
+            guard !faults.isEmpty else { throw ToolFailure.noFaults(path: path) }
             make = { f in try lib.setFault(f); return kernel }
             label = "\(lib.libraryName) on \(kernel.device)"
         }
@@ -58,16 +56,8 @@ struct Faults: ParsableCommand {
             print("  \(c.fault) on \(c.family): \(c.evidence.prefix(160))")
         }
         for b in m.baselineFailures { print("baseline failure: \(b)") }
-        if let json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try enc.encode(m).write(to: URL(fileURLWithPath: json))
-        }
-        let harmful = faults.filter { !FaultMatrix.isBenign($0) }
-        let benign = faults.filter { FaultMatrix.isBenign($0) }
-        print(String(format: "faults: %d/%d harmful detected, %d/%d benign accepted, %d false alarm(s), baseline %@, %.1f s",
-                     harmful.count - m.missed.count, harmful.count, benign.count - Set(m.falseAlarms.map(\.fault)).count, benign.count,
-                     m.falseAlarms.count, m.baselineFailures.isEmpty ? "passes" : "FAILS", Date().timeIntervalSince(start)))
+        try report.write(m)
+        print(m.summaryLine(faults: faults, seconds: Date().timeIntervalSince(start)))
         if !m.passed { throw ExitCode(1) }
     }
 }

@@ -23,14 +23,7 @@ struct Fuzz: ParsableCommand {
         Exit code 1 on any failure.
         """)
 
-    @Option(help: "Kernel library (.so). Default: $MOECHECK_KERNELS.")
-    var kernels: String?
-
-    @Flag(help: "Fuzz the CPU model of the kernel recipe (no GPU needed).")
-    var cpuModel = false
-
-    @Option(help: "With --cpu-model: inject this CPU fault model.")
-    var fault: String?
+    @OptionGroup var kernel: KernelOptions
 
     @Flag(help: "Fuzz the float32 reference engine against the float64 oracle's bounds (must never fail).")
     var cpuSelfcheck = false
@@ -47,20 +40,9 @@ struct Fuzz: ParsableCommand {
     @Option(help: "Run shard i of n: case indices with index % n == i.")
     var shard: String = "0/1"
 
-    @Option(help: "Write the campaign as JSON.")
-    var json: String?
+    @OptionGroup var report: JSONOutputOption
 
-    @Option(help: "Cap on T (default 8192; 512 with --cpu-model).")
-    var maxTokens: Int?
-
-    @Option(help: "Cap on E (default 512; 64 with --cpu-model).")
-    var maxExperts: Int?
-
-    @Option(help: "Cap on H (default 4096; 2048 --cpu-selfcheck; 1024 --cpu-model). I is capped at min(H cap, its default).")
-    var maxHidden: Int?
-
-    @Option(help: "Cap on one case's work T·(K+1)·3·I·H + weights + router (default 3e9 GPU, 4e7 --cpu-selfcheck, 6e6 --cpu-model; scaled by the caps given).")
-    var maxCost: Double?
+    @OptionGroup var caps: FuzzCapOptions
 
     @Option(help: "Verifications a shrink may spend.")
     var shrinkAttempts: Int = 150
@@ -71,47 +53,29 @@ struct Fuzz: ParsableCommand {
     @Option(help: "Run exactly this case (the JSON of a VerifyCase, as printed for a failure) and exit.")
     var replay: String?
 
-    @Option(help: "GPU index.")
-    var device: Int = 0
-
     @OptionGroup var blas: BLASOptions
 
     func validate() throws {
-        if cpuModel && cpuSelfcheck { throw ValidationError("--cpu-model and --cpu-selfcheck exclude each other") }
-        if fault != nil && cpuSelfcheck { throw ValidationError("--fault needs --cpu-model or --kernels") }
+        if kernel.cpuModel && cpuSelfcheck { throw ValidationError("--cpu-model and --cpu-selfcheck exclude each other") }
+        if kernel.fault != nil && cpuSelfcheck { throw ValidationError("--fault needs --cpu-model or --kernels") }
         if let cases, cases < 0 { throw ValidationError("--cases must be >= 0") }
         if let seconds, seconds < 0 { throw ValidationError("--seconds must be >= 0") }
     }
 
-    /// The kernel, its default limits and the replay command prefix.
+    /// The kernel, its default limits, whether it uploads every expert, and the replay command prefix.
     func makeKernel() throws -> (KernelUnderTest, FuzzLimits, Bool, String) {
         if cpuSelfcheck { return (ReferenceSelfCheckKernel(), .selfCheck, false, "moecheck fuzz --cpu-selfcheck") }
-        if cpuModel {
-            let k = try CPUModelKernel(fault: fault)
-            return (k, .cpuModel, true, "moecheck fuzz --cpu-model" + (fault.map { " --fault \($0)" } ?? ""))
+        guard let selection = kernel.selection else {
+            throw ToolFailure.noKernel(command: "fuzz", what: "a kernel library (--kernels PATH or MOECHECK_KERNELS), --cpu-model or --cpu-selfcheck")
         }
-        guard let path = kernels ?? KernelLibrary.environmentPath else {
-            throw fail("fuzz: give a kernel library (--kernels PATH or MOECHECK_KERNELS), --cpu-model or --cpu-selfcheck")
+        let faultArgument = kernel.fault.map { " --fault \($0)" } ?? ""
+        switch selection {
+        case let .library(path, device, _):
+            let k = try failing("fuzz") { try selection.open() }
+            return (k, .device, true, "moecheck fuzz --kernels \(path)" + faultArgument + (device != 0 ? " --device \(device)" : ""))
+        default:
+            return (try selection.open(), .cpuModel, true, "moecheck fuzz --cpu-model" + faultArgument)
         }
-        let k = try openDeviceKernel(path, device: device, fault: fault, command: "fuzz")
-        return (k, .device, true, "moecheck fuzz --kernels \(path)" + (fault.map { " --fault \($0)" } ?? "") + (device != 0 ? " --device \(device)" : ""))
-    }
-
-    func limits(_ base: FuzzLimits) -> FuzzLimits {
-        var l = base
-        if let maxTokens { l.maxTokens = max(1, maxTokens) }
-        if let maxExperts { l.maxExperts = max(1, maxExperts) }
-        if let maxHidden { l.maxHidden = max(1, maxHidden); l.maxIntermediate = min(base.maxIntermediate, l.maxHidden) }
-        if let maxCost { l.maxCost = max(1, Int(min(maxCost, 9e18))) }
-        else {
-            // caps below the defaults shrink the cost budget in proportion (never below 1/64 of it)
-            var f = 1.0
-            f *= min(1, Double(l.maxTokens) / Double(base.maxTokens)).squareRoot()
-            f *= min(1, Double(l.maxHidden) / Double(base.maxHidden))
-            f *= min(1, Double(l.maxExperts) / Double(base.maxExperts)).squareRoot()
-            l.maxCost = max(base.maxCost / 64, Int(Double(base.maxCost) * f))
-        }
-        return l
     }
 
     func run() throws {
@@ -128,8 +92,8 @@ struct Fuzz: ParsableCommand {
             return
         }
         let sh: FuzzShard
-        do { sh = try FuzzShard(parsing: shard) } catch { throw fail("fuzz: \(error)") }
-        let lim = limits(base)
+        sh = try failing("fuzz") { try FuzzShard(parsing: shard) }
+        let lim = base.capped(maxTokens: caps.maxTokens, maxExperts: caps.maxExperts, maxHidden: caps.maxHidden, maxCost: caps.maxCost)
         let generator = FuzzGenerator(seed: seed, limits: lim, allExperts: allExperts)
         var campaign = FuzzCampaign(generator: generator, verifier: verifier, shard: sh,
                                     maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
@@ -173,14 +137,24 @@ struct Fuzz: ParsableCommand {
             }
         }
         clearProgress()
-        if let json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-            enc.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-            try enc.encode(summary).write(to: URL(fileURLWithPath: json))
-        }
+        try report.write(summary, escapingSlashes: false)
         print(summary.line)
         print("\(summary.passed) passed, \(summary.failed) failed")
         if summary.failed > 0 { throw ExitCode(1) }
     }
+}
+
+/// The caps on generated fuzz cases (`FuzzLimits.capped`).
+struct FuzzCapOptions: ParsableArguments {
+    @Option(help: "Cap on T (default 8192; 512 with --cpu-model).")
+    var maxTokens: Int?
+
+    @Option(help: "Cap on E (default 512; 64 with --cpu-model).")
+    var maxExperts: Int?
+
+    @Option(help: "Cap on one case's work T·(K+1)·3·I·H + weights + router (default 3e9 GPU, 4e7 --cpu-selfcheck, 6e6 --cpu-model; scaled by the caps given).")
+    var maxCost: Double?
+
+    @Option(help: "Cap on H (default 4096; 2048 --cpu-selfcheck; 1024 --cpu-model). I is capped at min(H cap, its default).")
+    var maxHidden: Int?
 }

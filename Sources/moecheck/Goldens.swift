@@ -3,8 +3,9 @@ import Foundation
 import MoEReference
 import MoEVerify
 
-struct Goldens: ParsableCommand {
+struct GoldensCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "goldens",
         abstract: "Golden tensors: generate a set of case files with expected reference outputs, or verify a set.",
         discussion: "See Goldens/README.md for the file schema and how to check a kernel against them.",
         subcommands: [GoldensGenerate.self, GoldensVerify.self])
@@ -28,20 +29,14 @@ struct GoldensGenerate: ParsableCommand {
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
-        if blas.blasThreads == nil && ProcessInfo.processInfo.environment["MOECHECK_BLAS_THREADS"] == nil { BLAS.setThreads(1) } else { blas.apply() }
-        let cases: [GoldenCase]
-        do { cases = try GoldenSuites.suite(suite) } catch { throw fail("moecheck goldens generate: \(error)") }
-        do {
-            let m = try MoEVerify.Goldens.generate(suite: cases, into: out, materializeLarge: materializeLarge) { e in
-                let bytes = e.files.reduce(0) { $0 + $1.bytes }
-                print("\(e.name): T=\(e.T) H=\(e.H) I=\(e.I) Is=\(e.Is) E=\(e.E) K=\(e.K) \(e.weight_dtype) \(e.layout) \(e.recipe) " +
-                      "\(bytes) bytes\(e.spec_only ? " (spec-only)" : "")\(e.ambiguous_tokens > 0 ? ", \(e.ambiguous_tokens) ambiguous token(s)" : "")")
+        blas.apply(fallback: 1)
+        let m = try failing("moecheck goldens generate") {
+            try Goldens.generate(suite: try GoldenSuites.suite(suite), into: out, materializeLarge: materializeLarge) { e in
+                print(e.summaryLine)
             }
-            let total = m.cases.flatMap(\.files).reduce(0) { $0 + $1.bytes }
-            print("goldens: \(m.cases.count) cases, \(total) bytes, OpenBLAS threads \(m.openblas_threads) -> \(out)/manifest.json")
-        } catch {
-            throw fail("moecheck goldens generate: \(error)")
         }
+        let total = m.cases.flatMap(\.files).reduce(0) { $0 + $1.bytes }
+        print("goldens: \(m.cases.count) cases, \(total) bytes, OpenBLAS threads \(m.openblas_threads) -> \(out)/manifest.json")
     }
 }
 
@@ -63,24 +58,16 @@ struct GoldensVerify: ParsableCommand {
     @Flag(help: "Fail on any bit difference.")
     var strictBits = false
 
-    @Option(help: "Only cases whose name contains this text.")
-    var filter: String?
+    @OptionGroup var cases: CaseFilterOption
 
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
-        let m: GoldenManifest
-        do { m = try GoldenManifest.load(dir) } catch { throw fail("moecheck goldens verify: \(error)") }
-        if blas.blasThreads == nil && ProcessInfo.processInfo.environment["MOECHECK_BLAS_THREADS"] == nil {
-            BLAS.setThreads(max(1, m.openblas_threads))
-        } else { blas.apply() }
-        var passed = 0, failed = 0, notBits = 0
-        for e in m.cases where filter.map({ e.name.contains($0) }) ?? true {
-            let r = MoEVerify.Goldens.verify(e, in: dir, requireBits: strictBits)
-            print(r.line)
-            if r.passed { passed += 1 } else { failed += 1 }
-            if r.passed && !r.bitIdentical { notBits += 1 }
-        }
+        let m = try failing("moecheck goldens verify") { try GoldenManifest.load(dir) }
+        blas.apply(fallback: m.openblas_threads)
+        let reports = Goldens.verify(m, in: dir, filter: cases.filter, requireBits: strictBits) { print($0.line) }
+        let passed = reports.filter(\.passed).count, failed = reports.count - passed
+        let notBits = reports.filter { $0.passed && !$0.bitIdentical }.count
         if notBits > 0 { print("note: \(notBits) case(s) not bit-identical but within their bounds (OpenBLAS threads \(BLAS.threads))") }
         print("\(passed) passed, \(failed) failed")
         if failed > 0 { throw ExitCode(1) }

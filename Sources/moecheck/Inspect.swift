@@ -9,19 +9,14 @@ struct Inspect: ParsableCommand {
     @Argument(help: "A safetensors case file (or a layer cut from a checkpoint).")
     var file: String
 
-    @Option(help: "Tensor-name prefix of the layer (default: the key ending in 'mlp.gate.weight').")
-    var prefix: String?
+    @OptionGroup var layer: LayerPrefixOption
 
     @Flag(help: "Skip decoding every expert weight to look for NaN/Inf.")
     var noScan = false
 
     func run() throws {
         let c: MoECaseFile
-        do {
-            c = try MoECaseFile(path: file, prefix: prefix)
-        } catch let e as TensorIOError {
-            throw fail("moecheck inspect: \(e)")
-        }
+        c = try failing("moecheck inspect") { try MoECaseFile(path: file, prefix: layer.prefix) }
         let cfg = c.config
         var problems: [String] = []
         print("file:        \(file)")

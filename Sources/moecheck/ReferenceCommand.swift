@@ -21,8 +21,7 @@ struct Reference: ParsableCommand {
     @Option(help: "Where to write the result (safetensors).")
     var output: String
 
-    @Option(help: "Tensor-name prefix of the layer.")
-    var prefix: String?
+    @OptionGroup var layer: LayerPrefixOption
 
     @Flag(help: "Report the shared expert unfused (topk columns = K) instead of as slot E.")
     var unfused = false
@@ -38,10 +37,9 @@ struct Reference: ParsableCommand {
     func run() throws {
         blas.apply()
         let c: MoECaseFile
-        do { c = try MoECaseFile(path: caseFile, prefix: prefix) } catch { throw fail("moecheck reference: \(error)") }
-        let r = try resolveRecipe(recipe, for: c.weightFormat)
-        let x: [Double]
-        do { x = try c.inputs() } catch { throw fail("moecheck reference: \(error)") }
+        c = try failing("moecheck reference") { try MoECaseFile(path: caseFile, prefix: layer.prefix) }
+        let r = try Recipe.named(recipe, orDefaultFor: c.weightFormat)
+        let x = try failing("moecheck reference") { try c.inputs() }
         let start = Date()
         do {
             let engine = try MoEReferenceEngine(layer: c, recipe: r, options: ReferenceOptions(computeBounds: !noBounds, float32: float32, fuseShared: !unfused))
@@ -50,18 +48,8 @@ struct Reference: ParsableCommand {
             let amb = result.ambiguousTokens.filter { $0 }.count
             print("reference: \(c.tokens) tokens, \(c.config), recipe \(r.name), \(String(format: "%.2f", Date().timeIntervalSince(start))) s, " +
                   "\(amb) ambiguous token(s), max bound \(String(format: "%.3e", result.maxBound)) -> \(output)")
-        } catch let e as ToolFailure {
-            throw e
         } catch {
-            throw fail("moecheck reference: \(caseFile): \(error)")
+            throw ToolFailure.failed(command: "moecheck reference: \(caseFile)", error)
         }
     }
-}
-
-func resolveRecipe(_ name: String?, for format: WeightFormat) throws -> Recipe {
-    guard let name else { return format.fp8 != nil ? .fusedFP8 : .fusedBF16 }
-    guard let r = Recipe.named(name) else {
-        throw fail("unknown recipe '\(name)' (known: \(Recipe.named.map(\.name).joined(separator: ", ")))")
-    }
-    return r
 }

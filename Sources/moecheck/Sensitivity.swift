@@ -5,8 +5,9 @@ import MoEReference
 import MoEVerify
 import TensorIO
 
-struct Sensitivity: ParsableCommand {
+struct SensitivityCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "sensitivity",
         abstract: "Measure what a forward-only verdict can see: a kernel as it is, and with known defects applied to its output.",
         discussion: """
         Each case runs forward-only (the whole layer's output, no stage outputs; tokens whose routing a correct kernel \
@@ -16,11 +17,7 @@ struct Sensitivity: ParsableCommand {
         it and the case's stated sensitivity. Exit 1 if the kernel as it is fails, or a mutation passes.
         """)
 
-    @Option(help: "Kernel library (.so) implementing Kernels/include/moe_kernels.h. Default: $MOECHECK_KERNELS.")
-    var kernels: String?
-
-    @Flag(help: "Run the CPU model of the kernel recipe instead of a GPU library.")
-    var cpuModel = false
+    @OptionGroup var kernel: KernelOptions
 
     @Option(help: "Model shapes, comma-separated.")
     var shapes: String = "qwen3.5-35b-a3b-tp1,qwen3.5-397b-a17b-tp8"
@@ -34,43 +31,37 @@ struct Sensitivity: ParsableCommand {
     @Option(help: "Mutations, comma-separated (default: all).")
     var mutations: String?
 
-    @Option(help: "Write the rows as JSON.")
-    var json: String?
+    @OptionGroup var report: JSONOutputOption
 
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
         blas.apply()
-        let kernel: KernelUnderTest
-        if cpuModel {
-            kernel = try CPUModelKernel()
-        } else {
-            guard let path = kernels ?? KernelLibrary.environmentPath else {
-                throw fail("sensitivity: give a kernel library with --kernels PATH, or --cpu-model")
-            }
-            kernel = try openDeviceKernel(path, command: "sensitivity")
+        guard let selection = kernel.selection else {
+            throw ToolFailure.noKernel(command: "sensitivity", what: "a kernel library with --kernels PATH (or MOECHECK_KERNELS), or --cpu-model")
         }
+        let kernel = try failing("sensitivity") { try selection.open() }
         let fmts: [WeightFormat] = try formats.split(separator: ",").map { tag in
             switch tag {
             case "bf16": return .bf16
             case "fp8fn": return .fp8e4m3fn
             case "fp8fnuz": return .fp8e4m3fnuz
-            default: throw fail("sensitivity: unknown format '\(tag)' (bf16, fp8fn, fp8fnuz)")
+            default: throw ToolFailure.failed(command: "sensitivity", VerifyError.usage("unknown format '\(tag)' (bf16, fp8fn, fp8fnuz)"))
             }
         }
         let ts = try tokens.split(separator: ",").map { s -> Int in
-            guard let t = Int(s), t >= 1 else { throw fail("sensitivity: bad token count '\(s)'") }
+            guard let t = Int(s), t >= 1 else { throw ToolFailure.failed(command: "sensitivity", VerifyError.usage("bad token count '\(s)'")) }
             return t
         }
         let ms: [Mutation] = try mutations.map { list in
             try list.split(separator: ",").map { name in
                 guard let m = Mutation(rawValue: String(name)) else {
-                    throw fail("sensitivity: unknown mutation '\(name)' (known: \(Mutation.allCases.map(\.rawValue).joined(separator: ", ")))")
+                    throw ToolFailure.failed(command: "sensitivity", VerifyError.usage("unknown mutation '\(name)' (known: \(Mutation.allCases.map(\.rawValue).joined(separator: ", ")))"))
                 }
                 return m
             }
         } ?? Mutation.allCases
-        let cases = try SensitivityStudy.cases(tokens: ts, shapes: shapes.split(separator: ",").map(String.init), formats: fmts)
+        let cases = try failing("sensitivity") { try SensitivityStudy.cases(tokens: ts, shapes: shapes.split(separator: ",").map(String.init), formats: fmts) }
         print("sensitivity: \(kernel.name) on \(kernel.device), \(cases.count) cases × (1 + \(ms.count) mutations), forward-only")
         let start = Date()
         var bad = 0
@@ -84,12 +75,7 @@ struct Sensitivity: ParsableCommand {
             print(line)
             fflush(stdout)
         }
-        if let json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            enc.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-            try enc.encode(rows).write(to: URL(fileURLWithPath: json))
-        }
+        try report.write(rows)
         print(String(format: "sensitivity: %d rows, %d as expected, %d not, %.1f s", rows.count, rows.count - bad, bad, Date().timeIntervalSince(start)))
         if bad > 0 { throw ExitCode(1) }
     }

@@ -1,6 +1,5 @@
 import ArgumentParser
 import Foundation
-import KernelBridge
 import MoEReference
 import MoEVerify
 
@@ -14,26 +13,14 @@ struct Verify: ParsableCommand {
         comparison is skipped (exit 0), unless one was asked for with --kernels or MOECHECK_KERNELS.
         """)
 
-    @Option(help: "Kernel library (.so) implementing Kernels/include/moe_kernels.h. Default: $MOECHECK_KERNELS.")
-    var kernels: String?
+    @OptionGroup var kernel: KernelOptions
 
     @Option(help: "Case suite.")
     var suite: String = "catalogue"
 
-    @Option(help: "Only cases whose name contains this text.")
-    var filter: String?
+    @OptionGroup var cases: CaseFilterOption
 
-    @Option(help: "Write the per-case reports as JSON.")
-    var json: String?
-
-    @Option(help: "GPU index.")
-    var device: Int = 0
-
-    @Option(help: "Select a fault of a FAULTS=1 build before running (for demonstrations; `moecheck faults` runs the matrix).")
-    var fault: String?
-
-    @Flag(help: "Run the CPU model of the kernel recipe instead of a GPU library (no GPU needed; with --fault, a CPU fault model).")
-    var cpuModel = false
+    @OptionGroup var report: JSONOutputOption
 
     @Flag(help: "Upload host-generated weights even when the library can generate them on the device.")
     var hostWeights = false
@@ -42,45 +29,22 @@ struct Verify: ParsableCommand {
 
     func run() throws {
         blas.apply()
-        if cpuModel {
-            let k = try CPUModelKernel(fault: fault)
-            try runCases(kernel: k)
-            return
-        }
-        let explicit = kernels ?? KernelLibrary.environmentPath
-        guard let path = explicit else {
+        guard let selection = kernel.selection else {
             print("verify: no kernel library given (--kernels PATH or MOECHECK_KERNELS): GPU comparison skipped.")
             print("verify: build one with `make -C Kernels PLATFORM=nvidia` (or PLATFORM=amd) and pass --kernels Kernels/build/nvidia/libmoekernels.so")
             return
         }
-        let kernel = try openDeviceKernel(path, device: device, fault: fault, command: "verify")
-        if hostWeights { kernel.generateOnDevice = false }
-        try runCases(kernel: kernel)
-    }
-
-    func runCases(kernel: KernelUnderTest) throws {
-        var cases = try Catalogue.suite(suite)
-        if let filter { cases = cases.filter { $0.name.contains(filter) } }
-        guard !cases.isEmpty else { throw fail("verify: no case of suite '\(suite)' matches filter '\(filter ?? "")'") }
-        print("verify: \(kernel.name) on \(kernel.device), suite \(suite), \(cases.count) cases, OpenBLAS threads \(BLAS.threads)")
-        let verifier = CaseVerifier(kernel: kernel)
-        var reports: [CaseReport] = []
-        let start = Date()
-        for vc in cases {
-            let r = verifier.verify(vc)
+        let k = try failing("verify") { try selection.open() }
+        if hostWeights, let device = k as? DeviceKernel { device.generateOnDevice = false }
+        let selected = try failing("verify") { try CatalogueRun(suite: suite, filter: cases.filter).cases() }
+        print("verify: \(k.name) on \(k.device), suite \(suite), \(selected.count) cases, OpenBLAS threads \(BLAS.threads)")
+        let summary = CatalogueRun.run(selected, on: k) { r in
             print(r.line)
             fflush(stdout)
-            reports.append(r)
         }
-        let failed = reports.filter { !$0.passed }.count
-        if let json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            enc.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-            try enc.encode(reports).write(to: URL(fileURLWithPath: json))
-        }
-        print(String(format: "verify: %@ on %@, %.1f s", kernel.name, kernel.device, Date().timeIntervalSince(start)))
-        print("\(reports.count - failed) passed, \(failed) failed")
-        if failed > 0 { throw ExitCode(1) }
+        try report.write(summary.reports)
+        print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds))
+        print(summary.countLine)
+        if summary.failed > 0 { throw ExitCode(1) }
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 #if canImport(Glibc)
 import Glibc
+import MoECheckTestSupport
 #endif
 
 // A fake kernel library for testing KernelBridge on a machine without a GPU (STYLE: "a mocking
@@ -164,10 +165,8 @@ enum FakeKernelSource {
 
 /// Locating and running the C compiler.
 enum Toolchain {
-    /// The repository root (…/Tests/KernelBridgeTests/FakeKernelLibrary.swift → …).
-    static let repositoryRoot: URL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    static let includeDirectory = repositoryRoot.appendingPathComponent("Kernels/include").path
-    static let header = repositoryRoot.appendingPathComponent("Kernels/include/moe_kernels.h").path
+    static let includeDirectory = packagePath("Kernels/include")
+    static let header = packagePath("Kernels/include/moe_kernels.h")
 
     /// `cc` on PATH, if any.
     static let cc: String? = {
@@ -241,14 +240,7 @@ enum FakeLibraries {
                      unrelated: try compile(unrelatedSource, "libunrelated.so", []))
     }
 
-    static func require() throws -> Built {
-        switch built {
-        case .success(let b): return b
-        case .failure(let e):
-            Issue.record("building the fake kernel library failed: \(e)")
-            throw e
-        }
-    }
+    static func require() throws -> Built { try requireSuccess(built, "building the fake kernel library") }
 }
 
 /// Test-side access to the fake's control functions, through its own dlopen handle (which also

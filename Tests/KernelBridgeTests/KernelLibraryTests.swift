@@ -2,6 +2,7 @@ import CMoEKernelABI
 import Foundation
 @testable import KernelBridge
 import Testing
+import MoECheckTestSupport
 
 // KernelBridge without a GPU: every test loads a fake library (FakeKernelLibrary.swift) built
 // with the system's cc. The suite is serialized because the fake's mode and counters are
@@ -65,7 +66,7 @@ struct KernelLibraryTests {
             Issue.record("moe_router with top_k 9 > experts 8 succeeded")
         } catch let e as KernelError {
             #expect(e.function == "moe_router")
-            #expect(e.status == 1)
+            #expect(e.status == 1 && e.kernelStatus == .invalidArgument)
             #expect(e.message == "moe_router: top_k 9 > experts 8")
             #expect(e.description == "moe_router failed (invalid argument): moe_router: top_k 9 > experts 8")
         }
@@ -81,7 +82,7 @@ struct KernelLibraryTests {
             Issue.record("moe_malloc in mode malloc_fails succeeded")
         } catch let e as KernelError {
             #expect(e.function.hasPrefix("moe_malloc"), "function: \(e.function)")
-            #expect(e.status == 4)
+            #expect(e.status == 4 && e.kernelStatus == .outOfMemory)
             let d = e.description
             #expect(d.contains("moe_malloc") && d.contains("out of memory") && d.contains("fake device out of memory allocating 1024 bytes"),
                     "description: \(d)")
@@ -207,7 +208,7 @@ struct KernelLibraryTests {
             Issue.record("setFault on a library without moe_set_fault succeeded")
         } catch let e as KernelError {
             #expect(e.function == "moe_set_fault")
-            #expect(e.status == 3)
+            #expect(e.status == 3 && e.kernelStatus == .unsupported)
             #expect(e.description.contains("unsupported") && e.description.contains("not exported by \(fake.noFaults)"), "description: \(e.description)")
         }
         do {
@@ -271,5 +272,45 @@ struct HeaderTests {
         let (status, log) = try Toolchain.runCC(["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
                                                   "-I", Toolchain.includeDirectory, src.path])
         #expect(status == 0, "including moe_kernels.h twice failed:\n\(log)")
+    }
+}
+
+@Suite("Named ABI constants")
+struct NamedConstantTests {
+    @Test("every named Swift enum has the value of the moe_kernels.h constant it mirrors")
+    func enumsMirrorTheHeader() {
+        let status: [(KernelLibrary.Status, moe_status)] = [(.ok, MOE_OK), (.invalidArgument, MOE_ERR_INVALID_ARGUMENT),
+            (.deviceError, MOE_ERR_DEVICE), (.unsupported, MOE_ERR_UNSUPPORTED), (.outOfMemory, MOE_ERR_OUT_OF_MEMORY)]
+        for (named, c) in status { #expect(named.rawValue == Int32(c.rawValue), "\(named)") }
+        #expect(status.count == KernelLibrary.Status.allCases.count)
+        let formats: [(KernelLibrary.WeightFormatCode, moe_weight_format)] = [(.bf16, MOE_WEIGHTS_BF16),
+            (.fp8e4m3fn, MOE_WEIGHTS_FP8_E4M3FN), (.fp8e4m3fnuz, MOE_WEIGHTS_FP8_E4M3FNUZ)]
+        for (named, c) in formats { #expect(named.rawValue == Int32(c.rawValue), "\(named)") }
+        #expect(formats.count == KernelLibrary.WeightFormatCode.allCases.count)
+        #expect(KernelLibrary.DeclaredRecipe.Precision.fp32.rawValue == Int32(MOE_PREC_FP32.rawValue))
+        #expect(KernelLibrary.DeclaredRecipe.Precision.bf16.rawValue == Int32(MOE_PREC_BF16.rawValue))
+        #expect(KernelLibrary.DeclaredRecipe.ScaleConvention.divide.rawValue == Int32(MOE_SCALE_DIVIDE.rawValue))
+        #expect(KernelLibrary.DeclaredRecipe.ScaleConvention.multiplyReciprocal.rawValue == Int32(MOE_SCALE_MULTIPLY_RECIPROCAL.rawValue))
+        #expect(KernelLibrary.DeclaredRecipe.Intermediate.bf16.rawValue == Int32(MOE_INTER_BF16.rawValue))
+        #expect(KernelLibrary.DeclaredRecipe.Intermediate.fp8Group128.rawValue == Int32(MOE_INTER_FP8_GROUP128.rawValue))
+        #expect(KernelLibrary.FillKind.bf16Int.rawValue == Int32(MOE_FILL_BF16_INT.rawValue))
+        #expect(KernelLibrary.FillKind.fp8Code.rawValue == Int32(MOE_FILL_FP8_CODE.rawValue))
+        #expect(KernelLibrary.FillKind.f32Pow2.rawValue == Int32(MOE_FILL_F32_POW2.rawValue))
+        #expect(KernelLibrary.abiVersion == MOE_ABI_VERSION)
+    }
+
+    @Test("KernelFault lists the fault build's names in its order (k_fault_names in Kernels/src/moe_api.hip)")
+    func faultNamesMirrorTheFaultBuild() throws {
+        let source = try String(contentsOfFile: packagePath("Kernels/src/moe_api.hip"), encoding: .utf8)
+        let start = try #require(source.range(of: "k_fault_names[MOE_FAULT_COUNT] = {"), "k_fault_names not found")
+        let end = try #require(source.range(of: "};", range: start.upperBound..<source.endIndex))
+        let names = source[start.upperBound..<end.lowerBound].split(separator: "\n")
+            .map { $0.trimmingCharacters(in: .whitespaces) }
+            .filter { $0.hasPrefix("\"") }
+            .map { String($0.dropFirst().prefix { $0 != "\"" }) }
+            .filter { !$0.isEmpty }
+        #expect(names == KernelFault.allCases.map(\.rawValue))
+        #expect(KernelFault.harmful.count == 12 && KernelFault.benign.count == 3)
+        #expect(KernelFault.benign.allSatisfy { KernelFault.isBenign($0.rawValue) })
     }
 }

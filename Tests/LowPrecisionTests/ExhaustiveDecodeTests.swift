@@ -1,7 +1,8 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
-@Suite("Exhaustive decode against the format definitions")
+@Suite("Exhaustive decode against the format definitions", .tags(.exhaustive))
 struct ExhaustiveDecodeTests {
     @Test("Every code decodes to the value its format definition gives", arguments: FormatUnderTest.allCases)
     func everyCodeMatchesDefinition(format: FormatUnderTest) {

@@ -1,5 +1,6 @@
 import Testing
 import LowPrecision
+import MoECheckTestSupport
 
 /// The branch-free e4m3 → binary32 decode used on the hot paths equals the table for every code.
 @Suite("FP8Codec.bits(e4m3:fnuz:)")

@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 // Test support for the LowPrecision suites.
 //
@@ -143,75 +144,12 @@ struct EncoderUnderTest: Sendable, CustomStringConvertible {
         EncoderUnderTest(name: "Float16Codec.bits(Double)", format: .float16, takesFloat: false) {
             UInt32(Float16Codec.bits($0))
         },
-        EncoderUnderTest(name: "e4m3fn.code(Double)", format: .e4m3fn, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fn.code($0))
-        },
-        EncoderUnderTest(name: "e4m3fn.code(Double, saturating)", format: .e4m3fn, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fn.code($0, saturating: true))
-        },
-        EncoderUnderTest(name: "e4m3fn.code(Float)", format: .e4m3fn, takesFloat: true) {
-            UInt32(FP8Codec.e4m3fn.code(Float($0)))
-        },
-        EncoderUnderTest(name: "e4m3fnuz.code(Double)", format: .e4m3fnuz, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fnuz.code($0))
-        },
-        EncoderUnderTest(name: "e4m3fnuz.code(Double, saturating)", format: .e4m3fnuz, takesFloat: false) {
-            UInt32(FP8Codec.e4m3fnuz.code($0, saturating: true))
-        },
-        EncoderUnderTest(name: "e4m3fnuz.code(Float)", format: .e4m3fnuz, takesFloat: true) {
-            UInt32(FP8Codec.e4m3fnuz.code(Float($0)))
-        },
-    ]
-}
+    ] + fp8Encoders(.e4m3fn, .e4m3fn) + fp8Encoders(.e4m3fnuz, .e4m3fnuz)
 
-/// Whether two decoded values agree: both NaN, or equal with the same sign (so −0 ≠ +0).
-func sameValue(_ a: Double, _ b: Double) -> Bool {
-    if a.isNaN || b.isNaN { return a.isNaN && b.isNaN }
-    return a == b && a.sign == b.sign
-}
-
-/// Records at most `limit` failures of a combinatorial sweep, then a total, so a broken codec
-/// reports a handful of named cases instead of 65,536.
-struct FailureLog {
-    let context: String
-    let limit: Int
-    private(set) var failures = 0
-    private(set) var checks = 0
-
-    init(_ context: String, limit: Int = 8) {
-        self.context = context
-        self.limit = limit
-    }
-
-    mutating func check(_ condition: Bool, _ message: @autoclosure () -> String,
-                        sourceLocation: SourceLocation = #_sourceLocation) {
-        checks += 1
-        if condition { return }
-        failures += 1
-        if failures <= limit {
-            Issue.record(Comment(rawValue: "\(context): \(message())"), sourceLocation: sourceLocation)
-        }
-    }
-
-    /// Records the total when failures were capped; expects that something was checked at all.
-    func finish(sourceLocation: SourceLocation = #_sourceLocation) {
-        #expect(checks > 0, "\(context): no cases were checked", sourceLocation: sourceLocation)
-        if failures > limit {
-            Issue.record(Comment(rawValue: "\(context): \(failures) of \(checks) checks failed (first \(limit) shown)"),
-                         sourceLocation: sourceLocation)
-        }
-    }
-}
-
-/// SplitMix64: a small seeded generator so every random case is repeatable.
-struct SeededGenerator: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
+    /// The three fp8 entry points of `codec`: code(Double), code(Double, saturating), code(Float).
+    static func fp8Encoders(_ codec: FP8Codec, _ format: FormatUnderTest) -> [EncoderUnderTest] {
+        [EncoderUnderTest(name: "\(format).code(Double)", format: format, takesFloat: false) { UInt32(codec.code($0)) },
+         EncoderUnderTest(name: "\(format).code(Double, saturating)", format: format, takesFloat: false) { UInt32(codec.code($0, saturating: true)) },
+         EncoderUnderTest(name: "\(format).code(Float)", format: format, takesFloat: true) { UInt32(codec.code(Float($0))) }]
     }
 }

@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 @Suite("fn → fnuz normalization")
 struct NormalizationTests {

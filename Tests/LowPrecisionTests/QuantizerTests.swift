@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 /// The two fp8 formats with their reference definitions.
 let fp8Formats: [(SmallFloatFormat, ReferenceFormat)] = [(.e4m3fn, .e4m3fn), (.e4m3fnuz, .e4m3fnuz)]

@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 /// Adjacent finite values (a, b) of a format with |a| < |b|, both signs, as codes.
 ///
@@ -15,7 +16,7 @@ func adjacentPairs(_ format: ReferenceFormat) -> [(a: UInt32, b: UInt32)] {
     return pairs
 }
 
-@Suite("Round to nearest even at every midpoint")
+@Suite("Round to nearest even at every midpoint", .tags(.exhaustive))
 struct RoundingMidpointTests {
     @Test("Exact midpoints round to the even code; one ulp (Double or Float) either side rounds to the nearer",
           arguments: EncoderUnderTest.all)

@@ -1,5 +1,6 @@
 import LowPrecision
 import Testing
+import MoECheckTestSupport
 
 /// One edge case: an input, the entry point and the code FACTS §3 / torch / ml_dtypes give.
 struct EdgeCase: Sendable, CustomTestStringConvertible {
@@ -69,26 +70,20 @@ struct SaturationAndNaNTests {
     ]
 
     @Test("e4m3fn edges (Double and Float entry points)", arguments: e4m3fnCases)
-    func e4m3fnEdges(edge: EdgeCase) {
-        let codec = FP8Codec.e4m3fn
-        let code = codec.code(edge.input, saturating: edge.saturating)
-        #expect(code == edge.expected, "e4m3fn.code(\(edge.input), saturating: \(edge.saturating)) = \(code)")
-        let f = Float(edge.input)
-        if Double(f) == edge.input || edge.input.isNaN {
-            let fromFloat = codec.code(f, saturating: edge.saturating)
-            #expect(fromFloat == edge.expected, "e4m3fn.code(Float \(f), saturating: \(edge.saturating)) = \(fromFloat)")
-        }
-    }
+    func e4m3fnEdges(edge: EdgeCase) { Self.check(edge, on: .e4m3fn, named: "e4m3fn") }
 
     @Test("e4m3fnuz edges (Double and Float entry points)", arguments: e4m3fnuzCases)
-    func e4m3fnuzEdges(edge: EdgeCase) {
-        let codec = FP8Codec.e4m3fnuz
+    func e4m3fnuzEdges(edge: EdgeCase) { Self.check(edge, on: .e4m3fnuz, named: "e4m3fnuz") }
+
+    /// The code of `edge.input` through the Double entry point, and through the Float one where
+    /// the input is exact in Float (or NaN).
+    static func check(_ edge: EdgeCase, on codec: FP8Codec, named name: String, sourceLocation: SourceLocation = #_sourceLocation) {
         let code = codec.code(edge.input, saturating: edge.saturating)
-        #expect(code == edge.expected, "e4m3fnuz.code(\(edge.input), saturating: \(edge.saturating)) = \(code)")
+        #expect(code == edge.expected, "\(name).code(\(edge.input), saturating: \(edge.saturating)) = \(code)", sourceLocation: sourceLocation)
         let f = Float(edge.input)
         if Double(f) == edge.input || edge.input.isNaN {
             let fromFloat = codec.code(f, saturating: edge.saturating)
-            #expect(fromFloat == edge.expected, "e4m3fnuz.code(Float \(f), saturating: \(edge.saturating)) = \(fromFloat)")
+            #expect(fromFloat == edge.expected, "\(name).code(Float \(f), saturating: \(edge.saturating)) = \(fromFloat)", sourceLocation: sourceLocation)
         }
     }
 

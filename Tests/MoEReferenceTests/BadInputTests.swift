@@ -3,6 +3,7 @@ import LowPrecision
 import MoEReference
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// Runs `body`, which must throw a `ReferenceError` of the given kind whose text mentions every fragment.
 func expectReferenceError(_ tag: String, unsupported: Bool = false, mentions fragments: [String],

@@ -3,6 +3,7 @@ import LowPrecision
 import MoEReference
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // "The bound is not blind": harmful fault models (FACTS §6) applied to the reference's own output
 // must produce violations; a benign change (the output rounded to bf16, which every fused recipe

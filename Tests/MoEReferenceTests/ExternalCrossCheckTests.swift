@@ -3,6 +3,7 @@ import LowPrecision
 import MoEReference
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // Cross-check against Goldens/external: expected outputs made by HF transformers' own float64 MoE
 // blocks (recipes `exact` and `w8a16`) and by an independent numpy/torch implementation of the

@@ -4,6 +4,7 @@ import LowPrecision
 import MoEReference
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// The float32 mode's fused bf16-weight GEMM (CFastGEMM): each code path this CPU has, against a
 /// float64 dot product with the float32 accumulation bound γ_k·Σ|x||w|; every tail of m, n and k;
@@ -22,7 +23,7 @@ struct FastGEMMTests {
     /// Random x in [-1, 1) and bf16 weights over several binades (no NaN/Inf) in a byte buffer
     /// starting `offset` bytes in; columns k..<ldw of W hold NaN (must not be read).
     static func make(_ p: Problem, seed: UInt64) -> (x: [Float], bytes: [UInt8], w: [[Float]]) {
-        var rng = TestRNG(seed)
+        var rng = SeededGenerator(seed: seed)
         let x = (0..<(p.m * p.k)).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 }
         var bytes = [UInt8](repeating: 0xAA, count: p.offset + 2 * p.n * p.ldw + 8)
         var w = [[Float]](repeating: [], count: p.n)

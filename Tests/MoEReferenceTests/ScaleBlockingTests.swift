@@ -2,6 +2,7 @@ import Foundation
 import MoEReference
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // Combined fp8 gate_up scales blocked per half ([E, 2·ceil(I/128), ·]) and over all 2I rows
 // ([E, ceil(2I/128), ·]) have the same shape when I mod 128 > 64: the writer records which one it

@@ -3,30 +3,12 @@ import LowPrecision
 import MoEReference
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
-// Shared helpers of the MoEReference tests: a seeded generator, small synthetic shapes, a
+// Shared helpers of the MoEReference tests (the generic ones are in MoECheckTestSupport): small synthetic shapes, a
 // MoELayerSource wrapper that edits a layer (relabels experts, drops the shared expert, replaces
 // the router or the shared gate, scales one expert), an independent scalar implementation of
 // the fused recipes, and bound checks that name the worst element.
-
-/// splitmix64, for test-side randomness (permutations, spec choice).
-struct TestRNG {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func int(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-    mutating func permutation(_ n: Int) -> [Int] {
-        var p = Array(0..<n)
-        if n > 1 { for i in stride(from: n - 1, to: 0, by: -1) { p.swapAt(i, int(i + 1)) } }
-        return p
-    }
-}
 
 /// Small shapes covering the edge cases the brief asks for: H and I not multiples of 128, H and I
 /// spanning several 128-blocks, E == K, K == 1, no renormalization with Is != I (not fusable).
@@ -44,7 +26,7 @@ let testTokenCounts = [1, 5, 9, 3]
 func testSpecs(_ count: Int, seed: UInt64, formats: [WeightFormat] = [.bf16],
                routing: RoutingMode = .uniform, inputs: InputMode = .normal, scales: ScaleProfile = .counter,
                shapes: [MoEConfig] = testShapes) -> [SyntheticSpec] {
-    var rng = TestRNG(seed)
+    var rng = SeededGenerator(seed: seed)
     return (0..<count).map { i in
         SyntheticSpec(config: shapes[i % shapes.count], format: formats[i % formats.count],
                       tokens: testTokenCounts[(i / shapes.count + i) % testTokenCounts.count],
@@ -288,15 +270,4 @@ func checkBound(_ y: [Double], _ ref: ReferenceResult) -> BoundCheck {
         }
     }
     return r
-}
-
-/// Path of a file in the package (`Goldens/external/...`).
-func packagePath(_ relative: String) -> String {
-    URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        .appendingPathComponent(relative).path
-}
-
-/// A fresh scratch file path under the temp directory.
-func scratchFile(_ name: String) -> String {
-    FileManager.default.temporaryDirectory.appendingPathComponent("moeref-\(UUID().uuidString)-\(name)").path
 }

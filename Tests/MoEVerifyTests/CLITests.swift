@@ -3,11 +3,10 @@ import MoEReference
 import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // End to end: the built `moecheck` executable, its output and exit codes. Every failure prints
 // the command line and what the tool said (ToolRun.description).
-
-private let toolMissingReason = "the moecheck executable was not found next to the test runner or under .build*/release (MOECHECK_BIN overrides)"
 
 /// A directory holding the good case file, shared by the CLI tests.
 private let workspace: Result<(dir: TemporaryDirectory, good: String), Error> = Result {
@@ -36,7 +35,7 @@ private func expectExit(_ run: ToolRun, _ status: Int32?, sourceLocation: Source
     }
 }
 
-@Suite("moecheck end to end", .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: toolMissingReason)))
+@Suite("moecheck end to end", .tags(.endToEnd), .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
 struct CLITests {
     @Test("inspect on a good case file prints family, H, I, E, K, fusable and exits 0")
     func inspectGood() throws {
@@ -110,26 +109,27 @@ struct CLITests {
 
     @Test("reference with an unknown recipe exits non-zero naming it and the known ones")
     func referenceUnknownRecipe() throws {
-        let w = try goodCase()
-        let dir = try TemporaryDirectory("cli-ref-bad")
-        let out = dir.path("never.safetensors")
-        let run = try MoECheckTool.run(["reference", "--case", w.good, "--output", out, "--recipe", "no-such-recipe"])
-        expectExit(run, nil)
+        let run = try referenceFailing(recipe: "no-such-recipe")
         #expect(run.output.contains("unknown recipe 'no-such-recipe'") && run.output.contains("fused-bf16"), "\(run)")
-        #expect(!FileManager.default.fileExists(atPath: out), "no output is written on failure")
     }
 
     @Test("reference with fused-fp8 on BF16 weights exits non-zero with a clear message")
     func referenceFP8RecipeOnBF16() throws {
-        let w = try goodCase()
-        let dir = try TemporaryDirectory("cli-ref-fp8")
-        let out = dir.path("never.safetensors")
-        let run = try MoECheckTool.run(["reference", "--case", w.good, "--output", out, "--recipe", "fused-fp8"])
-        expectExit(run, nil)
+        let run = try referenceFailing(recipe: "fused-fp8")
         let said = run.output.lowercased()
         #expect(said.contains("fused-fp8") && said.contains("bf16") && said.contains("fp8"), "\(run)")
-        #expect(run.output.contains(w.good), "the message names the case file:\n\(run)")
-        #expect(!FileManager.default.fileExists(atPath: out))
+        #expect(run.output.contains(try goodCase().good), "the message names the case file:\n\(run)")
+    }
+
+    /// `moecheck reference` on the good case with `recipe`, which must fail (non-zero exit) and
+    /// write no output file.
+    private func referenceFailing(recipe: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> ToolRun {
+        let dir = try TemporaryDirectory("cli-ref-\(recipe)")
+        let out = dir.path("never.safetensors")
+        let run = try MoECheckTool.run(["reference", "--case", try goodCase().good, "--output", out, "--recipe", recipe])
+        expectExit(run, nil, sourceLocation: sourceLocation)
+        #expect(!FileManager.default.fileExists(atPath: out), "no output is written on failure", sourceLocation: sourceLocation)
+        return run
     }
 
     @Test("reference on a case without hidden_states exits non-zero saying it needs inputs")

@@ -1,8 +1,10 @@
 import Foundation
+import KernelBridge
 import MoEReference
 @testable import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // The fault-detection matrix in CI: every CPU fault model against the small case families. The
 // matrix is computed once per test process and shared by the tests below.
@@ -16,17 +18,17 @@ private let cpuMatrix: Result<FaultMatrix, Error> = Result {
     try FaultMatrix.run(faults: allFaults, families: smallFamilies, makeKernel: { try CPUModelKernel(fault: $0) }, progress: { _ in })
 }
 
-private func matrix() throws -> FaultMatrix {
-    switch cpuMatrix {
-    case .success(let m): return m
-    case .failure(let e):
-        Issue.record("FaultMatrix.run with the CPU models threw: \(e)")
-        throw e
-    }
-}
+private func matrix() throws -> FaultMatrix { try requireSuccess(cpuMatrix, "FaultMatrix.run with the CPU models") }
 
 @Suite("Fault matrix with the CPU fault models (small families)")
 struct FaultMatrixTests {
+    @Test("the CPU models know exactly the fault build's names, harmful and benign (KernelFault)")
+    func cpuModelFaultNames() {
+        #expect(CPUModelKernel.harmfulFaults == KernelFault.harmful.map(\.rawValue))
+        #expect(CPUModelKernel.benignVariants == KernelFault.benign.map(\.rawValue))
+        #expect(KernelFault.allCases.allSatisfy { FaultMatrix.isBenign($0.rawValue) == $0.isBenign })
+    }
+
     @Test("the matrix has one cell per fault and family")
     func shape() throws {
         let m = try matrix()

@@ -3,6 +3,7 @@ import MoEReference
 import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // `moecheck fuzz`: the generator (determinism, shards, validity, cost caps), the float32
 // self-check, fault finding with shrinking, and replay.
@@ -17,7 +18,7 @@ private func fuzzDims(_ v: VerifyCase) -> [String: Int] {
     return ["T": v.spec.tokens, "E": c.experts, "K": c.topK, "H": c.hidden, "I": c.intermediate, "Is": c.sharedIntermediate, "split": v.splitK]
 }
 
-@Suite("fuzz generator")
+@Suite("fuzz generator", .tags(.fuzz))
 struct FuzzGeneratorTests {
     @Test("same seed, same cases; another seed, other cases")
     func deterministic() {
@@ -103,25 +104,18 @@ struct FuzzGeneratorTests {
     }
 }
 
-@Suite("fuzz campaigns")
+@Suite("fuzz campaigns", .tags(.fuzz))
 struct FuzzCampaignTests {
     @Test("the float32 reference stays inside the float64 oracle's bounds on 50 cases")
     func selfCheck() {
-        let verifier = CaseVerifier(kernel: ReferenceSelfCheckKernel())
-        let campaign = FuzzCampaign(generator: FuzzGenerator(seed: 7, limits: fuzzSmallLimits), verifier: verifier, maxCases: 50)
-        let s = campaign.run(reproducer: { "moecheck fuzz --cpu-selfcheck --replay '\(FuzzReplay.json($0))'" })
-        #expect(s.casesRun == 50)
-        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))\n\(s.reproducers.joined(separator: "\n"))")
+        let s = selfCheckCampaign(seed: 7, cases: 50)
         #expect(s.reports.count == 50 && s.reportsIncluded == "all")
         #expect(s.line.contains("50 passed, 0 failed"))
     }
 
     @Test("the unfaulted CPU model passes a small campaign")
     func cpuModelClean() throws {
-        let verifier = CaseVerifier(kernel: try CPUModelKernel())
-        let s = FuzzCampaign(generator: FuzzGenerator(seed: 2, limits: fuzzSmallLimits, allExperts: true), verifier: verifier, maxCases: 25)
-            .run(reproducer: { FuzzReplay.json($0) })
-        #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))")
+        try cleanCPUModelCampaign(seed: 2, cases: 25)
     }
 
     @Test("a CPU fault model is found, shrunk to a smaller case that still fails, and replays",
@@ -176,7 +170,7 @@ struct FuzzCampaignTests {
     }
 }
 
-@Suite("moecheck fuzz end to end", .enabled(if: MoECheckTool.isAvailable))
+@Suite("moecheck fuzz end to end", .tags(.fuzz, .endToEnd), .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
 struct FuzzCLITests {
     @Test("--cpu-selfcheck passes and reports its case count; --json writes every report")
     func selfCheck() throws {
@@ -206,4 +200,37 @@ struct FuzzCLITests {
         let clean = try MoECheckTool.run(["fuzz", "--cpu-model", "--replay", json])
         #expect(clean.exitStatus == 0 && clean.stdout.contains("1 passed, 0 failed"), "\(clean)")
     }
+}
+
+/// The long fuzz tier (README "Tests"): the same checks as "fuzz campaigns" over many more cases.
+@Suite("fuzz campaigns, long tier", .tags(.fuzz, .longTier), .enabled(if: TestTier.long, TestTier.longSkipReason))
+struct FuzzLongTierTests {
+    @Test("the float32 reference stays inside the float64 oracle's bounds on 1,000 cases")
+    func selfCheckLong() {
+        _ = selfCheckCampaign(seed: 11, cases: 1000)
+    }
+
+    @Test("the unfaulted CPU model passes 300 cases")
+    func cpuModelCleanLong() throws {
+        try cleanCPUModelCampaign(seed: 12, cases: 300)
+    }
+}
+
+/// A `--cpu-selfcheck` campaign of `cases` small cases: every case runs and passes.
+private func selfCheckCampaign(seed: UInt64, cases: Int, sourceLocation: SourceLocation = #_sourceLocation) -> FuzzSummary {
+    let verifier = CaseVerifier(kernel: ReferenceSelfCheckKernel())
+    let s = FuzzCampaign(generator: FuzzGenerator(seed: seed, limits: fuzzSmallLimits), verifier: verifier, maxCases: cases)
+        .run(reproducer: { "moecheck fuzz --cpu-selfcheck --replay '\(FuzzReplay.json($0))'" })
+    #expect(s.casesRun == cases, sourceLocation: sourceLocation)
+    #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))\n\(s.reproducers.joined(separator: "\n"))",
+            sourceLocation: sourceLocation)
+    return s
+}
+
+/// A campaign of the unfaulted CPU model kernel over `cases` small cases: every case passes.
+private func cleanCPUModelCampaign(seed: UInt64, cases: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let verifier = CaseVerifier(kernel: try CPUModelKernel())
+    let s = FuzzCampaign(generator: FuzzGenerator(seed: seed, limits: fuzzSmallLimits, allExperts: true), verifier: verifier, maxCases: cases)
+        .run(reproducer: { FuzzReplay.json($0) })
+    #expect(s.failed == 0, "\(s.reports.filter { !$0.passed }.map(\.line).joined(separator: "\n"))", sourceLocation: sourceLocation)
 }

@@ -2,6 +2,7 @@ import Foundation
 import KernelBridge
 import MoEVerify
 import Testing
+import MoECheckTestSupport
 
 // The GPU suite: the same library calls as `moecheck verify`, on a real kernel library. It runs
 // when MOECHECK_KERNELS names a library that loads and sees a GPU; otherwise it is skipped with
@@ -22,7 +23,7 @@ let gpuUnavailableReason: String? = {
     }
 }()
 
-@Suite("GPU kernels against the reference", .enabled(if: gpuUnavailableReason == nil, Comment(rawValue: gpuUnavailableReason ?? "")))
+@Suite("GPU kernels against the reference", .tags(.gpu), .enabled(if: gpuUnavailableReason == nil, Comment(rawValue: gpuUnavailableReason ?? "")))
 struct GPUTests {
     static let cases = Catalogue.smoke() + Catalogue.splitK()
 

@@ -3,6 +3,7 @@ import MoEReference
 @testable import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 private let repoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 private let goldensDir = repoRoot + "/Goldens"
@@ -164,14 +165,14 @@ struct GoldensTests {
         #expect(loose.passed && !loose.bitIdentical, "\(loose.line)")
     }
 
-    @Test("the Python safetensors package reads every golden file", .enabled(if: pythonReady, "python3 with safetensors + ml_dtypes + numpy is not importable"))
+    @Test("the Python safetensors package reads every golden file", .tags(.python), .enabled(if: pythonReady, "python3 with safetensors + ml_dtypes + numpy is not importable"))
     func pythonLoadsEveryGolden() throws {
         let (status, out) = try shell(["python3", "scripts/check_goldens_python.py", "Goldens"])
         #expect(status == 0, "\(out)")
         #expect(out.contains("files OK"))
     }
 
-    @Test("scripts/goldens_example.py runs as written and passes the fused-bf16 BF16 cases", .enabled(if: pythonReady, "python3 with safetensors + ml_dtypes + numpy is not importable"))
+    @Test("scripts/goldens_example.py runs as written and passes the fused-bf16 BF16 cases", .tags(.python), .enabled(if: pythonReady, "python3 with safetensors + ml_dtypes + numpy is not importable"))
     func pythonExampleRuns() throws {
         let m = try GoldenManifest.load(goldensDir)
         let cases = m.cases.filter { $0.weight_dtype == "BF16" && $0.recipe == "fused-bf16" }

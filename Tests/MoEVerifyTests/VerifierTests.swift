@@ -3,6 +3,7 @@ import MoEReference
 @testable import MoEVerify
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // The verifier with the CPU model of the kernel recipe: a correct model passes, the align and
 // router checks flag what they must, and a failing report names the stage and the worst element.

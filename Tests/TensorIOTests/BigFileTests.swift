@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// A checkpoint-sized file is opened by mapping it, not by reading it.
 @Suite("Big safetensors file")

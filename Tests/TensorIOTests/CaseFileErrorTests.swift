@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// Broken case files: each is rejected with the file, the tensor and the problem named.
 @Suite("MoE case file errors")

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// MoECaseFile reads generated layers in both expert layouts and every storage format, returning
 /// exactly the values written.

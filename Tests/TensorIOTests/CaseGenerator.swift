@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 // A small generator of MoE case files in HF checkpoint naming (DESIGN.md §4), written by the
 // tests themselves: raw element bit patterns are drawn from a seeded generator and the values

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// `Tensor.decode` reports whether every stored value it decoded is finite, read from the stored
 /// bits in the decoding pass (the float32 reference's hot path relies on it to reject NaN/Inf

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// One malformed file, built byte by byte, and what its error must say.
 struct MalformedCase: CustomTestStringConvertible, Sendable {

@@ -1,17 +1,13 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// Whether `python3 -c "import safetensors, ml_dtypes"` succeeds.
 let pythonInteropAvailable: Bool = {
     guard let r = try? runProcess("/usr/bin/env", ["python3", "-c", "import safetensors, ml_dtypes"]) else { return false }
     return r.status == 0
 }()
-
-/// The repository root, found from this file's path (Tests/TensorIOTests/<file>).
-func repositoryRoot(_ file: String = #filePath) -> URL {
-    URL(fileURLWithPath: file).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-}
 
 /// Runs a process to completion; stdout and stderr together.
 func runProcess(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
@@ -135,9 +131,9 @@ indirect enum JSONValue {
 
 /// Files exchanged with scripts/safetensors_interop.py (schema in that script's docstring:
 /// `{name: {"dtype", "shape", "values", "bits"}}`, `"__metadata__"` optional).
-@Suite("Safetensors interop with Python", .enabled(if: pythonInteropAvailable, "python3 with safetensors and ml_dtypes is not installed"))
+@Suite("Safetensors interop with Python", .tags(.python), .enabled(if: pythonInteropAvailable, "python3 with safetensors and ml_dtypes is not installed"))
 struct PythonInteropTests {
-    static let script = repositoryRoot().appendingPathComponent("scripts/safetensors_interop.py").path
+    static let script = packagePath("scripts/safetensors_interop.py")
 
     /// The element at `i` as an unsigned bit pattern.
     static func bits(_ t: Tensor, _ i: Int) -> UInt64 {

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TensorIO
+import MoECheckTestSupport
 
 /// SafetensorsWriter → SafetensorsFile keeps every bit, shape and metadata entry.
 @Suite("Safetensors round trip")

@@ -1,20 +1,10 @@
 import Foundation
 import MoEReference
 import TensorIO
+import MoECheckTestSupport
 
 // Case files for the CLI tests: a good one written by SyntheticLayer.writeCaseFile, and one
 // malformed file of each kind the brief lists, each made from the good one by a single edit.
-
-/// A temporary directory removed when the value goes away.
-final class TemporaryDirectory {
-    let url: URL
-    init(_ label: String) throws {
-        url = FileManager.default.temporaryDirectory.appendingPathComponent("moecheck-\(label)-\(getpid())-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-    }
-    func path(_ name: String) -> String { url.appendingPathComponent(name).path }
-    deinit { try? FileManager.default.removeItem(at: url) }
-}
 
 enum CaseFiles {
     /// The small fusable layer every CLI test uses: H=128, I=Is=64, E=4, K=2, 3 tokens.

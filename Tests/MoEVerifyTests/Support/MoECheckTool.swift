@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import MoECheckTestSupport
 
 // Running the built `moecheck` executable for the end-to-end tests (STYLE: "End-to-end tests run
 // the built executable and check its output and exit code").
@@ -22,8 +23,8 @@ struct ToolRun: CustomStringConvertible {
 }
 
 enum MoECheckTool {
-    static let repositoryRoot = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    /// Why the end-to-end suites are skipped when the executable is missing.
+    static let missingReason = "the moecheck executable was not found next to the test runner or under .build*/release (MOECHECK_BIN overrides)"
 
     /// The `moecheck` executable built with the tests: next to the test runner (the build
     /// products directory), else in a scratch path under the repository (`.build-bt`, `.build`),

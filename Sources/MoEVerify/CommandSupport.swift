@@ -1,0 +1,126 @@
+import Foundation
+import KernelBridge
+import MoEReference
+
+// The logic behind `moecheck verify`, `fuzz` and `faults` that is not argument parsing: which
+// kernel to run, running a case suite, fuzz caps, the fault-matrix summary and JSON reports.
+// The executable maps its options onto these; tests call them directly.
+
+/// The kernel a command runs.
+public enum KernelSelection: Sendable, Equatable {
+    /// The CPU model of the kernel recipe, optionally with a CPU fault model.
+    case cpuModel(fault: String?)
+    /// The float32 reference engine judged by the float64 oracle (`fuzz --cpu-selfcheck`).
+    case referenceSelfCheck
+    /// A kernel library implementing `Kernels/include/moe_kernels.h` on GPU `device`, optionally
+    /// with a fault of a FAULTS=1 build selected.
+    case library(path: String, device: Int, fault: String?)
+
+    /// Opens the kernel.
+    public func open() throws -> KernelUnderTest {
+        switch self {
+        case let .cpuModel(fault): return try CPUModelKernel(fault: fault)
+        case .referenceSelfCheck: return ReferenceSelfCheckKernel()
+        case let .library(path, device, fault): return try DeviceKernel.open(path: path, device: device, fault: fault)
+        }
+    }
+}
+
+extension DeviceKernel {
+    /// Loads the kernel library at `path`, selects GPU `device` and, for a fault build, `fault`.
+    public static func open(path: String, device: Int = 0, fault: String? = nil) throws -> DeviceKernel {
+        let kernel = try DeviceKernel(library: try KernelLibrary(path: path), device: device)
+        if let fault { try kernel.library.setFault(fault) }
+        return kernel
+    }
+}
+
+/// Named catalogue cases run on one kernel: `moecheck verify`, callable from tests.
+public struct CatalogueRun: Sendable {
+    public var suite: String
+    public var filter: String?
+
+    public init(suite: String, filter: String? = nil) {
+        self.suite = suite
+        self.filter = filter
+    }
+
+    /// The suite's cases whose name contains the filter; throws when none does.
+    public func cases() throws -> [VerifyCase] {
+        var cases = try Catalogue.suite(suite)
+        if let filter { cases = cases.filter { $0.name.contains(filter) } }
+        guard !cases.isEmpty else { throw VerifyError.noMatchingCases(suite: suite, filter: filter) }
+        return cases
+    }
+
+    /// Verifies `cases` in order on `kernel`, calling `each` after every case.
+    public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
+        let verifier = CaseVerifier(kernel: kernel)
+        let start = Date()
+        var reports: [CaseReport] = []
+        for vc in cases {
+            let r = verifier.verify(vc)
+            each(r)
+            reports.append(r)
+        }
+        return CatalogueRunSummary(reports: reports, seconds: Date().timeIntervalSince(start))
+    }
+}
+
+/// The reports of a catalogue run.
+public struct CatalogueRunSummary: Sendable {
+    public var reports: [CaseReport]
+    public var seconds: Double
+    public var failed: Int { reports.filter { !$0.passed }.count }
+    public var passed: Int { reports.count - failed }
+    /// `"N passed, M failed"`, the last line of every command.
+    public var countLine: String { "\(passed) passed, \(failed) failed" }
+}
+
+extension FuzzLimits {
+    /// These limits with the caps a user gave. `maxHidden` also caps I (never above its default).
+    /// Without `maxCost`, caps below the defaults shrink the cost budget in proportion
+    /// (`√(T cap)·(H cap)·√(E cap)` relative to the defaults), never below 1/64 of it.
+    public func capped(maxTokens: Int? = nil, maxExperts: Int? = nil, maxHidden: Int? = nil, maxCost: Double? = nil) -> FuzzLimits {
+        var l = self
+        if let maxTokens { l.maxTokens = Swift.max(1, maxTokens) }
+        if let maxExperts { l.maxExperts = Swift.max(1, maxExperts) }
+        if let maxHidden { l.maxHidden = Swift.max(1, maxHidden); l.maxIntermediate = Swift.min(self.maxIntermediate, l.maxHidden) }
+        if let maxCost { l.maxCost = Swift.max(1, Int(Swift.min(maxCost, 9e18))) }
+        else {
+            var f = 1.0
+            f *= Swift.min(1, Double(l.maxTokens) / Double(self.maxTokens)).squareRoot()
+            f *= Swift.min(1, Double(l.maxHidden) / Double(self.maxHidden))
+            f *= Swift.min(1, Double(l.maxExperts) / Double(self.maxExperts)).squareRoot()
+            l.maxCost = Swift.max(self.maxCost / 64, Int(Double(self.maxCost) * f))
+        }
+        return l
+    }
+}
+
+extension FaultMatrix {
+    /// The closing line of `moecheck faults`: harmful detected, benign accepted, false alarms,
+    /// baseline, seconds.
+    public func summaryLine(faults: [String], seconds: Double) -> String {
+        let harmful = faults.filter { !Self.isBenign($0) }
+        let benign = faults.filter { Self.isBenign($0) }
+        return String(format: "faults: %d/%d harmful detected, %d/%d benign accepted, %d false alarm(s), baseline %@, %.1f s",
+                      harmful.count - missed.count, harmful.count, benign.count - Set(falseAlarms.map(\.fault)).count, benign.count,
+                      falseAlarms.count, baselineFailures.isEmpty ? "passes" : "FAILS", seconds)
+    }
+}
+
+/// JSON report files (`--json`): pretty-printed, sorted keys, non-finite numbers as strings.
+public enum JSONReport {
+    /// The encoder every `--json` output uses; `escapingSlashes: false` keeps `/` readable.
+    public static func encoder(escapingSlashes: Bool = true) -> JSONEncoder {
+        let enc = JSONEncoder()
+        enc.outputFormatting = escapingSlashes ? [.prettyPrinted, .sortedKeys] : [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        enc.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return enc
+    }
+
+    public static func write<T: Encodable>(_ value: T, to path: String, escapingSlashes: Bool = true) throws {
+        try encoder(escapingSlashes: escapingSlashes).encode(value).write(to: URL(fileURLWithPath: path))
+    }
+}

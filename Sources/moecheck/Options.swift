@@ -1,0 +1,99 @@
+import ArgumentParser
+import Foundation
+import KernelBridge
+import MoEReference
+import MoEVerify
+
+// Options that several commands share, declared once (swift-argument-parser's @OptionGroup).
+
+/// `--blas-threads`: every numeric command.
+struct BLASOptions: ParsableArguments {
+    @Option(name: .customLong("blas-threads"), help: "OpenBLAS threads (recorded in outputs). Default: MOECHECK_BLAS_THREADS or 2.")
+    var blasThreads: Int?
+
+    /// Pins OpenBLAS's threads: the option, else MOECHECK_BLAS_THREADS, else `fallback`.
+    func apply(fallback: Int = 2) { BLAS.configureThreads(requested: blasThreads, fallback: fallback) }
+}
+
+/// `--kernels`: a kernel library implementing the C ABI.
+struct KernelLibraryOption: ParsableArguments {
+    @Option(help: "Kernel library (.so) implementing Kernels/include/moe_kernels.h (for `faults`: a FAULTS=1 build). Default: $MOECHECK_KERNELS.")
+    var kernels: String?
+
+    /// The option, else MOECHECK_KERNELS.
+    var path: String? { kernels ?? KernelLibrary.environmentPath }
+}
+
+/// `--kernels --device --fault --cpu-model`: which kernel `verify` and `fuzz` judge.
+struct KernelOptions: ParsableArguments {
+    @OptionGroup var library: KernelLibraryOption
+
+    @Option(help: "GPU index.")
+    var device: Int = 0
+
+    @Option(help: "Select a fault before running: of a FAULTS=1 kernel library, or with --cpu-model a CPU fault model (`moecheck faults` runs the matrix).")
+    var fault: String?
+
+    @Flag(help: "Run the CPU model of the kernel recipe instead of a GPU library (no GPU needed; with --fault, a CPU fault model).")
+    var cpuModel = false
+
+    /// The CPU model when asked for, else the library (option or MOECHECK_KERNELS), else nil.
+    var selection: KernelSelection? {
+        if cpuModel { return .cpuModel(fault: fault) }
+        return library.path.map { .library(path: $0, device: device, fault: fault) }
+    }
+}
+
+/// `--prefix`: the tensor-name prefix of the layer in a case file.
+struct LayerPrefixOption: ParsableArguments {
+    @Option(help: "Tensor-name prefix of the layer (default: the key ending in 'mlp.gate.weight').")
+    var prefix: String?
+}
+
+/// `--filter`: only cases whose name contains a text.
+struct CaseFilterOption: ParsableArguments {
+    @Option(help: "Only cases whose name contains this text.")
+    var filter: String?
+}
+
+/// `--json FILE`.
+struct JSONOutputOption: ParsableArguments {
+    @Option(help: "Write the results as JSON to this file.")
+    var json: String?
+
+    /// Writes `value` when `--json` was given.
+    func write<T: Encodable>(_ value: T, escapingSlashes: Bool = true) throws {
+        if let json { try JSONReport.write(value, to: json, escapingSlashes: escapingSlashes) }
+    }
+}
+
+/// A failure the tool reports as one line on stderr with exit code 1.
+enum ToolFailure: Error, CustomStringConvertible {
+    /// A library error met by `command` ("moecheck reference", "fuzz", …).
+    case failed(command: String, Error)
+    /// No kernel was given; `what` says what to pass.
+    case noKernel(command: String, what: String)
+    /// `faults` was given a library built without fault injection.
+    case noFaults(path: String)
+
+    var description: String {
+        switch self {
+        case let .failed(command, error): return "\(command): \(error)"
+        case let .noKernel(command, what): return "\(command): give \(what)"
+        case let .noFaults(path): return "faults: \(path) injects no faults (build it with FAULTS=1)"
+        }
+    }
+}
+
+/// Runs `body`, turning any error other than a `ToolFailure` into one that names `command`.
+func failing<T>(_ command: String, _ body: () throws -> T) throws -> T {
+    do { return try body() } catch let e as ToolFailure { throw e } catch { throw ToolFailure.failed(command: command, error) }
+}
+
+/// Prints to stderr.
+func note(_ s: String) {
+    FileHandle.standardError.write((s + "\n").data(using: .utf8)!)
+}
+
+/// Whether stderr is a terminal (progress lines only then).
+let stderrIsTerminal = isatty(2) == 1
