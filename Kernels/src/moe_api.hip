@@ -90,6 +90,10 @@ static const char* const k_fault_names[MOE_FAULT_COUNT] = {
     "benign_reverse_accumulation",
     "benign_tie_order_high",
     "benign_fp32_shared_gate",
+    "fp8_accumulation_14bit",
+    "intermediate_rounded_twice",
+    "expert_scaled_1p2m6",
+    "splitk_bf16_after_atomic",
 };
 #endif
 static int32_t g_fault = MOE_FAULT_NONE;
@@ -498,7 +502,7 @@ static moe_status run_stage1(const char* fn, const moe_problem* p, const moe_wei
                       hipMemsetAsync(acc, 0, (size_t)(L.pairs * 2 * I) * 4, 0));
         moe_launch_gemm(a, true, true, L.nblocks);
         MOE_CHECK_LAUNCH(fn, "moe_gemm_kernel<fp8, stage1, split-K>");
-        moe_launch_swiglu(acc, L.pairs, I, inter);
+        moe_launch_swiglu(acc, L.pairs, I, inter, g_fault);
         MOE_CHECK_LAUNCH(fn, "moe_swiglu_kernel");
     } else {
         moe_launch_gemm(a, true, true, L.nblocks);

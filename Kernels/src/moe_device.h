@@ -29,6 +29,11 @@ enum {
     MOE_FAULT_BENIGN_REVERSE_ACCUMULATION,
     MOE_FAULT_BENIGN_TIE_ORDER_HIGH,
     MOE_FAULT_BENIGN_FP32_SHARED_GATE,
+    /* precision faults: inside a worst-case bound on ordinary data */
+    MOE_FAULT_FP8_ACCUMULATION_14BIT,   /* fp8 sums kept in ~14 significant bits, never promoted */
+    MOE_FAULT_INTERMEDIATE_ROUNDED_TWICE, /* bf16(bf16(silu(g)) * up) */
+    MOE_FAULT_EXPERT_SCALED_1P2M6,      /* the lowest used expert's stage-2 output x (1 + 2^-6) */
+    MOE_FAULT_SPLITK_BF16_AFTER_ATOMIC, /* split-K workspace sums rounded to bf16 before silu*up */
     MOE_FAULT_COUNT
 };
 
@@ -44,6 +49,12 @@ __device__ __forceinline__ uint16_t moe_f_to_bf16(float f) {
 }
 
 __device__ __forceinline__ float moe_round_bf16(float f) { return moe_bf16_to_f(moe_f_to_bf16(f)); }
+
+/* Round to 14 significant bits, nearest even (a tensor core's reduced accumulator). */
+__device__ __forceinline__ float moe_round14(float f) {
+    uint32_t u = __float_as_uint(f);
+    return __uint_as_float((u + 0x1FFu + ((u >> 10) & 1u)) & ~0x3FFu);
+}
 
 __device__ __forceinline__ float moe_nan(void) { return __uint_as_float(0x7FC00000u); }
 

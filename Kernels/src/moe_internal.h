@@ -39,7 +39,7 @@ void moe_launch_align(const int32_t* ids, int64_t pairs, int32_t E1, int64_t cap
 void moe_launch_quant(const void* in, int64_t rows, int64_t cols, int32_t fnuz, uint16_t* q,
                       float* scales);
 void moe_launch_gemm(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblocks);
-void moe_launch_swiglu(const float* ws, int64_t pairs, int64_t I, void* inter);
+void moe_launch_swiglu(const float* ws, int64_t pairs, int64_t I, void* inter, int32_t fault);
 void moe_launch_combine(const float* y, const float* w, int64_t T, int64_t H, int32_t S, void* out);
 void moe_launch_fill(void* dst, int32_t kind, int64_t count, uint64_t seed, uint64_t stream,
                      int64_t offset, int32_t param);

@@ -341,13 +341,20 @@ __global__ void __launch_bounds__(MOE_THREADS) moe_gemm_kernel(MoeGemmArgs a) {
                 }
             }
             __syncthreads();
+            /* fault: the fp8 running sums kept in ~14 significant bits (rounded every 32 K) */
+            if (FP8 && a.fault == MOE_FAULT_FP8_ACCUMULATION_14BIT) {
+#pragma unroll
+                for (int i = 0; i < 16; ++i) part[i] = moe_round14(part[i]);
+            }
         }
         if (FP8) {
+            const bool low = a.fault == MOE_FAULT_FP8_ACCUMULATION_14BIT;
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
                     acc[i * 4 + q] += (sAsc[ty * 4 + i] * sBsc[tx + 32 * q]) * part[i * 4 + q];
+                    if (low) acc[i * 4 + q] = moe_round14(acc[i * 4 + q]);
                     part[i * 4 + q] = 0.0f;
                 }
         }
@@ -374,11 +381,16 @@ __global__ void __launch_bounds__(MOE_THREADS) moe_gemm_kernel(MoeGemmArgs a) {
                     atomicAdd(ws + j, gt);
                     atomicAdd(ws + a.N + j, up);
                 } else {
-                    float h = gt / (1.0f + expf(-gt)) * up;
-                    a.out_bf16[(int64_t)pr * a.N + j] = moe_f_to_bf16(h);
+                    float silu = gt / (1.0f + expf(-gt));
+                    if (a.fault == MOE_FAULT_INTERMEDIATE_ROUNDED_TWICE) silu = moe_round_bf16(silu);
+                    a.out_bf16[(int64_t)pr * a.N + j] = moe_f_to_bf16(silu * up);
                 }
             }
         } else {
+            /* fault: the lowest used expert (block 0's) computes its output x (1 + 2^-6) */
+            const float scale = (a.fault == MOE_FAULT_EXPERT_SCALED_1P2M6 && e == a.block_experts[0]) ? 1.015625f : 1.0f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i * 4 + q] *= scale;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int64_t h = n0 + tx + 32 * q;
@@ -392,13 +404,17 @@ __global__ void __launch_bounds__(MOE_THREADS) moe_gemm_kernel(MoeGemmArgs a) {
 
 /* split-K second pass: intermediate = bf16(silu(gate) * up) from the fp32 workspace */
 __global__ void moe_swiglu_kernel(const float* __restrict__ ws, int64_t pairs, int64_t I,
-                                  uint16_t* __restrict__ inter) {
+                                  uint16_t* __restrict__ inter, int32_t fault) {
     const int64_t n = pairs * I;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t p = i / I, j = i - p * I;
-        const float gt = ws[p * 2 * I + j], up = ws[p * 2 * I + I + j];
-        inter[i] = moe_f_to_bf16(gt / (1.0f + expf(-gt)) * up);
+        float gt = ws[p * 2 * I + j], up = ws[p * 2 * I + I + j];
+        /* fault: the fp32 workspace sums rounded to bf16 after the atomics */
+        if (fault == MOE_FAULT_SPLITK_BF16_AFTER_ATOMIC) { gt = moe_round_bf16(gt); up = moe_round_bf16(up); }
+        float silu = gt / (1.0f + expf(-gt));
+        if (fault == MOE_FAULT_INTERMEDIATE_ROUNDED_TWICE) silu = moe_round_bf16(silu);
+        inter[i] = moe_f_to_bf16(silu * up);
     }
 }
 
@@ -486,8 +502,8 @@ void moe_launch_gemm(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblock
     else moe_gemm_kernel<false, false><<<grid, MOE_THREADS>>>(a);
 }
 
-void moe_launch_swiglu(const float* ws, int64_t pairs, int64_t I, void* inter) {
-    moe_swiglu_kernel<<<grid1d(pairs * I, 256), 256>>>(ws, pairs, I, (uint16_t*)inter);
+void moe_launch_swiglu(const float* ws, int64_t pairs, int64_t I, void* inter, int32_t fault) {
+    moe_swiglu_kernel<<<grid1d(pairs * I, 256), 256>>>(ws, pairs, I, (uint16_t*)inter, fault);
 }
 
 void moe_launch_combine(const float* y, const float* w, int64_t T, int64_t H, int32_t S, void* out) {

@@ -111,6 +111,11 @@ public enum KernelFault: String, CaseIterable, Sendable, Codable, CustomStringCo
     case benignReverseAccumulation = "benign_reverse_accumulation"
     case benignTieOrderHigh = "benign_tie_order_high"
     case benignFP32SharedGate = "benign_fp32_shared_gate"
+    // precision faults: inside a worst-case bound on ordinary data (the statistical tier's)
+    case fp8Accumulation14Bit = "fp8_accumulation_14bit"
+    case intermediateRoundedTwice = "intermediate_rounded_twice"
+    case expertScaled1p2m6 = "expert_scaled_1p2m6"
+    case splitKBF16AfterAtomic = "splitk_bf16_after_atomic"
 
     public var description: String { rawValue }
 

@@ -160,13 +160,30 @@ public final class MoEReferenceEngine {
         let S = c.topK + (fused ? 1 : 0)
         var statistics: ReferenceStatistics? = nil
         if statisticsEnabled {
+            let routerVariance = routerTokenVariance(router, combined, tokens: T)
+            let direction = try directionVariance(combined, router: router, tokens: T)
+            var flip: [Double] = [], tie: [Double] = []
+            if let f = recipe.output.format {
+                // the kernel's output about round(o): flips of the final rounding under its noise
+                let routerElement = routerElementVariance(router, combined, tokens: T)
+                flip = (0..<(T * c.hidden)).map { i in
+                    let t = i / c.hidden
+                    let routerShare = routerElement.map { $0[i] } ?? routerVariance[t]
+                    let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare).squareRoot()
+                    return StatisticalModel.roundingVariance(combined.out[i], sigma: sigma, recipe.output)
+                }
+                tie = combined.out.map { StatisticalModel.tieBias($0, f) }
+            }
             statistics = ReferenceStatistics(
-                elementVariance: combined.elementVariance, expertTokenVariance: combined.expertTokenVariance,
-                routerTokenVariance: routerTokenVariance(router, combined, tokens: T),
-                intermediateVariance: combined.interVariance, slotExperts: router.slotExpert.map { Int32($0) },
+                elementVariance: combined.elementVariance, outputFlipVariance: flip, outputTieBias: tie, tieNorm: combined.tieNorm,
+                directionBias: direction?.bias,
+                excludedTokens: (0..<T).map { router.tieTokens[$0] || inputs.duplicateTokens[$0] },
+                expertTokenVariance: combined.expertTokenVariance,
+                routerTokenVariance: routerVariance,
+                intermediateVariance: combined.interVariance, intermediateTieBias: combined.interTie, slotExperts: router.slotExpert.map { Int32($0) },
                 slots: c.topK + (c.hasSharedExpert ? 1 : 0), contributions: combined.contributions,
                 ambiguousTokens: router.statisticallyAmbiguous, midpointTokens: inputs.midpointTokens,
-                directionVariance: try directionVariance(combined, router: router, tokens: T))
+                directionVariance: direction?.variance)
         }
         return ReferenceResult(
             tokens: T, hidden: c.hidden, experts: c.experts, topK: c.topK, slots: S, sharedFused: fused, recipe: recipe,
@@ -208,16 +225,27 @@ public final class MoEReferenceEngine {
             for s in 0..<slotsAll { rowsOf[router.slotExpert[t * slotsAll + s]].append((t, s)) }
         }
         let fp8q: GroupQuantizer? = recipe.intermediateFP8 ? layer.weightFormat.fp8.map { GroupQuantizer(format: $0, convention: recipe.scaleConvention) } : nil
-        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, rowsOf: rowsOf, requantizer: fp8q)
+        // tokens whose (quantized) input repeats an earlier token's: the same computation, the same error
+        var duplicateTokens = [Bool](repeating: false, count: T)
+        if statisticsEnabled {
+            var seen = Set<[Double]>()
+            for t in 0..<T where !seen.insert(Array(xin[(t * H)..<((t + 1) * H)])).inserted { duplicateTokens[t] = true }
+        }
+        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, duplicateTokens: duplicateTokens, rowsOf: rowsOf,
+                            requantizer: fp8q)
     }
 
     /// What the expert pipeline accumulates per token.
     struct Combined {
         var out: [Double], outBound: [Double], absSum: [Double]
-        var inter: [Double]?, interBound: [Double]?, interVariance: [Double]?
+        var inter: [Double]?, interBound: [Double]?, interVariance: [Double]?, interTie: [Double]?
         var elementVariance: [Double], expertTokenVariance: [Double]
         /// ‖y_s‖ per (token, slot) `[T, slotsAll]`, and the contributions `w_s·y_s` when kept.
         var slotNorm: [Double]
+        /// Σ over the token's rows of |w|·Σ_i ‖W2[:,i]‖·tie_i `[T]`.
+        var tieNorm: [Double]
+        /// `[T, H]` each element's share of the expert pipeline's correlated variance.
+        var correlatedVariance: [Double]
         var contributions: [Float]?
         /// Per touched expert, its rows' stage-2 inputs as the statistical model sees them.
         var projections: [Int: ProjectionInput] = [:]
@@ -239,8 +267,10 @@ public final class MoEReferenceEngine {
             absSum: [Double](repeating: 0, count: T * H),
             inter: keep ? [Double](repeating: 0, count: T * S * Imax) : nil, interBound: keep ? [Double](repeating: 0, count: T * S * Imax) : nil,
             interVariance: keep && stats ? [Double](repeating: 0, count: T * S * Imax) : nil,
+            interTie: keep && stats ? [Double](repeating: 0, count: T * S * Imax) : nil,
             elementVariance: [Double](repeating: 0, count: stats ? T * H : 0), expertTokenVariance: [Double](repeating: 0, count: stats ? T : 0),
-            slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0),
+            slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0), tieNorm: [Double](repeating: 0, count: stats ? T : 0),
+            correlatedVariance: [Double](repeating: 0, count: stats ? T * H : 0),
             contributions: keepContributions ? [Float](repeating: 0, count: T * slotsAll * H) : nil)
         let rowsOf = inputs.rowsOf
         let touched = (0...E).filter { !rowsOf[$0].isEmpty }
@@ -321,6 +351,7 @@ public final class MoEReferenceEngine {
                                     ip[(t * S + s) * interWidth + i] = part.act[r * Ie + i]
                                     if bounds, let ibp = p.interBound { ibp[(t * S + s) * interWidth + i] = part.actBound[r * Ie + i] }
                                     if let ivp = p.interVariance { ivp[(t * S + s) * interWidth + i] = part.actVariance[r * Ie + i] }
+                                    if let itp = p.interTie { itp[(t * S + s) * interWidth + i] = part.actTie[r * Ie + i] }
                                 }
                             }
                             let w = router.slotWeight[t * slotsAll + s], wb = router.slotWeightBound[t * slotsAll + s]
@@ -328,6 +359,7 @@ public final class MoEReferenceEngine {
                             if stats {
                                 p.expertTokenVariance![t] += w * w * part.rowVariance[r]
                                 p.slotNorm![t * slotsAll + s] = part.rowNorm2[r].squareRoot()
+                                p.tieNorm![t] += Swift.abs(w) * part.rowTieNorm[r]
                             }
                             if bounds {
                                 let yb = ybP.baseAddress! + r * H, obrow = p.outBound + t * H, arow = p.absSum + t * H
@@ -342,6 +374,7 @@ public final class MoEReferenceEngine {
                                             v = StatisticalModel.roundingVariance(cv, sigma: sigma, weighted)
                                         }
                                         p.elementVariance![t * H + h] += v
+                                        p.correlatedVariance![t * H + h] += w * w * part.yCorrelated[r * H + h]
                                     }
                                     (cv, cb) = Self.roundInterval(cv, cb, weighted)
                                     orow[h] += cv
@@ -393,10 +426,35 @@ public final class MoEReferenceEngine {
         if statisticsEnabled {
             for i in 0..<(T * c.hidden) {
                 acc.elementVariance[i] += StatisticalModel.combineVariance(absSum: acc.absSum[i], slots: slotsAll, combine: recipe.combine)
-                    + StatisticalModel.outputRoundingVariance(acc.out[i], sigma: acc.elementVariance[i].squareRoot(), recipe.output)
             }
         }
         return finalBound
+    }
+
+    /// Per element `[T, H]`, the variance that the routing weights and the shared gate bring:
+    /// `Σ_s Var(w_s)·y_s,h² + Σ_j Var(l_j)·w_j²·(y_j,h − ȳ_h)² + Σ_{left out} Var(l)·p²·ȳ_h²`;
+    /// nil without the contributions (then the token's total stands for each element).
+    func routerElementVariance(_ router: RouterStep, _ acc: Combined, tokens T: Int) -> [Double]? {
+        guard let contrib = acc.contributions else { return nil }
+        let c = layer.config
+        let H = c.hidden, K = c.topK
+        let slotsAll = K + (c.hasSharedExpert ? 1 : 0)
+        var out = [Double](repeating: 0, count: T * H)
+        for t in 0..<T {
+            for h in 0..<H {
+                var ybar = 0.0
+                for s in 0..<K { ybar += Double(contrib[(t * slotsAll + s) * H + h]) }
+                var v = router.unchosenLogitVariance[t] * ybar * ybar
+                for s in 0..<slotsAll {
+                    let w = router.slotWeight[t * slotsAll + s]
+                    let y = w != 0 ? Double(contrib[(t * slotsAll + s) * H + h]) / w : 0
+                    v += router.slotWeightVariance[t * slotsAll + s] * y * y
+                    if s < K { v += router.slotLogitVariance[t * slotsAll + s] * (y - ybar) * (y - ybar) }
+                }
+                out[t * H + h] = v
+            }
+        }
+        return out
     }
 
     /// Per token, the variance that the routing weights and the shared gate bring along any unit
@@ -579,7 +637,9 @@ public final class MoEReferenceEngine {
 struct CombinedPointers {
     var out: UnsafeMutablePointer<Double>, outBound: UnsafeMutablePointer<Double>, absSum: UnsafeMutablePointer<Double>
     var inter: UnsafeMutablePointer<Double>?, interBound: UnsafeMutablePointer<Double>?, interVariance: UnsafeMutablePointer<Double>?
+    var interTie: UnsafeMutablePointer<Double>?
     var elementVariance: UnsafeMutablePointer<Double>?, expertTokenVariance: UnsafeMutablePointer<Double>?, slotNorm: UnsafeMutablePointer<Double>?
+    var tieNorm: UnsafeMutablePointer<Double>?, correlatedVariance: UnsafeMutablePointer<Double>?
     var contributions: UnsafeMutablePointer<Float>?
 }
 
@@ -598,10 +658,11 @@ func withUnsafeMutablePointers(_ acc: inout MoEReferenceEngine.Combined, _ body:
     withPointer(&acc.out) { o in withPointer(&acc.outBound) { ob in withPointer(&acc.absSum) { asum in
     withPointer(&acc.inter) { ip in withPointer(&acc.interBound) { ibp in withPointer(&acc.interVariance) { ivp in
     withPointer(&acc.elementVariance) { ev in withPointer(&acc.expertTokenVariance) { tv in withPointer(&acc.slotNorm) { sn in
-    withPointer(&acc.contributions) { cp in
-        body(CombinedPointers(out: o!, outBound: ob!, absSum: asum!, inter: ip, interBound: ibp, interVariance: ivp,
-                              elementVariance: ev, expertTokenVariance: tv, slotNorm: sn, contributions: cp))
-    } } } } } } } } } }
+    withPointer(&acc.contributions) { cp in withPointer(&acc.tieNorm) { tn in withPointer(&acc.interTie) { itp in
+    withPointer(&acc.correlatedVariance) { cv in
+        body(CombinedPointers(out: o!, outBound: ob!, absSum: asum!, inter: ip, interBound: ibp, interVariance: ivp, interTie: itp,
+                              elementVariance: ev, expertTokenVariance: tv, slotNorm: sn, tieNorm: tn, correlatedVariance: cv, contributions: cp))
+    } } } } } } } } } } } } }
 }
 
 /// The fused bf16-weight GEMM's code path on this CPU (CFastGEMM).

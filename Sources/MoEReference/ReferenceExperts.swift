@@ -12,6 +12,8 @@ struct ExpertInputs {
     /// Tokens with an fp8 code at a rounding midpoint: the statistical model takes the rigorous
     /// stage-1 radius for them (a kernel's code there is not a random event).
     let midpointTokens: [Bool]
+    /// Tokens whose quantized input repeats an earlier token's (statistics only).
+    let duplicateTokens: [Bool]
     /// `(token, slot)` rows routed to each expert (index E: the shared expert).
     let rowsOf: [[(Int, Int)]]
     let requantizer: GroupQuantizer?
@@ -20,10 +22,15 @@ struct ExpertInputs {
 /// One expert's stage 1 and stage 2 for all its rows.
 struct ExpertPart {
     var act: [Double], actBound: [Double], actVariance: [Double]   // stage-1 intermediate before fp8 requantization
+    var actTie: [Double] = []                                       // its tie bias (StatisticalModel.tieBias)
     var y: [Double], yBound: [Double]       // stage-2 output per row, after the recipe's down rounding
     /// Statistical model: per element of y, the variance of independent errors `[n, H]`; per row,
     /// the variance reaching the row's output through correlated paths (Σ_i Var(a_i)·‖W2[:,i]‖²) and ‖y‖².
     var yVariance: [Double], rowVariance: [Double], rowNorm2: [Double]
+    /// Per element of y, its share of the correlated variance (Σ_i W2[h,i]²·Var(a_i) + fp8 scale changes).
+    var yCorrelated: [Double] = []
+    /// Per row, Σ_i ‖W2[:,i]‖·tie_i: a bound on the norm of the systematic error of the row's ties.
+    var rowTieNorm: [Double] = []
     /// What the second pass needs to project this expert's correlated errors on any direction.
     var projection: ProjectionInput? = nil
 }
@@ -34,6 +41,7 @@ struct ExpertPart {
 struct ProjectionInput {
     var rows: [(Int, Int)]
     var inputVariance: [Float]
+    var inputTie: [Float]
     var input: [Float]
     var groupFactors: [Double]
     var groups: Int
@@ -98,6 +106,7 @@ extension MoEReferenceEngine {
         var part = swiGLU(gu: gu, guBound: guBound, rows: rows, inputs: inputs, n: n, Ie: Ie)
         var act = part.act, actBound = part.actBound
         var actVariance = part.actVariance
+        var actTie = part.actTie
         var groupRowVariance = [Double](repeating: 0, count: stats ? n : 0)
         var groupFactors: [Double] = []
         let colNorm2 = stats ? Self.columnNorms2(w2, rows: H, columns: Ie) : []
@@ -105,7 +114,7 @@ extension MoEReferenceEngine {
             for r in 0..<n {
                 if stats {
                     let g = StatisticalModel.requantizationVariance(
-                        row: act, variance: &actVariance, offset: r * Ie, count: Ie, quantizer: q, columnNorms2: colNorm2)
+                        row: act, variance: &actVariance, tie: &actTie, offset: r * Ie, count: Ie, quantizer: q, columnNorms2: colNorm2)
                     groupRowVariance[r] = g.trace
                     groupFactors += g.groupFactors
                 }
@@ -131,8 +140,8 @@ extension MoEReferenceEngine {
         }
         var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = []
         if stats {
-            (yVariance, rowVariance) = stage2Variance(act: act, actVariance: actVariance, w2: w2, colNorm2: colNorm2,
-                                                      groupRowVariance: groupRowVariance, n: n, H: H, Ie: Ie)
+            (yVariance, rowVariance, part.yCorrelated) = stage2Variance(act: act, actVariance: actVariance, w2: w2, colNorm2: colNorm2,
+                                                      groupRowVariance: groupRowVariance, groupFactors: groupFactors, n: n, H: H, Ie: Ie)
             rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
         }
         if recipe.down != .none {
@@ -147,12 +156,15 @@ extension MoEReferenceEngine {
                 if bounds { yBound[i] = b }
             }
         }
+        if stats {
+            part.rowTieNorm = (0..<n).map { r in (0..<Ie).reduce(0.0) { $0 + actTie[r * Ie + $1] * colNorm2[$1].squareRoot() } }
+        }
         if stats && options.keepContributions {
-            part.projection = ProjectionInput(rows: rows, inputVariance: actVariance.map { Float($0) },
+            part.projection = ProjectionInput(rows: rows, inputVariance: actVariance.map { Float($0) }, inputTie: actTie.map { Float($0) },
                                               input: inputs.requantizer == nil ? [] : act.map { Float($0) },
                                               groupFactors: groupFactors, groups: inputs.requantizer == nil ? 0 : (Ie + 127) / 128)
         }
-        if !options.keepIntermediate { part.act = []; part.actBound = []; part.actVariance = [] }
+        if !options.keepIntermediate { part.act = []; part.actBound = []; part.actVariance = []; part.actTie = [] }
         part.y = y; part.yBound = yBound
         part.yVariance = yVariance; part.rowVariance = rowVariance; part.rowNorm2 = rowNorm2
         return part
@@ -171,15 +183,19 @@ extension MoEReferenceEngine {
         var act = [Double](repeating: 0, count: n * Ie)
         var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
         var actVariance = [Double](repeating: 0, count: stats ? n * Ie : 0)
+        var actTie = [Double](repeating: 0, count: stats ? n * Ie : 0)
         for r in 0..<n {
             let toSigma = inputs.midpointTokens.isEmpty || !inputs.midpointTokens[rows[r].0] ? sigmaPerBound : 1
             for i in 0..<Ie {
                 var g = gu[r * 2 * Ie + i], up = gu[r * 2 * Ie + Ie + i]
                 var gb = bounds ? guBound[r * 2 * Ie + i] : 0, ub = bounds ? guBound[r * 2 * Ie + Ie + i] : 0
-                var vg = 0.0, vu = 0.0
+                var vg = 0.0, vu = 0.0, upstreamTie = 0.0
                 if stats {
                     vg = StatisticalModel.roundingVariance(g, sigma: gb * toSigma, recipe.gateUp)
                     vu = StatisticalModel.roundingVariance(up, sigma: ub * toSigma, recipe.gateUp)
+                    let tg = StatisticalModel.tieBias(g, recipe.gateUp.format), tu = StatisticalModel.tieBias(up, recipe.gateUp.format)
+                    let ts = StatisticalModel.tieBias(g * Self.sigmoid(g), recipe.activation.format)
+                    if tg + tu + ts > 0 { upstreamTie = 1.1 * Swift.abs(up) * (tg + ts) + Swift.abs(g * Self.sigmoid(g)) * tu }
                 }
                 (g, gb) = Self.roundInterval(g, gb, recipe.gateUp)
                 (up, ub) = Self.roundInterval(up, ub, recipe.gateUp)
@@ -197,23 +213,39 @@ extension MoEReferenceEngine {
                 if stats {
                     let sigma = (up * up * vs + s * s * vu + vs * vu).squareRoot() + (trans + 2 * u) * Swift.abs(h)
                     actVariance[r * Ie + i] = StatisticalModel.roundingVariance(h, sigma: sigma, recipe.intermediate)
+                    let t = StatisticalModel.tieBias(h, recipe.intermediate.format)
+                    actTie[r * Ie + i] = upstreamTie > 0 ? Swift.max(t, upstreamTie, recipe.intermediate.format?.ulp(of: h) ?? 0) : t
                 }
                 (h, hb) = Self.roundInterval(h, bounds ? hb : 0, recipe.intermediate)
                 act[r * Ie + i] = h
                 if bounds { actBound[r * Ie + i] = hb }
             }
         }
-        return ExpertPart(act: act, actBound: actBound, actVariance: actVariance, y: [], yBound: [], yVariance: [], rowVariance: [], rowNorm2: [])
+        return ExpertPart(act: act, actBound: actBound, actVariance: actVariance, actTie: actTie, y: [], yBound: [], yVariance: [], rowVariance: [],
+                          rowNorm2: [])
     }
 
     /// The statistical model's stage 2: the independent part of each output element's variance
     /// (the dot product's own fp32 accumulation, `√n·u·Σ|a||w|`) and each row's correlated part
     /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
     private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, colNorm2: [Double], groupRowVariance: [Double],
-                                n: Int, H: Int, Ie: Int) -> ([Double], [Double]) {
+                                groupFactors: [Double], n: Int, H: Int, Ie: Int) -> ([Double], [Double], [Double]) {
         let u = recipe.accumulatorUnitRoundoff
         var absDot = [Double](repeating: 0, count: n * H)
         boundGemm(Self.floats(act) { Swift.abs($0) }, w2, &absDot, m: n, n: H, k: Ie)
+        // each element's share of the correlated variance: Σ_i W2[h,i]²·Var(a_i) (+ the fp8 groups'
+        // scale changes, at most max_g factor_g·(Σ|a||W2|)²)
+        var squared = WeightMatrix()
+        squared.f32 = w2.f64.isEmpty ? w2.f32.map { $0 * $0 } : w2.f64.map { Float($0 * $0) }
+        var correlated = [Double](repeating: 0, count: n * H)
+        boundGemm(actVariance.map { Float($0) }, squared, &correlated, m: n, n: H, k: Ie)
+        if !groupFactors.isEmpty {
+            let groups = groupFactors.count / Swift.max(n, 1)
+            for r in 0..<n {
+                let fmax = groupFactors[(r * groups)..<((r + 1) * groups)].max() ?? 0
+                for h in 0..<H { correlated[r * H + h] += fmax * absDot[r * H + h] * absDot[r * H + h] }
+            }
+        }
         let f = StatisticalModel.accumulationSigmaFactor(terms: Ie + 2 * ((Ie + 127) / 128) + 4, unitRoundoff: u)
         var yVariance = [Double](repeating: 0, count: n * H)
         for i in 0..<(n * H) { let s = f * absDot[i]; yVariance[i] = s * s }
@@ -223,7 +255,7 @@ extension MoEReferenceEngine {
             for i in 0..<Ie { v += actVariance[r * Ie + i] * colNorm2[i] }
             rowVariance[r] = v
         }
-        return (yVariance, rowVariance)
+        return (yVariance, rowVariance, correlated)
     }
 
     /// ‖W[:, i]‖² for each column of a row-major `[rows, columns]` matrix.

@@ -10,13 +10,14 @@ extension MoEReferenceEngine {
     /// `factor_g·(Σ_{i∈g} a_i·W2_s[:,i]·d)²`) and the routing terms
     /// `Σ_j Var(l_j)·w_j²·(y_j·d − ȳ·d)² + Σ_s Var(w_s)·(y_s·d)²`. Costs one float32 GEMM of
     /// `(1 + slots)` directions per row against each touched expert's W2 (decoded again).
-    func directionVariance(_ acc: Combined, router: RouterStep, tokens T: Int) throws -> [Double]? {
+    func directionVariance(_ acc: Combined, router: RouterStep, tokens T: Int) throws -> (variance: [Double], bias: [Double])? {
         guard let contrib = acc.contributions else { return nil }
         let c = layer.config
         let H = c.hidden, K = c.topK
         let slotsAll = K + (c.hasSharedExpert ? 1 : 0)
         let D = 1 + slotsAll
         var result = [Double](repeating: 0, count: T * D)
+        var bias = [Double](repeating: 0, count: T * D)
         let outF = acc.out.map { Float($0) }
         // routing terms: per token, the dot products of every slot's contribution with every direction
         var dots = [Float](repeating: 0, count: slotsAll * D)
@@ -73,11 +74,13 @@ extension MoEReferenceEngine {
                     let w = router.slotWeight[t * slotsAll + s]
                     for j in 0..<D {
                         let u = (r - r0) * D + j
-                        var v = 0.0
+                        var v = 0.0, b = 0.0
                         for i in 0..<Ie {
                             let pu = Double(proj[u * Ie + i])
                             v += Double(p.inputVariance[r * Ie + i]) * pu * pu
+                            b += Double(p.inputTie[r * Ie + i]) * Swift.abs(pu)
                         }
+                        bias[t * D + j] += Swift.abs(w) * b
                         for g in 0..<p.groups {
                             var shift = 0.0
                             for i in (g * 128)..<Swift.min(Ie, (g + 1) * 128) { shift += Double(p.input[r * Ie + i]) * Double(proj[u * Ie + i]) }
@@ -89,6 +92,6 @@ extension MoEReferenceEngine {
                 r0 = r1
             }
         }
-        return result
+        return (result, bias)
     }
 }

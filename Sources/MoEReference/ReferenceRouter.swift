@@ -28,6 +28,8 @@ struct RouterStep {
     var slotLogitVariance: [Double] = []
     var unchosenLogitVariance: [Double] = []
     var statisticallyAmbiguous: [Bool] = []
+    /// Tokens with a chosen logit or the shared gate on a rounding tie (StatisticalModel.tieBias).
+    var tieTokens: [Bool] = []
 }
 
 extension MoEReferenceEngine {
@@ -84,6 +86,7 @@ extension MoEReferenceEngine {
             step.slotLogitVariance = [Double](repeating: 0, count: T * slotsAll)
             step.unchosenLogitVariance = [Double](repeating: 0, count: T)
             step.statisticallyAmbiguous = [Bool](repeating: false, count: T)
+            step.tieTokens = [Bool](repeating: false, count: T)
             logitVariance = (0..<(T * E)).map { StatisticalModel.roundingVariance(preRounding[$0], sigma: logitSigma[$0], recipe.routerLogits) }
         }
         let ws = try layer.sharedGateWeight()
@@ -110,6 +113,9 @@ extension MoEReferenceEngine {
                     let vDot = StatisticalModel.roundingVariance(dotPre, sigma: dotSigma, recipe.sharedGate)
                     let sigmaG = (0.25 * vDot.squareRoot() + trans * gPre)
                     step.slotWeightVariance[t * slotsAll + K] = StatisticalModel.roundingVariance(gPre, sigma: sigmaG, recipe.sharedGate) + sigmaG * sigmaG
+                    if StatisticalModel.tieBias(dotPre, recipe.sharedGate.format) + StatisticalModel.tieBias(gPre, recipe.sharedGate.format) > 0 {
+                        step.tieTokens[t] = true
+                    }
                 }
                 if fused {
                     step.topkIds[t * S + K] = Int32(E)
@@ -197,6 +203,8 @@ extension MoEReferenceEngine {
                 let sigmaEval = (2 * trans + Double(E + K + 8) * u) * w
                 step.slotWeightVariance[t * slotsAll + s] = StatisticalModel.roundingVariance(w, sigma: sigmaEval, recipe.routingWeights) + sigmaEval * sigmaEval
                 step.slotLogitVariance[t * slotsAll + s] = logitVariance[t * E + e] * w * w
+                if StatisticalModel.tieBias(preRounding[t * E + e], recipe.routerLogits.format) > 0
+                    || StatisticalModel.tieBias(w, recipe.routingWeights.format) > 0 { step.tieTokens[t] = true }
             }
         }
         if stats && !c.renormalize {

@@ -23,6 +23,7 @@ public enum StatisticalModel {
     /// differs from the reference's exact pre-rounding value `v` by noise of standard deviation
     /// `sigma`, and the reference carries `round(v)`.
     ///
+    /// Values below fp32's smallest normal may be flushed to zero by the kernel: (2⁻¹²⁶)² there.
     /// `E[err²] = Σ_k P(|err| ≥ k·q)·(2k−1)·q²` for an error that is a multiple of the step q; the
     /// probability of crossing the k-th boundary is at most `exp(−d_k²/(2σ²))`. Three boundaries
     /// on each side are counted; noise wider than a step adds `σ² + q²`. Without rounding the
@@ -30,7 +31,8 @@ public enum StatisticalModel {
     /// the unrounded value).
     public static func roundingVariance(_ v: Double, sigma: Double, _ rounding: Rounding) -> Double {
         guard let f = rounding.format else { return sigma * sigma }
-        let grid = gridVariance(v, sigma: sigma, f)
+        // an fp32 kernel may flush results below 2^-126 to zero (FTZ)
+        let grid = Swift.max(gridVariance(v, sigma: sigma, f), Swift.abs(v) < 0x1p-126 ? 0x1p-252 : 0)
         guard rounding == .bf16OrFP32 else { return grid }
         let rv = f.round(v)
         return Swift.max(grid, (v - rv) * (v - rv) + sigma * sigma)
@@ -50,6 +52,16 @@ public enum StatisticalModel {
         }
         if sigma > qIn / 4 { variance += sigma * sigma + qOut * qOut }
         return variance
+    }
+
+    /// The size of the systematic error a kernel may make where the reference's value sits on a
+    /// rounding boundary (a tie, within 2⁻¹² of a step): structured data (grid values, repeated
+    /// rows) put many values there, and a kernel's last-bit difference then rounds them all the
+    /// same way, which no zero-mean model covers. One step of the grid there, else 0.
+    public static func tieBias(_ v: Double, _ f: SmallFloatFormat?) -> Double {
+        guard let f, v.isFinite else { return 0 }
+        let (dOut, dIn, qOut, qIn) = boundaryDistances(v, f)
+        return Swift.min(dOut, dIn) <= Swift.max(qOut, qIn) * 0x1p-12 ? Swift.max(qOut, qIn) : 0
     }
 
     /// Distances from |v| to the rounding boundaries around `round(v)` outward (larger
@@ -73,8 +85,8 @@ public enum StatisticalModel {
     /// when an fp8 midpoint lies within one bf16 step, with the probability that the scale moves
     /// when one lies within the scale's relative step, and always when the scaled value sits on
     /// a midpoint (a kernel's `x·(1/scale)` may differ in the last bit).
-    public static func requantizationVariance(row: [Double], variance: inout [Double], offset: Int, count: Int, quantizer q: GroupQuantizer,
-                                              columnNorms2: [Double]) -> (groupFactors: [Double], trace: Double) {
+    public static func requantizationVariance(row: [Double], variance: inout [Double], tie: inout [Double], offset: Int, count: Int,
+                                              quantizer q: GroupQuantizer, columnNorms2: [Double]) -> (groupFactors: [Double], trace: Double) {
         let bf = SmallFloatFormat.bfloat16
         let f8 = q.codec.format
         var correlated = 0.0
@@ -104,6 +116,9 @@ public enum StatisticalModel {
                 if dMid * s <= 1.01 * stepB { vq += Swift.min(1, vv / (stepB * stepB)) * step * step }
                 if dMid <= 1.01 * Swift.abs(z) * relScale { vq += pScale * step * step }
                 if dMid <= Swift.abs(z) * 0x1p-21 + 0x1p-60 { vq += step * step }
+                // a systematic choice: on an fp8 midpoint, or a bf16 tie one bf16 step from one
+                let onMidpoint = dMid <= Swift.abs(z) * 0x1p-20 + 0x1p-60
+                tie[offset + i] = onMidpoint || (tie[offset + i] > 0 && dMid * s <= 1.01 * stepB) ? step : 0
                 vq = Swift.max(vq, gridVariance(z, sigma: vv.squareRoot() / s, f8) * s * s)
                 variance[offset + i] = vq
                 groupShift += Swift.abs(f8.round(z, saturating: true) * s) * columnNorms2[i].squareRoot()
@@ -144,13 +159,7 @@ extension StatisticalModel {
         }
     }
 
-    /// Variance proxy of the final output rounding, seen from the reference's value before it:
-    /// half a step of the output format, at the larger step within 6σ of the value.
-    public static func outputRoundingVariance(_ v: Double, sigma: Double, _ rounding: Rounding) -> Double {
-        guard let f = rounding.format else { return 0 }
-        let half = f.ulp(of: Swift.abs(v) + 6 * sigma) / 2
-        return half * half
-    }
+
 }
 
 /// The statistical model of a correct kernel's error for one reference run: a kernel's output
@@ -159,14 +168,30 @@ extension StatisticalModel {
 /// (the second term by Cauchy–Schwarz over the errors that reach all of a token's output
 /// through the down projection, the routing weights and the shared gate).
 public struct ReferenceStatistics: Sendable {
-    /// `[T, H]`: independent per element (stage-2 and combine accumulation, output rounding).
+    /// `[T, H]`: independent per element before the output rounding (stage-2 and combine
+    /// accumulation).
     public var elementVariance: [Double]
+    /// `[T, H]`: with an output rounding, the variance of the kernel's output about the
+    /// reference's output rounded the same way (`round(o)`), from its noise before the rounding
+    /// (σ² = elementVariance + the token's correlated variance); empty without one.
+    public var outputFlipVariance: [Double]
+    /// `[T, H]`: one output step where `o` sits on a rounding tie (a systematic choice), else 0.
+    public var outputTieBias: [Double]
+    /// `[T]`: a bound on the norm of the systematic error that upstream ties (intermediate, fp8
+    /// midpoints) bring into the token's output; `[T, 1 + slots]`: the same along each test direction.
+    public var tieNorm: [Double]
+    public var directionBias: [Double]?
+    /// `[T]`: tokens the statistical tier leaves out: a repeat of an earlier token's input
+    /// (identical computations make identical errors) or a router value on a rounding tie.
+    public var excludedTokens: [Bool]
     /// `[T]`: stage-1 intermediate flips and fp8 requantization changes, propagated through W2.
     public var expertTokenVariance: [Double]
     /// `[T]`: routing weights (logit flips, softmax evaluation, weight rounding) and shared gate.
     public var routerTokenVariance: [Double]
     /// `[T·S, Imax]` variance of the bf16 intermediate (before fp8 requantization), when kept.
     public var intermediateVariance: [Double]?
+    /// `[T·S, Imax]` one bf16 step where the intermediate sits on a rounding tie, when kept.
+    public var intermediateTieBias: [Double]?
     /// `[T, slots]`: routed experts in descending weight, then the shared expert (id E).
     public var slotExperts: [Int32]
     public var slots: Int

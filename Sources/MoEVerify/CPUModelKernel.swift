@@ -2,6 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import KernelBridge
 import LowPrecision
 import MoEReference
 import TensorIO
@@ -13,16 +14,11 @@ import TensorIO
 /// verification and fault-matrix machinery run — and be tested — on a machine without a GPU.
 /// It is a model: the GPU fault build is the real thing (`moecheck faults --kernels`).
 public final class CPUModelKernel: KernelUnderTest {
-    /// Harmful faults, each modelled on a real bug (FACTS §5–§6; Kernels/README.md).
-    public static let harmfulFaults = [
-        "splitk_workspace_not_zeroed", "splitk_bf16_partials", "splitk_fp16_partials", "wrong_kblock_scale",
-        "shared_slot_dropped", "shared_gate_no_sigmoid", "shared_in_renormalization", "shared_id_e_minus_1",
-        "padding_expert_zero", "last_partial_m_tile_skipped", "fnuz_as_fn", "renormalize_ignored",
-        // precision faults (FACTS §8): inside a worst-case bound on ordinary data, seen by the statistical tier
-        "fp8_accumulation_14bit", "intermediate_rounded_twice", "expert_scaled_1p2m6", "splitk_bf16_after_atomic",
-    ]
+    /// Harmful faults, each modelled on a real bug (FACTS §5–§6, §8; Kernels/README.md): the
+    /// names of the GPU fault build (`KernelFault`), so the CPU models and the build never drift.
+    public static let harmfulFaults = KernelFault.harmful.map(\.rawValue)
     /// Variants a correct checker must accept.
-    public static let benignVariants = ["benign_reverse_accumulation", "benign_tie_order_high", "benign_fp32_shared_gate"]
+    public static let benignVariants = KernelFault.benign.map(\.rawValue)
 
     public var fault: String?
     public var name: String { "cpu-model" + (fault.map { "[\($0)]" } ?? "") }
@@ -217,8 +213,8 @@ public final class CPUModelKernel: KernelUnderTest {
                 }
                 if skipped.contains(p) { continue }
                 let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.spec.format.fp8!)) } ?? ([], [])
-                // expert_scaled_1p2m6: token 0's top expert computes its output × (1 + 2^-6)
-                let scale: Float = on("expert_scaled_1p2m6") && e == Int(ids[0]) ? 1 + 0x1p-6 : 1
+                // expert_scaled_1p2m6: the lowest used expert (the first align block's) computes its output × (1 + 2^-6)
+                let scale: Float = on("expert_scaled_1p2m6") && e == Int(ids.min()!) ? 1 + 0x1p-6 : 1
                 for o in 0..<H {
                     y[p * H + o] = scale * dot(w, matrixIsW13: false, slot: e, row: o, rows: H, k: I, act: h, actCodes: hc, actScales: hs,
                                                splits: 1, reverse: on("benign_reverse_accumulation"), garbage: garbage)

@@ -236,20 +236,26 @@ public struct CaseVerifier {
     /// Stage 1 with the reference's ids: the bf16 intermediate per (token, slot).
     func judgeStage1(_ run: KernelRun, ref: ReferenceResult, intermediate I: Int) -> StageReport {
         let T = ref.tokens, S = ref.slots, width = ref.intermediateWidth
-        var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = [], interVar: [Double] = []
-        let variance = ref.statistics?.intermediateVariance
+        var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = [], interVar: [Double] = [], interTie: [Double] = []
+        var keep: [Bool] = []
+        let variance = ref.statistics?.intermediateVariance, ties = ref.statistics?.intermediateTieBias
+        let excluded = ref.statistics?.excludedTokens
         for t in 0..<T {
             for s in 0..<S {
                 for i in 0..<I {
                     interRef.append(ref.intermediate![(t * S + s) * width + i])
                     interBound.append(ref.intermediateBound![(t * S + s) * width + i])
                     interK.append(run.intermediate[(t * S + s) * I + i])
-                    if let variance { interVar.append(variance[(t * S + s) * width + i]) }
+                    if let variance, let ties, let excluded {
+                        interVar.append(variance[(t * S + s) * width + i])
+                        interTie.append(ties[(t * S + s) * width + i])
+                        keep.append(!excluded[t])
+                    }
                 }
             }
         }
         let v1 = Verdict.compare(actual: interK, reference: interRef, bound: interBound)
-        let p1 = variance == nil ? nil : StatisticalJudge.judgeElements(interK, reference: interRef, variance: interVar)
+        let p1 = variance == nil ? nil : StatisticalJudge.judgeElements(interK, reference: interRef, variance: interVar, tie: interTie, keep: keep)
         var problems = v1.passed ? [] : ["intermediate outside its bound: \(v1.violations) of \(v1.elements) (\(v1))"]
         if let p1, !p1.passed { problems += p1.failures.map { "precision: \($0)" } }
         return StageReport(stage: "stage1", passed: passes(v1, p1), verdict: v1, precision: p1,

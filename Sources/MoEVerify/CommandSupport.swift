@@ -54,8 +54,9 @@ public struct CatalogueRun: Sendable {
     }
 
     /// Verifies `cases` in order on `kernel`, calling `each` after every case.
-    public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
-        let verifier = CaseVerifier(kernel: kernel)
+    public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, rigorousOnly: Bool = false,
+                           each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
+        let verifier = CaseVerifier(kernel: kernel, rigorousOnly: rigorousOnly)
         let start = Date()
         var reports: [CaseReport] = []
         for vc in cases {

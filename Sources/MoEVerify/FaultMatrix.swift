@@ -81,7 +81,7 @@ public struct FaultMatrix: Codable, Sendable {
 
     /// Runs the matrix. `makeKernel(fault)` returns the kernel with `fault` selected (nil: none).
     public static func run(faults: [String], families: [VerifyCase], makeKernel: (String?) throws -> KernelUnderTest,
-                           progress: (String) -> Void) throws -> FaultMatrix {
+                           rigorousOnly: Bool = false, progress: (String) -> Void) throws -> FaultMatrix {
         // Variants may legitimately keep the shared gate in fp32: allow either rounding there.
         let relax: (Recipe) -> Recipe = { r in
             var r = r
@@ -89,7 +89,7 @@ public struct FaultMatrix: Codable, Sendable {
             return r
         }
         var baselineFailures: [String] = []
-        let base = CaseVerifier(kernel: try makeKernel(nil), adjustRecipe: relax)
+        let base = CaseVerifier(kernel: try makeKernel(nil), adjustRecipe: relax, rigorousOnly: rigorousOnly)
         for vc in families {
             let r = base.verify(vc)
             if !r.passed { baselineFailures.append(r.line) }
@@ -97,7 +97,7 @@ public struct FaultMatrix: Codable, Sendable {
         }
         var cells: [Cell] = []
         for f in faults {
-            let v = CaseVerifier(kernel: try makeKernel(f), adjustRecipe: relax)
+            let v = CaseVerifier(kernel: try makeKernel(f), adjustRecipe: relax, rigorousOnly: rigorousOnly)
             for vc in families {
                 let r = v.verify(vc)
                 let evidence = r.error ?? r.stages.first(where: { !$0.passed }).map { "\($0.stage): \($0.problems.first ?? $0.worst)" } ?? ""

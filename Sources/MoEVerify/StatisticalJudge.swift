@@ -72,70 +72,91 @@ public enum StatisticalJudge {
 
     /// Judges a whole-layer output `[T, H]` (or stage 2's) against `ref`. `tokens`: which
     /// tokens to judge (nil: all); `includeRouter`: whether the kernel computed its own routing
-    /// weights and shared gate (false when they were given to it).
+    /// weights and shared gate (false when they were given to it). Tokens the model cannot judge
+    /// (`ReferenceStatistics.excludedTokens`) are left out.
+    ///
+    /// With an output rounding the error is taken about `round(o)`, the reference rounded as the
+    /// kernel rounds: a correct kernel's output equals it except where its noise flips the
+    /// rounding, so the test sees far below half an output step.
     public static func judgeOutput(_ actual: [Double], reference ref: ReferenceResult, tokens mask: [Bool]? = nil,
                                    includeRouter: Bool = true) -> PrecisionVerdict? {
         guard let st = ref.statistics else { return nil }
-        let T = ref.tokens, H = ref.hidden, slots = st.slots
+        let T = ref.tokens, H = ref.hidden, slots = st.slots, D = slots + 1
+        let rounded = !st.outputFlipVariance.isEmpty
+        let f = ref.recipe.output.format
         // a change smaller than half an output step can round back to the same output value
-        func outHalfStep(_ o: Double) -> Double { ref.recipe.output.format.map { $0.ulp(of: o) / 2 } ?? 0 }
-        let judged = (0..<T).filter { mask?[$0] ?? true }
-        // per-token correlated variance
+        func outHalfStep(_ o: Double) -> Double { f.map { $0.ulp(of: o) / 2 } ?? 0 }
+        let judged = (0..<T).filter { (mask?[$0] ?? true) && !st.excludedTokens[$0] }
         let F = (0..<T).map { st.expertTokenVariance[$0] + (includeRouter ? st.routerTokenVariance[$0] : 0) }
-        var Q = 0.0, M = 0.0, A2 = 0.0, Amax = 0.0
-        var nOut = 0.0, vOut = 0.0, oo = 0.0
+        // Variance and systematic bound of Σ d·e over one token, for a direction d with Σd² = d2:
+        // the correlated part exactly where the reference projected it (else Cauchy–Schwarz), then
+        // the elementwise parts (noise before the rounding, flips of the rounding, ties).
+        func directional(_ t: Int, _ j: Int, _ d2: Double) -> (Double, Double) {
+            guard let dv = st.directionVariance else { return (d2 * F[t], d2.squareRoot() * st.tieNorm[t]) }
+            let v = includeRouter ? dv[t * D + j] : Swift.min(dv[t * D + j], d2 * st.expertTokenVariance[t])
+            return (v, st.directionBias?[t * D + j] ?? d2.squareRoot() * st.tieNorm[t])
+        }
+        struct Accumulator {
+            var n = 0.0, pre = 0.0, flip = 0.0, bias = 0.0, d2 = 0.0, rig = Double.infinity
+            mutating func add(token: (Double, Double)) { pre += token.0; bias += token.1 }
+            func z() -> (z: Double, limit: Double) {
+                let sd = pre.squareRoot() + flip.squareRoot()
+                return (sd > 0 ? n / sd : (n != 0 ? .infinity : 0), bias / Swift.max(sd, .leastNormalMagnitude))
+            }
+        }
+        var Q = 0.0, M = 0.0, A2 = 0.0, Amax = 0.0, tieNorm2 = 0.0
         var nonFinite = 0
-        // per expert: numerator, variance, Σc²
-        var expertN = [Int: Double](), expertV = [Int: Double](), expertC2 = [Int: Double]()
-        var rigOut = Double.infinity
-        var rigExpert = [Int: Double]()
+        var output = Accumulator()
+        var experts = [Int: Accumulator]()
         for t in judged {
-            var norm2 = 0.0
+            var tokenOut = Accumulator()
             for h in 0..<H {
                 let i = t * H + h
-                let e = actual[i] - ref.output[i]
+                let o = ref.output[i]
+                let e = actual[i] - (rounded ? f!.round(o) : o)
                 if !e.isFinite { nonFinite += 1; continue }
-                let v = st.elementVariance[i], o = ref.output[i]
-                Q += e * e; M += v; A2 += v * v; Amax = Swift.max(Amax, v)
-                nOut += e * o; vOut += o * o * v; oo += o * o; norm2 += o * o
-                if o != 0 { rigOut = Swift.min(rigOut, (2 * ref.bound[i] + outHalfStep(o)) / Swift.abs(o)) }
+                let pre = st.elementVariance[i], flip = rounded ? st.outputFlipVariance[i] : 0
+                let m = rounded ? flip : pre
+                Q += e * e; M += m; A2 += m * m; Amax = Swift.max(Amax, m)
+                let tie = rounded ? st.outputTieBias[i] : 0
+                tieNorm2 += tie * tie
+                tokenOut.n += e * o; tokenOut.pre += o * o * pre; tokenOut.flip += o * o * flip; tokenOut.bias += Swift.abs(o) * tie
+                tokenOut.d2 += o * o
+                if o != 0 { output.rig = Swift.min(output.rig, (2 * ref.bound[i] + outHalfStep(o)) / Swift.abs(o)) }
             }
-            M += F[t]; A2 += F[t] * F[t]; Amax = Swift.max(Amax, F[t])
-            // along a direction: exactly under the model where the reference projected it, else Cauchy–Schwarz
-            let D = slots + 1
-            func directional(_ j: Int, _ d2: Double) -> Double {
-                guard let dv = st.directionVariance else { return d2 * F[t] }
-                return includeRouter ? dv[t * D + j] : Swift.min(dv[t * D + j], d2 * st.expertTokenVariance[t]) + 0
-            }
-            vOut += directional(0, norm2)
+            if !rounded { M += F[t]; A2 += F[t] * F[t]; Amax = Swift.max(Amax, F[t]) }
+            tokenOut.add(token: directional(t, 0, tokenOut.d2))
+            output.n += tokenOut.n; output.pre += tokenOut.pre; output.flip += tokenOut.flip; output.bias += tokenOut.bias; output.d2 += tokenOut.d2
             if let contrib = st.contributions {
                 for s in 0..<slots {
-                    let e = Int(st.slotExperts[t * slots + s])
-                    var n = 0.0, v = 0.0, c2 = 0.0, rig = Double.infinity
+                    let ex = Int(st.slotExperts[t * slots + s])
+                    var a = experts[ex] ?? Accumulator()
+                    var d2 = 0.0
                     for h in 0..<H {
+                        let i = t * H + h
                         let c = Double(contrib[(t * slots + s) * H + h])
-                        let err = actual[t * H + h] - ref.output[t * H + h]
+                        let o = ref.output[i]
+                        let err = actual[i] - (rounded ? f!.round(o) : o)
                         if !err.isFinite { continue }
-                        n += err * c; v += c * c * st.elementVariance[t * H + h]; c2 += c * c
-                        if c != 0 { rig = Swift.min(rig, (2 * ref.bound[t * H + h] + outHalfStep(ref.output[t * H + h])) / Swift.abs(c)) }
+                        a.n += err * c; a.pre += c * c * st.elementVariance[i]; d2 += c * c
+                        if rounded { a.flip += c * c * st.outputFlipVariance[i]; a.bias += Swift.abs(c) * st.outputTieBias[i] }
+                        if c != 0 { a.rig = Swift.min(a.rig, (2 * ref.bound[i] + outHalfStep(o)) / Swift.abs(c)) }
                     }
-                    expertN[e, default: 0] += n
-                    expertV[e, default: 0] += v + directional(1 + s, c2)
-                    expertC2[e, default: 0] += c2
-                    rigExpert[e] = Swift.min(rigExpert[e] ?? .infinity, rig)
+                    a.d2 += d2
+                    a.add(token: directional(t, 1 + s, d2))
+                    experts[ex] = a
                 }
             }
+            tieNorm2 += st.tieNorm[t] * st.tieNorm[t]
         }
-        let tests = 2 + expertN.count
-        let lam = lambda(tests: tests)
         if ProcessInfo.processInfo.environment["MOECHECK_DEBUG_STATS"] != nil {
-            let ev = judged.reduce(0.0) { a, t in a + (0..<H).reduce(0.0) { $0 + st.elementVariance[t * H + $1] } }
-            let fe = judged.reduce(0.0) { $0 + st.expertTokenVariance[$1] * Double(1) }
-            let fr = judged.reduce(0.0) { $0 + st.routerTokenVariance[$1] }
-            print(String(format: "DEBUG stats: Σo²=%.3e Σev=%.3e ΣFexp=%.3e ΣFrouter=%.3e Q=%.3e vOut=%.3e nOut=%.3e", oo, ev, fe, fr, Q, vOut, nOut))
+            print(String(format: "DEBUG out: n=%.3e pre=%.3e flip=%.3e bias=%.3e d2=%.3e Q=%.3e M=%.3e tie2=%.3e", output.n, output.pre, output.flip, output.bias, output.d2, Q, M, tieNorm2))
         }
+        let tests = 2 + experts.count
+        let lam = lambda(tests: tests)
         let tau = Foundation.log(Double(tests) / falseAlarmBudget)
-        let msLimit = M + 2 * (tau * A2).squareRoot() + 2 * tau * Amax
+        // mean square: χ² tail of the random part, plus the systematic part's norm
+        let msLimit = ((M + 2 * (tau * A2).squareRoot() + 2 * tau * Amax).squareRoot() + tieNorm2.squareRoot()).squared
         var failures: [String] = []
         if nonFinite > 0 { failures.append("\(nonFinite) non-finite output element(s)") }
         let msRatio = M > 0 ? Q / M : (Q > 0 ? .infinity : 0)
@@ -143,32 +164,34 @@ public enum StatisticalJudge {
         if Q > msLimit {
             failures.append(String(format: "error mean square %.3g is %.2f× the predicted %.3g (limit %.2f×)", Q, msRatio, M, msThreshold))
         }
-        let zOut = vOut > 0 ? nOut / vOut.squareRoot() : (nOut != 0 ? .infinity : 0)
-        if Swift.abs(zOut) > lam {
-            failures.append(String(format: "error correlates with the output: z = %+.1f (limit %.1f), a scale error of about %+.2e", zOut, lam, oo > 0 ? nOut / oo : 0))
+        let (zOut, biasOut) = output.z()
+        if Swift.abs(zOut) > lam + biasOut {
+            failures.append(String(format: "error correlates with the output: z = %+.1f (limit %.1f), a scale error of about %+.2e",
+                                   zOut, lam + biasOut, output.d2 > 0 ? output.n / output.d2 : 0))
         }
         var worstZ = 0.0, worstE = -1
-        for (e, n) in expertN.sorted(by: { $0.key < $1.key }) {
-            let v = expertV[e]!
-            let z = v > 0 ? n / v.squareRoot() : (n != 0 ? .infinity : 0)
-            if Swift.abs(z) > Swift.abs(worstZ) || worstE < 0 { worstZ = z; worstE = e }
-            if Swift.abs(z) > lam && failures.count < 12 {
-                let c2 = expertC2[e]!
+        for (ex, a) in experts.sorted(by: { $0.key < $1.key }) {
+            let (z, bias) = a.z()
+            if Swift.abs(z) - bias > Swift.abs(worstZ) || worstE < 0 { worstZ = z; worstE = ex }
+            if Swift.abs(z) > lam + bias && failures.count < 12 {
                 failures.append(String(format: "error correlates with expert %d's contribution: z = %+.1f (limit %.1f), a scale error of about %+.2e",
-                                       e, z, lam, c2 > 0 ? n / c2 : 0))
+                                       ex, z, lam + bias, a.d2 > 0 ? a.n / a.d2 : 0))
             }
         }
+        // the smallest scale error surely detected: ε·Σd² ≥ 2λ·sd + 2·bias
+        func detectable(_ a: Accumulator) -> Double {
+            let sd = a.pre.squareRoot() + a.flip.squareRoot()
+            return a.d2 > 0 ? (2 * lam * sd + 2 * a.bias) / a.d2 : .infinity
+        }
         var sens: Sensitivity? = nil
-        if oo > 0 {
-            let routed = expertN.keys.filter { $0 < ref.experts }
+        if output.d2 > 0 {
+            let routed = experts.keys.filter { $0 < ref.experts }.sorted()
             func median(_ v: [Double]) -> Double { v.isEmpty ? .nan : v.sorted()[v.count / 2] }
-            let statE = routed.map { 2 * lam * expertV[$0]!.squareRoot() / Swift.max(expertC2[$0]!, .leastNormalMagnitude) }
-            let shared = expertN.keys.first { $0 == ref.experts }
+            let statE = routed.map { detectable(experts[$0]!) }
             sens = Sensitivity(
-                rigorousOutput: rigOut, rigorousExpert: median(routed.map { rigExpert[$0]! }),
-                statisticalOutput: 2 * lam * vOut.squareRoot() / oo, statisticalExpert: median(statE),
-                statisticalExpertWorst: statE.max() ?? .nan,
-                statisticalShared: shared.map { 2 * lam * expertV[$0]!.squareRoot() / Swift.max(expertC2[$0]!, .leastNormalMagnitude) })
+                rigorousOutput: output.rig, rigorousExpert: median(routed.map { experts[$0]!.rig }),
+                statisticalOutput: detectable(output), statisticalExpert: median(statE), statisticalExpertWorst: statE.max() ?? .nan,
+                statisticalShared: experts[ref.experts].map(detectable))
         }
         return PrecisionVerdict(passed: failures.isEmpty, falseAlarmBudget: falseAlarmBudget, lambda: lam, meanSquareRatio: msRatio,
                                 meanSquareThreshold: msThreshold, outputZ: zOut, worstExpertZ: worstZ, worstExpert: worstE, tests: tests,
@@ -177,20 +200,23 @@ public enum StatisticalJudge {
 
     /// Judges stage 1's intermediate (`[T·S, I]` kernel values against the reference's, with its
     /// per-element variance): mean square and the projection on the reference intermediate.
-    public static func judgeElements(_ actual: [Double], reference: [Double], variance: [Double]) -> PrecisionVerdict {
-        var Q = 0.0, M = 0.0, A2 = 0.0, Amax = 0.0, n = 0.0, v = 0.0, rr = 0.0
+    /// `tie`: each element's systematic bound (a rounding tie), `keep`: which elements to judge.
+    public static func judgeElements(_ actual: [Double], reference: [Double], variance: [Double], tie: [Double], keep: [Bool]) -> PrecisionVerdict {
+        var Q = 0.0, M = 0.0, A2 = 0.0, Amax = 0.0, n = 0.0, v = 0.0, rr = 0.0, bias = 0.0, tie2 = 0.0
         var nonFinite = 0
-        for i in 0..<actual.count {
+        for i in 0..<actual.count where keep[i] {
             let e = actual[i] - reference[i]
             if !e.isFinite { nonFinite += 1; continue }
             let vi = variance[i], r = reference[i]
             Q += e * e; M += vi; A2 += vi * vi; Amax = Swift.max(Amax, vi)
             n += e * r; v += r * r * vi; rr += r * r
+            bias += Swift.abs(r) * tie[i]; tie2 += tie[i] * tie[i]
         }
         let tests = 2
-        let lam = lambda(tests: tests)
+        let lam0 = lambda(tests: tests)
+        let lam = lam0 + (v > 0 ? bias / v.squareRoot() : 0)
         let tau = Foundation.log(Double(tests) / falseAlarmBudget)
-        let msLimit = M + 2 * (tau * A2).squareRoot() + 2 * tau * Amax
+        let msLimit = ((M + 2 * (tau * A2).squareRoot() + 2 * tau * Amax).squareRoot() + tie2.squareRoot()).squared
         var failures: [String] = []
         if nonFinite > 0 { failures.append("\(nonFinite) non-finite element(s)") }
         if Q > msLimit {
@@ -204,4 +230,8 @@ public enum StatisticalJudge {
                                 meanSquareThreshold: M > 0 ? msLimit / M : 0, outputZ: z, worstExpertZ: 0, worstExpert: -1, tests: tests,
                                 tokensJudged: 0, tokensExcluded: 0, failures: failures, sensitivity: nil)
     }
+}
+
+extension Double {
+    fileprivate var squared: Double { self * self }
 }

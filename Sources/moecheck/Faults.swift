@@ -23,6 +23,8 @@ struct Faults: ParsableCommand {
 
     @OptionGroup var report: JSONOutputOption
 
+    @OptionGroup var tier: TierOptions
+
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
@@ -48,15 +50,15 @@ struct Faults: ParsableCommand {
         }
         print("faults: \(label), \(faults.count) faults × \(families.count) families")
         let start = Date()
-        let m = try FaultMatrix.run(faults: faults, families: families, makeKernel: make) { line in
+        let m = try FaultMatrix.run(faults: faults, families: families, makeKernel: make, rigorousOnly: tier.rigorousOnly) { line in
             if stderrIsTerminal { note(line) }
         }
         print(m.table, terminator: "")
         for c in m.cells where c.flagged && !FaultMatrix.isBenign(c.fault) {
-            print("  \(c.fault) on \(c.family): \(c.evidence.prefix(160))")
+            print("  \(c.fault) on \(c.family) [\(c.data), \(c.tier)]: \(c.evidence.prefix(160))")
         }
         for b in m.baselineFailures { print("baseline failure: \(b)") }
-        try report.write(m)
+        try report.write(m.rows)
         print(m.summaryLine(faults: faults, seconds: Date().timeIntervalSince(start)))
         if !m.passed { throw ExitCode(1) }
     }

@@ -53,6 +53,8 @@ struct Fuzz: ParsableCommand {
     @Option(help: "Run exactly this case (the JSON of a VerifyCase, as printed for a failure) and exit.")
     var replay: String?
 
+    @OptionGroup var tier: TierOptions
+
     @OptionGroup var blas: BLASOptions
 
     func validate() throws {
@@ -81,7 +83,7 @@ struct Fuzz: ParsableCommand {
     func run() throws {
         blas.apply()
         let (kernel, base, allExperts, command) = try makeKernel()
-        let verifier = CaseVerifier(kernel: kernel)
+        let verifier = CaseVerifier(kernel: kernel, rigorousOnly: tier.rigorousOnly)
         if let replay {
             let vc = try FuzzReplay.decode(replay)
             print("fuzz: replay on \(kernel.name) (\(kernel.device)): \(vc)")

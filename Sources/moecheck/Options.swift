@@ -44,6 +44,12 @@ struct KernelOptions: ParsableArguments {
     }
 }
 
+/// `--rigorous-only`: judge with the per-element bound alone.
+struct TierOptions: ParsableArguments {
+    @Flag(help: "Judge with the rigorous per-element bound only: the statistical tier (precision: error RMS and per-expert scale tests, docs/error-bounds.md) is still computed and reported, but does not fail a case.")
+    var rigorousOnly = false
+}
+
 /// `--prefix`: the tensor-name prefix of the layer in a case file.
 struct LayerPrefixOption: ParsableArguments {
     @Option(help: "Tensor-name prefix of the layer (default: the key ending in 'mlp.gate.weight').")

@@ -25,6 +25,8 @@ struct Verify: ParsableCommand {
     @Flag(help: "Upload host-generated weights even when the library can generate them on the device.")
     var hostWeights = false
 
+    @OptionGroup var tier: TierOptions
+
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
@@ -38,7 +40,7 @@ struct Verify: ParsableCommand {
         if hostWeights, let device = k as? DeviceKernel { device.generateOnDevice = false }
         let selected = try failing("verify") { try CatalogueRun(suite: suite, filter: cases.filter).cases() }
         print("verify: \(k.name) on \(k.device), suite \(suite), \(selected.count) cases, OpenBLAS threads \(BLAS.threads)")
-        let summary = CatalogueRun.run(selected, on: k) { r in
+        let summary = CatalogueRun.run(selected, on: k, rigorousOnly: tier.rigorousOnly) { r in
             print(r.line)
             fflush(stdout)
         }

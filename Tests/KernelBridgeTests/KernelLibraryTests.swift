@@ -310,7 +310,7 @@ struct NamedConstantTests {
             .map { String($0.dropFirst().prefix { $0 != "\"" }) }
             .filter { !$0.isEmpty }
         #expect(names == KernelFault.allCases.map(\.rawValue))
-        #expect(KernelFault.harmful.count == 12 && KernelFault.benign.count == 3)
+        #expect(KernelFault.harmful.count == 16 && KernelFault.benign.count == 3)
         #expect(KernelFault.benign.allSatisfy { KernelFault.isBenign($0.rawValue) })
     }
 }

@@ -120,16 +120,20 @@ struct GoldensTests {
             #expect(fresh.cases.count >= 5)
             for e in fresh.cases {
                 let old = try #require(committed[e.name])
+                // The goldens were generated where OpenBLAS runs its AVX-512 kernels; another
+                // kernel family may round a float64 GEMM differently in the last bit (README,
+                // Goldens/README.md): there the expected tensors must verify within their bound.
+                let sameKernels = FastGEMM.path == 3
+                let r = Goldens.verify(old, in: goldensDir, requireBits: sameKernels)
                 for (a, b) in zip(e.files, old.files) {
-                    if threads == m.openblas_threads {
+                    if a.file.hasSuffix(".case.safetensors") {
+                        #expect(a == b, "\(a.file): case files depend on neither threads nor CPU")
+                    } else if threads == m.openblas_threads && (sameKernels || r.bitIdentical) {
                         #expect(a == b, "\(a.file) regenerated with a different hash")
-                    } else if a.file.hasSuffix(".case.safetensors") {
-                        #expect(a == b, "\(a.file): case files do not depend on threads")
                     }
                 }
                 // the tensors (not the metadata's thread count) are identical at any thread count
-                let r = Goldens.verify(old, in: goldensDir, requireBits: true)
-                #expect(r.passed && r.bitIdentical, "\(r.line)")
+                #expect(r.passed && (r.bitIdentical || !sameKernels), "\(r.line)")
             }
         }
     }
