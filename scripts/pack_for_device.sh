@@ -3,7 +3,7 @@
 # libraries into .carry/moecheck.tar.xz for a GPU machine without Swift (glibc >= 2.35).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-swift build -c release --static-swift-stdlib --scratch-path .build-static
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product moecheck
 bin=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --show-bin-path)/moecheck
 stage=$(mktemp -d)
 cp "$bin" "$stage/"

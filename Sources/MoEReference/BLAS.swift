@@ -35,4 +35,11 @@ public enum BLAS {
         if k == 0 { c.update(repeating: 0, count: m * n); return }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(k), 0, c, Int32(n))
     }
+
+    /// `C[m,n] = A[m,k] · B[k,n]` in float32, all row-major (the statistical model's projections).
+    static func sgemmAB(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>, m: Int, n: Int, k: Int) {
+        guard m > 0, n > 0 else { return }
+        if k == 0 { c.update(repeating: 0, count: m * n); return }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(n), 0, c, Int32(n))
+    }
 }

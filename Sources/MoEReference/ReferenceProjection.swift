@@ -49,25 +49,23 @@ extension MoEReferenceEngine {
             let Ie = c.intermediate(ofExpert: e)
             var w2 = [Float](repeating: 0, count: H * Ie)
             try w2.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
-            var w2t = [Float](repeating: 0, count: Ie * H)
-            for h in 0..<H { for i in 0..<Ie { w2t[i * H + h] = w2[h * Ie + i] } }
             let chunk = Swift.max(1, (1 << 22) / Swift.max(D * H, 1))
             var r0 = 0
             while r0 < p.rows.count {
                 let r1 = Swift.min(p.rows.count, r0 + chunk)
                 let m = (r1 - r0) * D
                 var a = [Float](repeating: 0, count: m * H)
-                for r in r0..<r1 {
-                    let (t, _) = p.rows[r]
-                    let base = (r - r0) * D * H
-                    for h in 0..<H { a[base + h] = outF[t * H + h] }
-                    for s in 0..<slotsAll {
-                        for h in 0..<H { a[base + (1 + s) * H + h] = contrib[(t * slotsAll + s) * H + h] }
+                a.withUnsafeMutableBufferPointer { ap in outF.withUnsafeBufferPointer { op in contrib.withUnsafeBufferPointer { cp in
+                    for r in r0..<r1 {
+                        let t = p.rows[r].0
+                        let dst = ap.baseAddress! + (r - r0) * D * H
+                        dst.update(from: op.baseAddress! + t * H, count: H)
+                        (dst + H).update(from: cp.baseAddress! + t * slotsAll * H, count: slotsAll * H)
                     }
-                }
+                } } }
                 var proj = [Float](repeating: 0, count: m * Ie)
-                a.withUnsafeBufferPointer { ap in w2t.withUnsafeBufferPointer { wp in proj.withUnsafeMutableBufferPointer { op in
-                    BLAS.sgemmABt(ap.baseAddress!, wp.baseAddress!, op.baseAddress!, m: m, n: Ie, k: H)
+                a.withUnsafeBufferPointer { ap in w2.withUnsafeBufferPointer { wp in proj.withUnsafeMutableBufferPointer { op in
+                    BLAS.sgemmAB(ap.baseAddress!, wp.baseAddress!, op.baseAddress!, m: m, n: Ie, k: H)
                 } } }
                 for r in r0..<r1 {
                     let (t, s) = p.rows[r]

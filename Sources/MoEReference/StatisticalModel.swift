@@ -42,6 +42,8 @@ public enum StatisticalModel {
     public static func gridVariance(_ v: Double, sigma: Double, _ f: SmallFloatFormat) -> Double {
         guard sigma > 0, v.isFinite else { return 0 }
         let (dOut, dIn, qOut, qIn) = boundaryDistances(v, f)
+        // beyond 9σ of both boundaries the crossing probability is below e^-40: nothing to add
+        if Swift.min(dOut, dIn) > 9 * sigma && sigma <= qIn / 4 { return 0 }
         var variance = 0.0
         let twoSigma2 = 2 * sigma * sigma
         for k in 1...3 {

@@ -147,8 +147,8 @@ public final class CPUModelKernel: KernelUnderTest {
         let wrongScale = matrixIsW13 && on("wrong_kblock_scale")
         let bf16Partials = splitK && on("splitk_bf16_partials"), fp16Partials = splitK && on("splitk_fp16_partials")
         var acc: Float = (splitK && perSplit == 1 && on("splitk_workspace_not_zeroed")) ? garbage : 0
-        // fp8_accumulation_14bit: the running sum kept in ~14 significant bits (a tensor core's
-        // internal accumulator) across the whole K, never promoted to fp32
+        // fp8_accumulation_14bit: the running sums kept in ~14 significant bits (a tensor core's
+        // internal accumulator), rounded every 32 K as the GPU fault build does, never promoted to fp32
         let low = on("fp8_accumulation_14bit")
         var b0 = 0
         while b0 < kb {
@@ -156,9 +156,10 @@ public final class CPUModelKernel: KernelUnderTest {
             var p: Float = 0
             for b in b0..<b1 {
                 var partial: Float = 0
-                for i in (b * 128)..<Swift.min(k, (b + 1) * 128) {
+                let end = Swift.min(k, (b + 1) * 128)
+                for i in (b * 128)..<end {
                     partial += codec.value(actCodes[i]) * codec.value(codes[base + i])
-                    if low { partial = Self.round14(partial) }
+                    if low && ((i + 1) % 32 == 0 || i == end - 1) { partial = Self.round14(partial) }
                 }
                 let aScale = wrongScale ? actScales[(b + 1) % kb] : actScales[b]
                 p += (aScale * scales[sBase + b]) * partial

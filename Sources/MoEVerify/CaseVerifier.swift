@@ -168,6 +168,27 @@ public struct CaseVerifier {
         report.passed = report.stages.allSatisfy(\.passed)
     }
 
+    /// Forward-only verdicts of one case for several changes of the kernel's output (nil: none),
+    /// with one reference run and one kernel run: `moecheck sensitivity`.
+    public func forwardOnlyStudy(_ vc: VerifyCase, mutations: [Mutation?]) throws -> [(Mutation?, StageReport)] {
+        let layer = try SyntheticLayer(vc.spec)
+        let c = layer.config
+        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
+        var recipe = try kernel.recipe(for: vc.spec.format)
+        if let adjustRecipe { recipe = adjustRecipe(recipe) }
+        let x = layer.inputs(), T = vc.spec.tokens
+        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: ReferenceOptions(fuseShared: vc.fuseShared, keepContributions: true))
+        let ref = try engine.run(inputs: x, tokens: T)
+        let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
+        guard let kernelOut = run.forwardOutputs.first else { throw VerifyError.failed("\(vc.name): the kernel returned no whole-layer output") }
+        let mask: (rigorous: [Bool]?, statistical: [Bool]?) = (ref.ambiguousTokens.map { !$0 }, ref.statistics.map { $0.ambiguousTokens.map { !$0 } })
+        return try mutations.map { m in
+            var out = kernelOut
+            try m?.apply(&out, reference: ref) { try engine.run(inputs: x, tokens: T, routing: $0) }
+            return (m, judgeWholeLayer(out, ref: ref, stage: "forward", mask: mask))
+        }
+    }
+
     /// A stage passes when the rigorous tier passes and, unless `rigorousOnly`, the statistical one.
     func passes(_ v: Verdict, _ p: PrecisionVerdict?) -> Bool { v.passed && (rigorousOnly || p?.passed ?? true) }
 

@@ -111,20 +111,24 @@ public enum SensitivityStudy {
         return out
     }
 
-    /// Runs each case forward-only, as it is and with each mutation; `progress` sees every row.
+    /// Runs each case forward-only, as it is and with each mutation (one reference and one kernel
+    /// run per case, the mutations applied to the same output); `progress` sees every row.
     public static func run(kernel: KernelUnderTest, cases: [VerifyCase], mutations: [Mutation] = Mutation.allCases,
                            progress: (SensitivityRow) -> Void) -> [SensitivityRow] {
         var rows: [SensitivityRow] = []
+        let verifier = CaseVerifier(kernel: kernel, mode: .forwardOnly)
         for vc in cases {
-            for m in [nil] + mutations.map(Optional.some) {
-                var v = CaseVerifier(kernel: kernel, mode: .forwardOnly)
-                if let m { v.mutateForward = { out, ref, rerun in try m.apply(&out, reference: ref, rerun: rerun) } }
-                let r = v.verify(vc)
-                let fwd = r.stages.filter { $0.stage.hasPrefix("forward") }
-                let row = SensitivityRow(caseName: vc.name, mutation: m?.rawValue ?? "none",
-                                         rigorousFlagged: r.error == nil && fwd.contains { !($0.verdict?.passed ?? true) },
-                                         statisticalFlagged: r.error == nil && fwd.contains { !($0.precision?.passed ?? true) },
-                                         sensitivity: r.sensitivity, error: r.error)
+            let all: [Mutation?] = [nil] + mutations.map(Optional.some)
+            do {
+                for (m, stage) in try verifier.forwardOnlyStudy(vc, mutations: all) {
+                    let row = SensitivityRow(caseName: vc.name, mutation: m?.rawValue ?? "none", rigorousFlagged: !(stage.verdict?.passed ?? true),
+                                             statisticalFlagged: !(stage.precision?.passed ?? true), sensitivity: stage.precision?.sensitivity, error: nil)
+                    rows.append(row)
+                    progress(row)
+                }
+            } catch {
+                let row = SensitivityRow(caseName: vc.name, mutation: "none", rigorousFlagged: false, statisticalFlagged: false, sensitivity: nil,
+                                         error: "\(error)")
                 rows.append(row)
                 progress(row)
             }

@@ -149,9 +149,6 @@ public enum StatisticalJudge {
             }
             tieNorm2 += st.tieNorm[t] * st.tieNorm[t]
         }
-        if ProcessInfo.processInfo.environment["MOECHECK_DEBUG_STATS"] != nil {
-            print(String(format: "DEBUG out: n=%.3e pre=%.3e flip=%.3e bias=%.3e d2=%.3e Q=%.3e M=%.3e tie2=%.3e", output.n, output.pre, output.flip, output.bias, output.d2, Q, M, tieNorm2))
-        }
         let tests = 2 + experts.count
         let lam = lambda(tests: tests)
         let tau = Foundation.log(Double(tests) / falseAlarmBudget)

@@ -1,0 +1,120 @@
+import Foundation
+import LowPrecision
+import MoEReference
+@testable import MoEVerify
+import Testing
+import TensorIO
+import MoECheckTestSupport
+
+// The statistical tier (docs/error-bounds.md, "The statistical tier"): its rounding model, and
+// that it passes a correct kernel (the CPU model) while seeing scale errors the rigorous bound
+// cannot, on a case of moderate size so the suite stays quick.
+
+private let medium = MoEConfig(family: .qwen35Moe, hidden: 1024, intermediate: 256, sharedIntermediate: 256, experts: 16, topK: 4)
+
+private func mediumCase(_ format: WeightFormat, tokens: Int, seed: UInt64 = 5) -> VerifyCase {
+    VerifyCase(name: "medium-\(format.tag)-T\(tokens)", spec: SyntheticSpec(config: medium, format: format, tokens: tokens, seed: seed))
+}
+
+/// Runs `vc` forward-only on the CPU model with `mutation` applied (nil: none).
+private func forwardOnly(_ vc: VerifyCase, _ mutation: Mutation?) throws -> CaseReport {
+    var v = CaseVerifier(kernel: try CPUModelKernel(), mode: .forwardOnly)
+    if let mutation { v.mutateForward = { out, ref, rerun in try mutation.apply(&out, reference: ref, rerun: rerun) } }
+    return v.verify(vc)
+}
+
+private func tiers(_ r: CaseReport) -> (rigorous: Bool, statistical: Bool) {
+    let fwd = r.stages.filter { $0.stage.hasPrefix("forward") }
+    return (fwd.contains { !($0.verdict?.passed ?? true) }, fwd.contains { !($0.precision?.passed ?? true) })
+}
+
+@Suite("Statistical tier: rounding model")
+struct StatisticalModelTests {
+    @Test("far from a boundary a rounding point adds (almost) nothing; on a tie it adds a step")
+    func roundingVariance() {
+        let q = SmallFloatFormat.bfloat16.ulp(of: 1.0)   // 2^-7
+        // 1 + q/4 is a quarter step from 1 and a quarter from the midpoint: noise of q/1000 never crosses
+        #expect(StatisticalModel.roundingVariance(1 + q / 4, sigma: q / 1000, .bf16) < 1e-100)
+        // at the midpoint the kernel's noise decides: about a step²
+        let atTie = StatisticalModel.roundingVariance(1 + q / 2, sigma: q / 1000, .bf16)
+        #expect(atTie >= q * q && atTie < 4 * q * q)
+        // noise wider than a step passes through (σ² + q² at least)
+        #expect(StatisticalModel.roundingVariance(1, sigma: 4 * q, .bf16) >= 16 * q * q)
+        // no rounding: the noise itself
+        #expect(StatisticalModel.roundingVariance(3, sigma: 0.5, .none) == 0.25)
+        // flushed subnormals are allowed for
+        #expect(StatisticalModel.roundingVariance(1e-40, sigma: 0, .bf16) == 0x1p-252)
+    }
+
+    @Test("tieBias: one step exactly on a rounding boundary, nothing elsewhere")
+    func tieBias() {
+        let f = SmallFloatFormat.bfloat16, q = f.ulp(of: 1.0)
+        #expect(StatisticalModel.tieBias(1 + q / 2, f) == q)
+        #expect(StatisticalModel.tieBias(1 + q / 2 + q / 64, f) == 0)
+        #expect(StatisticalModel.tieBias(1, f) == 0)
+        #expect(StatisticalModel.tieBias(1 + 0x1p-20, .float32) == 0, "fp32 values are not ties at bf16's scale")
+        #expect(StatisticalModel.tieBias(0.3, nil) == 0)
+    }
+}
+
+@Suite("Statistical tier: verdicts on the CPU model")
+struct StatisticalTierTests {
+    @Test("a correct kernel passes both tiers, stage by stage and forward-only, and the case states its sensitivity",
+          arguments: [WeightFormat.bf16, .fp8e4m3fn])
+    func correctKernelPasses(_ format: WeightFormat) throws {
+        let vc = mediumCase(format, tokens: 24)
+        let staged = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
+        #expect(staged.passed, "\(staged.line)")
+        #expect(staged.stages.contains { $0.stage == "stage1" && $0.precision != nil })
+        #expect(staged.stages.contains { $0.stage == "stage2" && $0.precision != nil })
+        let fwd = try forwardOnly(vc, nil)
+        #expect(fwd.passed, "\(fwd.line)")
+        let s = try #require(fwd.sensitivity, "forward-only report states a sensitivity")
+        // the statistical tier sees a whole-output scale error far below the rigorous one
+        #expect(s.statisticalOutput < s.rigorousOutput / 5, "\(s.line)")
+        #expect(s.statisticalOutput < 0.01, "\(s.line)")
+    }
+
+    @Test("scale errors far inside the worst-case bound are flagged by the statistical tier",
+          arguments: [(Mutation.everyExpert1p01, WeightFormat.bf16), (.oneExpert1p05, .bf16), (.everyExpert1p01, .fp8e4m3fn)])
+    func scaleErrorsFlagged(_ mutation: Mutation, _ format: WeightFormat) throws {
+        let r = try forwardOnly(mediumCase(format, tokens: 24), mutation)
+        let (_, statistical) = tiers(r)
+        #expect(statistical, "\(mutation.rawValue) on \(format.tag) should be a precision failure: \(r.line)")
+        #expect(!r.passed)
+    }
+
+    @Test("--rigorous-only reports the statistical tier but does not fail on it")
+    func rigorousOnly() throws {
+        var v = CaseVerifier(kernel: try CPUModelKernel(), rigorousOnly: true, mode: .forwardOnly)
+        v.mutateForward = { out, ref, rerun in try Mutation.everyExpert1p01.apply(&out, reference: ref, rerun: rerun) }
+        let r = v.verify(mediumCase(.bf16, tokens: 24))
+        let (rigorous, statistical) = tiers(r)
+        #expect(statistical && !rigorous, "\(r.line)")
+        #expect(r.passed, "only the rigorous tier decides: \(r.line)")
+    }
+
+    @Test("repeated tokens are left out of the statistical tests (the same computation makes the same error)")
+    func repeatedTokensExcluded() throws {
+        let layer = try SyntheticLayer(mediumCase(.bf16, tokens: 4).spec)
+        let H = medium.hidden
+        var x = layer.inputs()
+        for h in 0..<H { x[3 * H + h] = x[h] }          // token 3 repeats token 0
+        let ref = try MoEReferenceEngine(layer: layer, recipe: .fusedBF16, options: ReferenceOptions(keepContributions: true))
+            .run(inputs: x, tokens: 4)
+        let excluded = try #require(ref.statistics).excludedTokens
+        #expect(excluded == [false, false, false, true])
+    }
+
+    @Test("the fault matrix labels families ordinary or designed and names the tier that caught each fault")
+    func faultRowsCarryDataAndTier() throws {
+        let families = FaultMatrix.families(large: false)
+        #expect(families.contains { FaultMatrix.dataKind($0) == "ordinary" })
+        #expect(families.contains { FaultMatrix.dataKind($0) == "designed" })
+        let m = try FaultMatrix.run(faults: ["expert_scaled_1p2m6"], families: Array(families.prefix(2)),
+                                    makeKernel: { try CPUModelKernel(fault: $0) }, progress: { _ in })
+        let rows = m.rows
+        #expect(rows.count == 2)
+        #expect(rows.contains { $0.detected && $0.tier == "statistical" && $0.data == "ordinary" }, "\(rows)")
+    }
+}
