@@ -147,15 +147,22 @@ extension MoEReferenceEngine {
         step.routerTolerance[t] = slack
         let maxBound = rb[order[0]]
         if K < E {
-            let a = order[K - 1], b = order[K]
-            if row[a] - row[b] <= rb[a] + rb[b] + slack { step.ambiguous[t] = true }
+            let a = order[K - 1]
+            // Ambiguous when a left-out expert may reach a chosen one: the lowest a chosen logit can
+            // be against the highest a left-out one can be (not only the (K+1)-th by value: a
+            // lower logit with a wider radius — a value on a rounding tie — may overtake it).
+            let chosenLow = order.prefix(K).map { row[$0] - rb[$0] }.min()!
+            let leftHigh = order.dropFirst(K).map { row[$0] + rb[$0] }.max()!
+            if leftHigh + slack >= chosenLow { step.ambiguous[t] = true }
             // Where the K-th probability may underflow to 0 in fp32 (flushed below 2^-126), the
             // experts that underflow are tied at 0 and a kernel may take any of them.
             if Self.mayUnderflow(row[a] + rb[a] + slack, max: maxLogit - maxBound) { step.ambiguous[t] = true }
             if stats {
+                let lowest = order.prefix(K).min { preRounding[t * E + $0] - 6 * logitSigma[t * E + $0] < preRounding[t * E + $1] - 6 * logitSigma[t * E + $1] }!
+                let highest = order.dropFirst(K).max { preRounding[t * E + $0] + 6 * logitSigma[t * E + $0] < preRounding[t * E + $1] + 6 * logitSigma[t * E + $1] }!
                 step.statisticallyAmbiguous[t] = step.ambiguous[t] && (
-                    StatisticalModel.maySwap(high: preRounding[t * E + a], highSigma: logitSigma[t * E + a],
-                                             low: preRounding[t * E + b], lowSigma: logitSigma[t * E + b], rounding: recipe.routerLogits, slack: slack)
+                    StatisticalModel.maySwap(high: preRounding[t * E + lowest], highSigma: logitSigma[t * E + lowest],
+                                             low: preRounding[t * E + highest], lowSigma: logitSigma[t * E + highest], rounding: recipe.routerLogits, slack: slack)
                     || Self.mayUnderflow(row[a] + rb[a] + slack, max: maxLogit - maxBound))
             }
         }

@@ -98,10 +98,10 @@ struct FaultMatrixTests {
     @Test("the table says MISSED and FALSE ALARM when it should")
     func tableFlagsFailures() {
         let cells = [
-            FaultMatrix.Cell(fault: "harmful_x", family: "A", flagged: false, evidence: ""),
-            FaultMatrix.Cell(fault: "harmful_x", family: "B", flagged: false, evidence: ""),
-            FaultMatrix.Cell(fault: "benign_y", family: "A", flagged: true, evidence: "stage1: out of bound"),
-            FaultMatrix.Cell(fault: "benign_y", family: "B", flagged: false, evidence: ""),
+            FaultMatrix.Cell(fault: "harmful_x", family: "A", data: "ordinary", flagged: false, tier: false ? "rigorous" : "-", evidence: ""),
+            FaultMatrix.Cell(fault: "harmful_x", family: "B", data: "ordinary", flagged: false, tier: false ? "rigorous" : "-", evidence: ""),
+            FaultMatrix.Cell(fault: "benign_y", family: "A", data: "ordinary", flagged: true, tier: true ? "rigorous" : "-", evidence: "stage1: out of bound"),
+            FaultMatrix.Cell(fault: "benign_y", family: "B", data: "ordinary", flagged: false, tier: false ? "rigorous" : "-", evidence: ""),
         ]
         let m = FaultMatrix(families: ["A", "B"], faults: ["harmful_x", "benign_y"], cells: cells, baselineFailures: [])
         #expect(m.missed == ["harmful_x"])

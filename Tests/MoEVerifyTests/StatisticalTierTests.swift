@@ -118,3 +118,23 @@ struct StatisticalTierTests {
         #expect(rows.contains { $0.detected && $0.tier == "statistical" && $0.data == "ordinary" }, "\(rows)")
     }
 }
+
+@Suite("Router ambiguity")
+struct RouterAmbiguityTests {
+    /// Found by the H200 fuzz campaign (seed 11): at the last token the (K+1)-th expert by value
+    /// had a radius of 0, but a lower logit sat on a bf16 rounding tie (radius one step) and a
+    /// correct kernel rounded it up to the K-th's value, where the lower index won the tie.
+    @Test("a left-out expert on a rounding tie that can reach the K-th makes the token ambiguous")
+    func tieBelowTheKthIsAmbiguous() throws {
+        let vc = try FuzzReplay.decode(#"{"fuseShared":false,"name":"fuzz-s11-i2232-shrunk","spec":{"config":{"experts":8,"family":"qwen2_moe","hidden":128,"intermediate":1,"renormalize":false,"sharedIntermediate":3,"topK":1},"format":"fp8-e4m3fnuz","inputs":"fp8-grid","routing":"all-negative","scales":"counter","seed":209936728338452,"tokens":2479},"splitK":1}"#)
+        let layer = try SyntheticLayer(vc.spec)
+        let ref = try MoEReferenceEngine(layer: RoutedOnlyLayer(layer), recipe: .fusedFP8, options: ReferenceOptions(fuseShared: false))
+            .run(inputs: layer.inputs(), tokens: vc.spec.tokens)
+        let t = 2478, E = 8
+        // expert 7 leads at −63.75; expert 1 is −64 but on a tie (radius 0.25)
+        #expect(ref.topkIds[t] == 7 && ref.routerLogitBound[t * E + 1] > 0)
+        #expect(ref.ambiguousTokens[t], "expert 1 may round up to −63.75 and win the tie")
+        let r = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
+        #expect(r.passed, "\(r.line)")
+    }
+}
