@@ -121,7 +121,9 @@ public enum StatisticalModel {
                 // a systematic choice: on an fp8 midpoint, or a bf16 tie one bf16 step from one
                 let onMidpoint = dMid <= Swift.abs(z) * 0x1p-20 + 0x1p-60
                 tie[offset + i] = onMidpoint || (tie[offset + i] > 0 && dMid * s <= 1.01 * stepB) ? step : 0
-                vq = Swift.max(vq, gridVariance(z, sigma: vv.squareRoot() / s, f8) * s * s)
+                // noise wider than a bf16 step is continuous: its own tail decides (a bf16 flip
+                // moves by exactly one step and cannot reach an fp8 midpoint further away)
+                if vv > stepB * stepB { vq = Swift.max(vq, gridVariance(z, sigma: vv.squareRoot() / s, f8) * s * s) }
                 variance[offset + i] = vq
                 groupShift += Swift.abs(f8.round(z, saturating: true) * s) * columnNorms2[i].squareRoot()
             }
