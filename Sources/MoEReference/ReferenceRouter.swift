@@ -7,13 +7,16 @@ struct RouterStep {
     /// Router logits after the recipe's rounding `[T, E]`, and their rigorous bound.
     var logits: [Double]
     var logitBound: [Double]
-    /// `[T, S]` (S = K, +1 with the shared expert fused).
+    /// `[T, S]` (S = K, +1 with the shared expert fused): ids, weights and the weights' bounds.
     var topkIds: [Int32]
     var topkWeights: [Double]
     var topkWeightBound: [Double]
+    /// `[T]`: the shared gate g and its bound (0 without a shared expert).
     var sharedGate: [Double]
     var sharedGateBound: [Double]
+    /// `[T]`: tokens whose K-th and (K+1)-th experts a correct kernel may swap (rigorous radii).
     var ambiguous: [Bool]
+    /// `[T]`: the fp32 softmax's slack when two logits are compared.
     var routerTolerance: [Double]
     /// `[T, slotsAll]`: routed slots in descending weight, then the shared expert (id E).
     var slotExpert: [Int]

@@ -90,7 +90,7 @@ struct FaultMatrixTests {
             }
         }
         for (i, fam) in smallFamilies.enumerated() {
-            #expect(lines.contains("F\(i + 1) = \(fam.name)"), "family legend F\(i + 1)")
+            #expect(lines.contains("F\(i + 1) = \(fam.name) (\(FaultMatrix.dataKind(fam)))"), "family legend F\(i + 1) with its data kind")
         }
         #expect(!m.table.contains("MISSED") && !m.table.contains("FALSE ALARM"))
     }
