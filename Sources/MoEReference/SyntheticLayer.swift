@@ -73,7 +73,7 @@ public struct SyntheticSpec: Codable, Sendable, Equatable, CustomStringConvertib
 /// scales in `w13_scale [E', 2·ceil(I/128), ceil(H/128)]` and `w2_scale [E', ceil(H/128), ceil(I/128)]`.
 /// A shared expert that cannot fuse uses the streams `shared.w13` / `shared.w2` / `shared.w13_scale` /
 /// `shared.w2_scale` with its own Is.
-public final class SyntheticLayer: MoELayerSource {
+public final class SyntheticLayer: GenericDecodingLayerSource {
     public let spec: SyntheticSpec
     public var config: MoEConfig { spec.config }
     public var weightFormat: WeightFormat { spec.format }
@@ -192,14 +192,10 @@ public final class SyntheticLayer: MoELayerSource {
         }
     }
 
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try gateUp(e, into: out) }
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try down(e, into: out) }
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try gateUp(e, into: out) }
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try down(e, into: out) }
 
     @_specialize(where T == Double)
     @_specialize(where T == Float)
-    func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
+    public func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         let Ie = config.intermediate(ofExpert: e)
         let (b, s) = gateUpBytes(expert: e)
@@ -208,7 +204,7 @@ public final class SyntheticLayer: MoELayerSource {
 
     @_specialize(where T == Double)
     @_specialize(where T == Float)
-    func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
+    public func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         let (b, s) = downBytes(expert: e)
         decode(b, s, rows: config.hidden, cols: config.intermediate(ofExpert: e), halves: nil, into: out)

@@ -107,7 +107,7 @@ func allFinite<T: BinaryFloatingPoint>(_ p: UnsafeMutablePointer<T>, count n: In
 /// `hidden_states [T, H]` — DESIGN.md §4. The prefix (`model.layers.N.mlp.`) is found from the
 /// key ending in `mlp.gate.weight`; the config comes from `__metadata__["config"]` or a
 /// `config.json` beside the file. Opening validates every shape against the config.
-public final class MoECaseFile: MoELayerSource {
+public final class MoECaseFile: GenericDecodingLayerSource {
     public let path: String
     public let file: SafetensorsFile
     public let prefix: String
@@ -156,14 +156,10 @@ public final class MoECaseFile: MoELayerSource {
 
     public func sharedGateWeight() throws -> [Double]? { sharedGate?.doubles() }
 
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try gateUp(e, into: out) }
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try down(e, into: out) }
-    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try gateUp(e, into: out) }
-    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try down(e, into: out) }
 
     @_specialize(where T == Double)
     @_specialize(where T == Float)
-    private func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
+    public func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         let g = gateProjections[e]
         try g.decode(into: out, file: path)
@@ -183,7 +179,7 @@ public final class MoECaseFile: MoELayerSource {
 
     @_specialize(where T == Double)
     @_specialize(where T == Float)
-    private func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
+    public func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws {
         try checkExpert(e)
         try downProjections[e].decode(into: out, file: path)
     }

@@ -194,6 +194,22 @@ public protocol MoELayerSource: AnyObject {
     func rawBF16(expert e: Int, _ projection: ExpertProjection) -> UnsafeRawPointer?
 }
 
+/// A layer source that decodes both precisions through one generic routine per projection
+/// (`gateUp`, `down`); the four `decode…` entry points of `MoELayerSource` forward to them.
+public protocol GenericDecodingLayerSource: MoELayerSource {
+    /// Expert `e` (`e == E`: the shared expert): `[gate; up]` as `[2·Ie, H]` into `out`.
+    func gateUp<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws
+    /// Expert `e`: down `[H, Ie]` into `out`.
+    func down<T: BinaryFloatingPoint>(_ e: Int, into out: UnsafeMutablePointer<T>) throws
+}
+
+extension GenericDecodingLayerSource {
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try gateUp(e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Double>) throws { try down(e, into: out) }
+    public func decodeGateUp(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try gateUp(e, into: out) }
+    public func decodeDown(expert e: Int, into out: UnsafeMutablePointer<Float>) throws { try down(e, into: out) }
+}
+
 /// One of an expert's three projections.
 public enum ExpertProjection: Sendable {
     case gate, up, down
