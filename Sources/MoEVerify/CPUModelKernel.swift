@@ -34,7 +34,7 @@ public final class CPUModelKernel: KernelUnderTest {
     func on(_ f: String) -> Bool { fault == f }
 
     public func recipe(for format: WeightFormat) throws -> Recipe {
-        format.fp8 != nil ? .fusedFP8 : .fusedBF16
+        Recipe.default(for: format)
     }
 
     /// Align block (rows per expert block), as in Kernels/.
