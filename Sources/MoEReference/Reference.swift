@@ -442,16 +442,7 @@ public final class MoEReferenceEngine {
         var out = [Double](repeating: 0, count: T * H)
         for t in 0..<T {
             for h in 0..<H {
-                var ybar = 0.0
-                for s in 0..<K { ybar += Double(contrib[(t * slotsAll + s) * H + h]) }
-                var v = router.unchosenLogitVariance[t] * ybar * ybar
-                for s in 0..<slotsAll {
-                    let w = router.slotWeight[t * slotsAll + s]
-                    let y = w != 0 ? Double(contrib[(t * slotsAll + s) * H + h]) / w : 0
-                    v += router.slotWeightVariance[t * slotsAll + s] * y * y
-                    if s < K { v += router.slotLogitVariance[t * slotsAll + s] * (y - ybar) * (y - ybar) }
-                }
-                out[t * H + h] = v
+                out[t * H + h] = router.projectedVariance(token: t, slots: slotsAll, routed: K) { Double(contrib[(t * slotsAll + $0) * H + h]) }
             }
         }
         return out

@@ -31,16 +31,7 @@ extension MoEReferenceEngine {
                 BLAS.sgemmABt(cp.baseAddress! + t * slotsAll * H, dp.baseAddress!, op.baseAddress!, m: slotsAll, n: D, k: H)
             } } }
             for j in 0..<D {
-                var ybar = 0.0
-                for s in 0..<K { ybar += Double(dots[s * D + j]) }
-                var v = router.unchosenLogitVariance[t] * ybar * ybar
-                for s in 0..<slotsAll {
-                    let w = router.slotWeight[t * slotsAll + s]
-                    let yd = w != 0 ? Double(dots[s * D + j]) / w : 0
-                    v += router.slotWeightVariance[t * slotsAll + s] * yd * yd
-                    if s < K { v += router.slotLogitVariance[t * slotsAll + s] * (yd - ybar) * (yd - ybar) }
-                }
-                result[t * D + j] = v
+                result[t * D + j] = router.projectedVariance(token: t, slots: slotsAll, routed: K) { Double(dots[$0 * D + j]) }
             }
         }
         // expert terms: each touched expert's W2 against the directions of the rows it serves

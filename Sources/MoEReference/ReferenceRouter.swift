@@ -35,6 +35,26 @@ struct RouterStep {
     var tieTokens: [Bool] = []
 }
 
+extension RouterStep {
+    /// The variance the routing brings to `Σ_h d_h·e_h` at token `t`, from each slot's projected
+    /// contribution `c_s·d` (`projected(s)`, s < slots; the first `routed` slots are the routed
+    /// experts): `Σ_s Var(w_s)·(y_s·d)² + Σ_j Var(l_j)·w_j²·(y_j·d − ȳ·d)² + Σ_left out Var(l)·p²·(ȳ·d)²`,
+    /// y_s = c_s / w_s, ȳ = Σ c_s over the routed slots.
+    @inline(__always)
+    func projectedVariance(token t: Int, slots: Int, routed K: Int, _ projected: (Int) -> Double) -> Double {
+        var ybar = 0.0
+        for s in 0..<K { ybar += projected(s) }
+        var v = unchosenLogitVariance[t] * ybar * ybar
+        for s in 0..<slots {
+            let w = slotWeight[t * slots + s]
+            let yd = w != 0 ? projected(s) / w : 0
+            v += slotWeightVariance[t * slots + s] * yd * yd
+            if s < K { v += slotLogitVariance[t * slots + s] * (yd - ybar) * (yd - ybar) }
+        }
+        return v
+    }
+}
+
 extension MoEReferenceEngine {
     /// Router logits, top-K, renormalization, the shared gate, and (with a routing override) the
     /// kernel's own choice of experts.

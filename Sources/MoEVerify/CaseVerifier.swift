@@ -93,9 +93,6 @@ public struct CaseVerifier {
     /// Judge with the rigorous tier only (the statistical tier is still reported where computed).
     public var rigorousOnly: Bool
     public var mode: VerifyMode
-    /// Changes the kernel's whole-layer outputs before they are judged (sensitivity studies:
-    /// `Mutation`); nil in ordinary runs.
-    public var mutateForward: ((inout [Double], ReferenceResult, (RoutingOverride) throws -> ReferenceResult) throws -> Void)?
 
     public init(kernel: KernelUnderTest, adjustRecipe: ((Recipe) -> Recipe)? = nil, rigorousOnly: Bool = false, mode: VerifyMode = .stages) {
         self.kernel = kernel
@@ -117,45 +114,64 @@ public struct CaseVerifier {
         return report
     }
 
-    func verify(_ vc: VerifyCase, into report: inout CaseReport) throws {
+    /// One case's layer, inputs, reference engine and reference run, and the kernel's run.
+    struct Prepared {
+        let layer: SyntheticLayer
+        let inputs: [Double]
+        let engine: MoEReferenceEngine
+        let reference: ReferenceResult
+        let referenceSeconds: Double
+        let run: KernelRun
+
+        /// The reference rerun with other routing (teacher forcing, mutations).
+        func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
+            try engine.run(inputs: inputs, tokens: reference.tokens, routing: routing)
+        }
+    }
+
+    /// Builds the case's layer, runs the reference with the (adjusted) declared recipe, then the kernel.
+    func prepare(_ vc: VerifyCase) throws -> Prepared {
         let layer = try SyntheticLayer(vc.spec)
         let c = layer.config
         if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
         let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
         var recipe = try kernel.recipe(for: vc.spec.format)
         if let adjustRecipe { recipe = adjustRecipe(recipe) }
-        report.recipe = recipe.name
-        let T = vc.spec.tokens
         let x = layer.inputs()
         let start = Date()
         let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe,
                                             options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: vc.fuseShared, keepContributions: true))
-        let ref = try engine.run(inputs: x, tokens: T)
-        report.referenceSeconds = Date().timeIntervalSince(start)
-        report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count
+        let ref = try engine.run(inputs: x, tokens: vc.spec.tokens)
+        let seconds = Date().timeIntervalSince(start)
+        let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
+        return Prepared(layer: layer, inputs: x, engine: engine, reference: ref, referenceSeconds: seconds, run: run)
+    }
 
-        var run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
+    /// Forward-only: each tier leaves out the tokens whose experts a correct kernel may pick either way.
+    static func forwardOnlyMask(_ ref: ReferenceResult) -> (rigorous: [Bool]?, statistical: [Bool]?) {
+        (ref.ambiguousTokens.map { !$0 }, ref.statistics.map { $0.ambiguousTokens.map { !$0 } })
+    }
+
+    func verify(_ vc: VerifyCase, into report: inout CaseReport) throws {
+        let p = try prepare(vc)
+        let ref = p.reference, run = p.run
+        report.recipe = ref.recipe.name
+        report.referenceSeconds = p.referenceSeconds
+        report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count
         report.kernelMilliseconds = run.forwardMilliseconds
-        if let mutateForward {
-            for i in run.forwardOutputs.indices {
-                try mutateForward(&run.forwardOutputs[i], ref) { try engine.run(inputs: x, tokens: T, routing: $0) }
-            }
-        }
         let judged: ReferenceResult
         var mask: (rigorous: [Bool]?, statistical: [Bool]?) = (nil, nil)
         if mode == .stages {
-            let router = try judgeRouter(run, ref: ref, engine: engine, inputs: x, fused: vc.fuseShared)
+            let router = try judgeRouter(run, ref: ref, fused: vc.fuseShared, rerun: p.rerun)
             report.stages.append(router.report)
             report.teacherForcedTokens = router.forced
             report.stages.append(StageReport(stage: "align", passed: run.alignProblems.isEmpty, verdict: nil, precision: nil, worst: "-", problems: run.alignProblems))
-            report.stages.append(judgeStage1(run, ref: ref, intermediate: c.intermediate))
+            report.stages.append(judgeStage1(run, ref: ref, intermediate: p.layer.config.intermediate))
             report.stages.append(judgeStage2(run, ref: ref))
             judged = router.forcedRef
         } else {
-            // No routing from the kernel: leave out the tokens whose experts a correct kernel may pick either way.
             judged = ref
-            mask.rigorous = ref.ambiguousTokens.map { !$0 }
-            mask.statistical = ref.statistics.map { $0.ambiguousTokens.map { !$0 } }
+            mask = Self.forwardOnlyMask(ref)
         }
         for (i, out) in run.forwardOutputs.enumerated() {
             report.stages.append(judgeWholeLayer(out, ref: judged, stage: "forward#\(i + 1)", mask: mask))
@@ -171,21 +187,13 @@ public struct CaseVerifier {
     /// Forward-only verdicts of one case for several changes of the kernel's output (nil: none),
     /// with one reference run and one kernel run: `moecheck sensitivity`.
     public func forwardOnlyStudy(_ vc: VerifyCase, mutations: [Mutation?]) throws -> [(Mutation?, StageReport)] {
-        let layer = try SyntheticLayer(vc.spec)
-        let c = layer.config
-        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
-        var recipe = try kernel.recipe(for: vc.spec.format)
-        if let adjustRecipe { recipe = adjustRecipe(recipe) }
-        let x = layer.inputs(), T = vc.spec.tokens
-        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: ReferenceOptions(fuseShared: vc.fuseShared, keepContributions: true))
-        let ref = try engine.run(inputs: x, tokens: T)
-        let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
-        guard let kernelOut = run.forwardOutputs.first else { throw VerifyError.failed("\(vc.name): the kernel returned no whole-layer output") }
-        let mask: (rigorous: [Bool]?, statistical: [Bool]?) = (ref.ambiguousTokens.map { !$0 }, ref.statistics.map { $0.ambiguousTokens.map { !$0 } })
+        let p = try prepare(vc)
+        guard let kernelOut = p.run.forwardOutputs.first else { throw VerifyError.failed("\(vc.name): the kernel returned no whole-layer output") }
+        let mask = Self.forwardOnlyMask(p.reference)
         return try mutations.map { m in
             var out = kernelOut
-            try m?.apply(&out, reference: ref) { try engine.run(inputs: x, tokens: T, routing: $0) }
-            return (m, judgeWholeLayer(out, ref: ref, stage: "forward", mask: mask))
+            try m?.apply(&out, reference: p.reference, rerun: p.rerun)
+            return (m, judgeWholeLayer(out, ref: p.reference, stage: "forward", mask: mask))
         }
     }
 
@@ -194,7 +202,7 @@ public struct CaseVerifier {
 
     /// The router: logits within their bound, the kernel's top-K equal to the reference's or, at
     /// an ambiguous token, a possible choice (then teacher-forced), the shared slot, the weights.
-    func judgeRouter(_ run: KernelRun, ref: ReferenceResult, engine: MoEReferenceEngine, inputs x: [Double], fused: Bool) throws
+    func judgeRouter(_ run: KernelRun, ref: ReferenceResult, fused: Bool, rerun: (RoutingOverride) throws -> ReferenceResult) throws
         -> (report: StageReport, forced: Int, forcedRef: ReferenceResult) {
         let T = ref.tokens, E = ref.experts, K = ref.topK, S = ref.slots
         var routerProblems: [String] = []
@@ -232,7 +240,7 @@ public struct CaseVerifier {
             if routerProblems.count > 20 { break }
         }
         // routed weights, matched by id, against the reference with the kernel's (accepted) choice
-        let forcedRef = forced > 0 ? try engine.run(inputs: x, tokens: T, routing: RoutingOverride(ids: override)) : ref
+        let forcedRef = forced > 0 ? try rerun(RoutingOverride(ids: override)) : ref
         var wk: [Double] = [], wr: [Double] = [], wb: [Double] = []
         for t in 0..<T where override.count == T {
             for s in 0..<K {
@@ -297,19 +305,19 @@ public struct CaseVerifier {
     func judgeWholeLayer(_ out: [Double], ref: ReferenceResult, stage: String, mask: (rigorous: [Bool]?, statistical: [Bool]?)) -> StageReport {
         let H = ref.hidden
         let v: Verdict
-        if let keep = mask.rigorous {
-            let idx = (0..<(ref.tokens * H)).filter { keep[$0 / H] }
-            v = Verdict.compare(actual: idx.map { out[$0] }, reference: idx.map { ref.output[$0] }, bound: idx.map { ref.bound[$0] })
+        // the kept elements' flat indices (with a mask the verdict's worst index counts kept elements only)
+        let kept = mask.rigorous.map { keep in (0..<(ref.tokens * H)).filter { keep[$0 / H] } }
+        if let kept {
+            v = Verdict.compare(actual: kept.map { out[$0] }, reference: kept.map { ref.output[$0] }, bound: kept.map { ref.bound[$0] })
         } else {
             v = Verdict.compare(actual: out, reference: ref.output, bound: ref.bound)
         }
         let p = StatisticalJudge.judgeOutput(out, reference: ref, tokens: mask.statistical)
         var problems = v.passed ? [] : ["output outside its bound: \(v.violations) of \(v.elements), \(v.nonFinite) non-finite"]
         if let p, !p.passed { problems += p.failures.map { "precision: \($0)" } }
-        // (with a mask the worst index counts kept elements only: locate it among them)
         var worst = "-"
         if v.worstIndex >= 0 {
-            let flat = mask.rigorous.map { keep in (0..<(ref.tokens * H)).filter { keep[$0 / H] }[v.worstIndex] } ?? v.worstIndex
+            let flat = kept.map { $0[v.worstIndex] } ?? v.worstIndex
             worst = Self.outputLocation(flat, ids: ref.topkIds, S: ref.slots, H: H, v: v)
         }
         return StageReport(stage: stage, passed: passes(v, p), verdict: v, precision: p, worst: worst, problems: problems)

@@ -108,12 +108,14 @@ public enum StatisticalJudge {
         var nonFinite = 0
         var output = Accumulator()
         var experts = [Int: Accumulator]()
+        var err = [Double](repeating: 0, count: H)   // the token's error row (NaN where non-finite)
         for t in judged {
             var tokenOut = Accumulator()
             for h in 0..<H {
                 let i = t * H + h
                 let o = ref.output[i]
                 let e = actual[i] - (rounded ? f!.round(o) : o)
+                err[h] = e
                 if !e.isFinite { nonFinite += 1; continue }
                 let pre = st.elementVariance[i], flip = rounded ? st.outputFlipVariance[i] : 0
                 let m = rounded ? flip : pre
@@ -135,12 +137,10 @@ public enum StatisticalJudge {
                     for h in 0..<H {
                         let i = t * H + h
                         let c = Double(contrib[(t * slots + s) * H + h])
-                        let o = ref.output[i]
-                        let err = actual[i] - (rounded ? f!.round(o) : o)
-                        if !err.isFinite { continue }
-                        a.n += err * c; a.pre += c * c * st.elementVariance[i]; d2 += c * c
+                        if !err[h].isFinite { continue }
+                        a.n += err[h] * c; a.pre += c * c * st.elementVariance[i]; d2 += c * c
                         if rounded { a.flip += c * c * st.outputFlipVariance[i]; a.bias += Swift.abs(c) * st.outputTieBias[i] }
-                        if c != 0 { a.rig = Swift.min(a.rig, (2 * ref.bound[i] + outHalfStep(o)) / Swift.abs(c)) }
+                        if c != 0 { a.rig = Swift.min(a.rig, (2 * ref.bound[i] + outHalfStep(ref.output[i])) / Swift.abs(c)) }
                     }
                     a.d2 += d2
                     a.add(token: directional(t, 1 + s, d2))
