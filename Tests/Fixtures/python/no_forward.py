@@ -1,0 +1,2 @@
+"""Fixture: defines RECIPE but no forward()."""
+RECIPE = "exact"

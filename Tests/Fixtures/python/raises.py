@@ -1,0 +1,6 @@
+"""Fixture: forward() raises."""
+RECIPE = "exact"
+
+
+def forward(layer, x):
+    raise ValueError("boom from fixture")
