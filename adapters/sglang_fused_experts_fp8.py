@@ -1,0 +1,21 @@
+"""MoECheck adapter: sglang's Triton `fused_moe` with fp8 block-scaled weights. NOT RUN (sglang not
+installed). Activation and intermediate groups are quantised by per_token_group_quant_fp8
+(sgl-kernel's per_token_group_quant_8bit on CUDA: y_s = amax / FP8_MAX, q = x / y_s, a division).
+"""
+import sglang_fused_experts as base
+
+NAME = "sglang fused_moe (Triton), fp8 block scale"
+RECIPE = {"base": "fused-fp8", "gateUp": "bf16", "weighted": "bf16", "scaleConvention": "divide"}
+MUTANTS = base.MUTANTS
+
+
+def _call(*args):
+    return base._call(*args, fp8=True)
+
+
+def forward(layer, x):
+    return base.eng.forward(layer, x, _call, True)
+
+
+def route(layer, x):
+    return base.eng.route(layer, x)

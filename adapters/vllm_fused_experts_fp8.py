@@ -1,0 +1,24 @@
+"""MoECheck adapter: vLLM's Triton `fused_experts` with fp8 block-scaled weights (W8A8, 128x128
+blocks, dynamic per-token 1x128 activation groups). NOT RUN (vllm not installed).
+
+Rounding points as vllm_fused_experts.py, plus: the bf16 input and the bf16 intermediate are
+quantised per token and 128-column group by per_token_group_quant_fp8 (scale = amax / FP8_MAX, a
+division); the Triton kernel multiplies fp8 blocks and applies both block scales in fp32.
+"""
+import vllm_fused_experts as base
+
+NAME = "vLLM fused_experts (Triton), fp8 block scale"
+RECIPE = {"base": "fused-fp8", "gateUp": "bf16", "weighted": "bf16", "scaleConvention": "divide"}
+MUTANTS = base.MUTANTS
+
+
+def forward(layer, x):
+    return base.eng.forward(layer, x, _call, True)
+
+
+def _call(*args):
+    return base._call(*args, fp8=True)
+
+
+def route(layer, x):
+    return base.eng.route(layer, x)
