@@ -14,6 +14,7 @@ eng.require("aiter.fused_moe", "aiter_fused_moe.py")  # at import: the worker's 
 
 NAME = "aiter fused_moe, bf16"
 RECIPE = {"base": "fused-bf16", "weighted": "bf16-or-fp32", "combine": "bf16"}
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = eng.MUTANTS
 
 

@@ -10,6 +10,7 @@ import aiter_fused_moe as base
 
 NAME = "aiter fused_moe, fp8 block scale"
 RECIPE = {"base": "fused-fp8", "weighted": "bf16-or-fp32", "combine": "bf16"}
+FORMATS = ["fp8-e4m3fnuz", "fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = base.MUTANTS
 
 

@@ -11,6 +11,7 @@ import moecheck_adapter as mc
 IMPLEMENTATION = "batched_mm"
 NAME = "HF transformers block, experts batched_mm, bf16"
 RECIPE = "hf-bf16"
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 # mutants acting through the weights the helper loads into the module
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero", "fnuz_as_fn"]
 

@@ -11,6 +11,7 @@ import moecheck_adapter as mc
 IMPLEMENTATION = "deepgemm"
 NAME = "HF transformers block, experts deepgemm, bf16"
 RECIPE = "hf-bf16"
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero", "fnuz_as_fn"]
 
 

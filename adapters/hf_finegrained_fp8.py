@@ -22,6 +22,7 @@ import moecheck_adapter as mc
 
 NAME = "HF transformers fine-grained FP8 block"
 RECIPE = {"base": "hf-bf16", "activationFP8": True, "intermediateFP8": True, "scaleConvention": "divide"}
+FORMATS = ["fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero"]
 IMPLEMENTATION = os.environ.get("MOECHECK_HF_FP8_EXPERTS", "eager")
 _EXPERTS_CLASS = []

@@ -13,6 +13,7 @@ import moecheck_adapter as mc
 IMPLEMENTATION = "sonicmoe"
 NAME = "HF transformers block, experts sonicmoe, bf16"
 RECIPE = {"base": "hf-bf16", "gateUp": "bf16-or-fp32", "activation": "bf16-or-fp32", "weighted": "bf16-or-fp32"}
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero", "fnuz_as_fn"]
 
 

@@ -8,6 +8,7 @@ import moecheck_adapter as mc
 
 NAME = "numpy float64"
 RECIPE = "exact"
+FORMATS = ["bf16", "fp8-e4m3fn", "fp8-e4m3fnuz", "f32", "f64"]  # weight formats of the case files this adapter takes
 MUTANTS = list(mc.MUTANT_NAMES)
 
 

@@ -11,6 +11,7 @@ import moecheck_adapter as mc
 
 NAME = "numpy fused-bf16 model"
 RECIPE = "fused-bf16"
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = list(mc.MUTANT_NAMES)
 
 

@@ -13,6 +13,7 @@ eng.require("sglang.srt.layers.moe.fused_moe_triton", "sglang_fused_experts.py")
 
 NAME = "sglang fused_moe (Triton), bf16"
 RECIPE = {"base": "fused-bf16", "gateUp": "bf16", "weighted": "bf16"}
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = eng.MUTANTS
 
 

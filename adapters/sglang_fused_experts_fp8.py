@@ -6,6 +6,7 @@ import sglang_fused_experts as base
 
 NAME = "sglang fused_moe (Triton), fp8 block scale"
 RECIPE = {"base": "fused-fp8", "gateUp": "bf16", "weighted": "bf16", "scaleConvention": "divide"}
+FORMATS = ["fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = base.MUTANTS
 
 

@@ -13,6 +13,7 @@ import moecheck_adapter as mc
 
 NAME = "torch fused composition, bf16"
 RECIPE = "fused-bf16"
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = list(mc.MUTANT_NAMES)
 
 

@@ -16,6 +16,7 @@ import moecheck_adapter as mc
 
 NAME = "torch fused composition, fp8 block scale"
 RECIPE = "fused-fp8"
+FORMATS = ["fp8-e4m3fn", "fp8-e4m3fnuz"]  # weight formats of the case files this adapter takes
 MUTANTS = list(mc.MUTANT_NAMES)
 
 

@@ -13,6 +13,7 @@ eng.require("vllm.model_executor.layers.fused_moe", "vllm_fused_experts.py")  # 
 
 NAME = "vLLM fused_experts (Triton), bf16"
 RECIPE = {"base": "fused-bf16", "gateUp": "bf16", "weighted": "bf16"}
+FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 MUTANTS = eng.MUTANTS
 
 

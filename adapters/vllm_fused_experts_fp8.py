@@ -9,6 +9,7 @@ import vllm_fused_experts as base
 
 NAME = "vLLM fused_experts (Triton), fp8 block scale"
 RECIPE = {"base": "fused-fp8", "gateUp": "bf16", "weighted": "bf16", "scaleConvention": "divide"}
+FORMATS = ["fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = base.MUTANTS
 
 

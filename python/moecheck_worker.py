@@ -374,6 +374,7 @@ def main(argv) -> int:
     name = getattr(adapter, "NAME", None) or os.path.splitext(os.path.basename(path))[0]
     reply({"ok": True, "op": "hello", "protocol": PROTOCOL, "name": str(name), "adapter": path, "recipe": recipe,
            "has_route": callable(getattr(adapter, "route", None)), "mutants": mutants,
+           "formats": [str(f) for f in getattr(adapter, "FORMATS", None) or []] or None,
            "python": platform.python_version(),
            "versions": {"numpy": np.__version__, "torch": version("torch"), "transformers": version("transformers"),
                         "triton": version("triton")},

@@ -73,7 +73,7 @@ public struct SyntheticSpec: Codable, Sendable, Equatable, CustomStringConvertib
 /// scales in `w13_scale [E', 2·ceil(I/128), ceil(H/128)]` and `w2_scale [E', ceil(H/128), ceil(I/128)]`.
 /// A shared expert that cannot fuse uses the streams `shared.w13` / `shared.w2` / `shared.w13_scale` /
 /// `shared.w2_scale` with its own Is.
-public final class SyntheticLayer: GenericDecodingLayerSource {
+public final class SyntheticLayer: GenericDecodingLayerSource, KernelLayerSource {
     public let spec: SyntheticSpec
     public var config: MoEConfig { spec.config }
     public var weightFormat: WeightFormat { spec.format }
@@ -273,21 +273,23 @@ public final class SyntheticLayer: GenericDecodingLayerSource {
 
     public func inputs() -> [Double] { inputsBF16().map { Double(BFloat16.float($0)) } }
 
-    /// All weights in the kernel layout with `slots` experts (E, or E+1 with the shared expert fused).
-    public func kernelWeights(fuseShared: Bool) throws -> FusedWeights {
-        let c = config
-        if fuseShared && !c.fusable {
-            throw ReferenceError.unsupported("shared expert cannot fuse: Is=\(c.sharedIntermediate) != I=\(c.intermediate)")
+    public var tokens: Int { spec.tokens }
+
+    /// Writes the layer (with its inputs) as a combined-layout case file under `directory`,
+    /// named by the spec's hash, unless that file is already there.
+    public func caseFile(in directory: String) throws -> CaseFileLocation {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let specJSON = try encoder.encode(spec)
+        let key = specJSON.reduce(UInt64(0xcbf2_9ce4_8422_2325)) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 } // FNV-1a
+        let path = (directory as NSString).appendingPathComponent(String(format: "synthetic-%016llx.safetensors", key))
+        if !FileManager.default.fileExists(atPath: path) {
+            let tmp = path + ".partial"
+            try writeCaseFile(to: tmp, layout: .combined)
+            _ = rename(tmp, path)
         }
-        let slots = c.experts + (fuseShared ? 1 : 0)
-        var w13: [UInt8] = [], w2: [UInt8] = [], s13: [Float] = [], s2: [Float] = []
-        for e in 0..<slots {
-            let (b13, sc13) = gateUpBytes(expert: e)
-            let (b2, sc2) = downBytes(expert: e)
-            w13 += b13; w2 += b2; s13 += sc13; s2 += sc2
-        }
-        return FusedWeights(format: spec.format, slots: slots, hidden: c.hidden, intermediate: c.intermediate,
-                            w13: w13, w2: w2, w13Scale: s13, w2Scale: s2)
+        let configJSON = try JSONSerialization.data(withJSONObject: config.huggingFaceObject(quantization: spec.format), options: [.sortedKeys])
+        return CaseFileLocation(path: path, prefix: "model.layers.0.mlp.", inputsPath: path, configJSON: String(decoding: configJSON, as: UTF8.self))
     }
 
     /// Writes the case as a case file (DESIGN §4) in the given expert layout, HF naming with

@@ -48,9 +48,9 @@ public final class CPUModelKernel: KernelUnderTest {
         let fp8: FP8Codec?
     }
 
-    func weights(_ layer: SyntheticLayer, fuse: Bool) throws -> Weights {
+    func weights(_ layer: KernelLayerSource, fuse: Bool) throws -> Weights {
         let kw = try layer.kernelWeights(fuseShared: fuse)
-        if let f = layer.spec.format.fp8 {
+        if let f = layer.weightFormat.fp8 {
             // fnuz_as_fn: fnuz bytes decoded with the fn table, scales not adjusted (values doubled)
             let codec = (on("fnuz_as_fn") && f == .e4m3fnuz) ? FP8Codec.e4m3fn : FP8Codec.codec(for: f)
             return Weights(w13: [], w2: [], codes13: kw.w13, codes2: kw.w2, s13: kw.w13Scale, s2: kw.w2Scale, fp8: codec)
@@ -62,11 +62,11 @@ public final class CPUModelKernel: KernelUnderTest {
 
     // MARK: router
 
-    func router(_ layer: SyntheticLayer, fuse: Bool, x: [Float]) -> (logits: [Float], ids: [Int32], weights: [Float], gate: [Float]) {
-        let c = layer.config, T = layer.spec.tokens, H = c.hidden, E = c.experts, K = c.topK
+    func router(_ layer: KernelLayerSource, fuse: Bool, x: [Float]) throws -> (logits: [Float], ids: [Int32], weights: [Float], gate: [Float]) {
+        let c = layer.config, T = layer.tokens, H = c.hidden, E = c.experts, K = c.topK
         let S = K + (fuse ? 1 : 0)
-        let wg = layer.routerBF16().map { BFloat16.float($0) }
-        let ws = layer.sharedGateBF16()?.map { BFloat16.float($0) }
+        let wg = try layer.routerBF16().map { BFloat16.float($0) }
+        let ws = try layer.sharedGateBF16()?.map { BFloat16.float($0) }
         var logits = [Float](repeating: 0, count: T * E), ids = [Int32](repeating: 0, count: T * S)
         var weights = [Float](repeating: 0, count: T * S), gates = [Float](repeating: 0, count: T)
         let renormalize = c.renormalize && !on("renormalize_ignored")
@@ -182,9 +182,9 @@ public final class CPUModelKernel: KernelUnderTest {
         return Float(bitPattern: (b &+ 0x1FF &+ ((b >> 10) & 1)) & ~0x3FF)
     }
 
-    func experts(_ layer: SyntheticLayer, w: Weights, x: [Float], ids: [Int32], weights: [Float], S: Int, splits: Int, garbage: Float)
+    func experts(_ layer: KernelLayerSource, w: Weights, x: [Float], ids: [Int32], weights: [Float], S: Int, splits: Int, garbage: Float)
         -> (intermediate: [Double], output: [Double]) {
-        let c = layer.config, T = layer.spec.tokens, H = c.hidden, I = c.intermediate
+        let c = layer.config, T = layer.tokens, H = c.hidden, I = c.intermediate
         var inter = [Double](repeating: 0, count: T * S * I)
         var y = [Float](repeating: 0, count: T * S * H)
         var skipped = Set<Int>()
@@ -198,7 +198,7 @@ public final class CPUModelKernel: KernelUnderTest {
         }
         for t in 0..<T {
             let xt = Array(x[(t * H)..<((t + 1) * H)])
-            let (xc, xs) = w.fp8.map { _ in quantize(xt, codec: FP8Codec.codec(for: layer.spec.format.fp8!)) } ?? ([], [])
+            let (xc, xs) = w.fp8.map { _ in quantize(xt, codec: FP8Codec.codec(for: layer.weightFormat.fp8!)) } ?? ([], [])
             for s in 0..<S {
                 let e = Int(ids[t * S + s])
                 let p = t * S + s
@@ -213,7 +213,7 @@ public final class CPUModelKernel: KernelUnderTest {
                     inter[p * I + i] = Double(h[i])
                 }
                 if skipped.contains(p) { continue }
-                let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.spec.format.fp8!)) } ?? ([], [])
+                let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.weightFormat.fp8!)) } ?? ([], [])
                 // expert_scaled_1p2m6: the lowest used expert (the first align block's) computes its output × (1 + 2^-6)
                 let scale: Float = on("expert_scaled_1p2m6") && e == Int(ids.min()!) ? 1 + 0x1p-6 : 1
                 for o in 0..<H {
@@ -234,18 +234,18 @@ public final class CPUModelKernel: KernelUnderTest {
         return (inter, out)
     }
 
-    public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
+    public func run(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
         let c = layer.config
         let S = c.topK + (vc.fuseShared ? 1 : 0)
-        let x = layer.inputsBF16().map { BFloat16.float($0) }
+        let x = try layer.inputsBF16().map { BFloat16.float($0) }
         let w = try weights(layer, fuse: vc.fuseShared)
-        let r = router(layer, fuse: vc.fuseShared, x: x)
-        let splits = layer.spec.format.fp8 != nil ? vc.splitK : 1
+        let r = try router(layer, fuse: vc.fuseShared, x: x)
+        let splits = layer.weightFormat.fp8 != nil ? vc.splitK : 1
         let staged = experts(layer, w: w, x: x, ids: referenceIds, weights: referenceWeights, S: S, splits: splits, garbage: -2.9e13)
         // Two whole-layer runs; a workspace that is not zeroed holds different garbage each time.
         let run1 = experts(layer, w: w, x: x, ids: r.ids, weights: r.weights, S: S, splits: splits, garbage: Float(bitPattern: 0xD5D5_D5D5))
         let run2 = experts(layer, w: w, x: x, ids: r.ids, weights: r.weights, S: S, splits: splits, garbage: 1.0e4)
-        return KernelRun(logits: r.logits, ids: r.ids, weights: r.weights, sharedGate: r.gate, alignProblems: [],
+        return KernelRun(routing: KernelRouting(logits: r.logits, ids: r.ids, weights: r.weights, slots: S), alignProblems: [],
                          intermediate: staged.intermediate, stagedOutput: staged.output, forwardOutputs: [run1.output, run2.output],
                          forwardMilliseconds: 0)
     }

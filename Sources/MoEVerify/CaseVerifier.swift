@@ -41,7 +41,12 @@ public struct StageReport: Codable, Sendable {
 /// Everything verify says about one case.
 public struct CaseReport: Codable, Sendable {
     public var name: String
-    public var spec: SyntheticSpec
+    /// The synthetic spec, or nil for a case file (`source`).
+    public var spec: SyntheticSpec?
+    /// The case file the layer came from (nil for a synthetic case).
+    public var source: String?
+    /// The kernel that ran it.
+    public var kernel: String?
     public var splitK: Int
     public var fused: Bool
     public var recipe: String
@@ -55,6 +60,8 @@ public struct CaseReport: Codable, Sendable {
     public var error: String?
     /// The smallest scale errors this case's whole-layer verdict would detect, per tier.
     public var sensitivity: Sensitivity?
+    /// Seconds outside the kernel and the reference, by phase (a Python adapter's transfers).
+    public var kernelOverhead: [String: Double]?
 
     /// The one line printed per case.
     public var line: String {
@@ -93,18 +100,24 @@ public struct CaseVerifier {
     /// Judge with the rigorous tier only (the statistical tier is still reported where computed).
     public var rigorousOnly: Bool
     public var mode: VerifyMode
+    /// An unfused case runs the routed experts only (a C ABI kernel dispatches them alone when
+    /// `Is != I`); false: the layer is whole either way (a Python adapter runs the whole block).
+    public var routedOnlyWhenUnfused: Bool
 
     public init(kernel: KernelUnderTest, adjustRecipe: ((Recipe) -> Recipe)? = nil, rigorousOnly: Bool = false, mode: VerifyMode = .stages) {
         self.kernel = kernel
+        self.routedOnlyWhenUnfused = !(kernel is WholeLayerKernel)
         self.adjustRecipe = adjustRecipe
         self.rigorousOnly = rigorousOnly
         self.mode = mode
     }
 
     public func verify(_ vc: VerifyCase) -> CaseReport {
-        var report = CaseReport(name: vc.name, spec: vc.spec, splitK: vc.splitK, fused: vc.fuseShared, recipe: "", passed: false, stages: [],
-                                ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0, referenceSeconds: 0, error: nil,
-                                sensitivity: nil)
+        var source: String? = nil
+        if case let .file(path, _) = vc.source { source = path }
+        var report = CaseReport(name: vc.name, spec: vc.spec, source: source, kernel: kernel.name, splitK: vc.splitK, fused: vc.fuseShared, recipe: "",
+                                passed: false, stages: [], ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0,
+                                referenceSeconds: 0, error: nil, sensitivity: nil)
         do {
             try verify(vc, into: &report)
         } catch {
@@ -116,7 +129,7 @@ public struct CaseVerifier {
 
     /// One case's layer, inputs, reference engine and reference run, and the kernel's run.
     struct Prepared {
-        let layer: SyntheticLayer
+        let layer: KernelLayerSource
         let inputs: [Double]
         let engine: MoEReferenceEngine
         let reference: ReferenceResult
@@ -131,17 +144,18 @@ public struct CaseVerifier {
 
     /// Builds the case's layer, runs the reference with the (adjusted) declared recipe, then the kernel.
     func prepare(_ vc: VerifyCase) throws -> Prepared {
-        let layer = try SyntheticLayer(vc.spec)
+        let layer = try vc.openLayer()
         let c = layer.config
         if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
-        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
-        var recipe = try kernel.recipe(for: vc.spec.format)
+        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert || !routedOnlyWhenUnfused) ? layer : RoutedOnlyLayer(layer)
+        var recipe = try kernel.recipe(for: layer.weightFormat)
         if let adjustRecipe { recipe = adjustRecipe(recipe) }
-        let x = layer.inputs()
+        // a whole-layer kernel (Python adapter, recorded output) takes the hidden states as stored
+        let x = kernel is WholeLayerKernel ? try layer.inputs() : try layer.kernelInputs()
         let start = Date()
         let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe,
                                             options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: vc.fuseShared, keepContributions: true))
-        let ref = try engine.run(inputs: x, tokens: vc.spec.tokens)
+        let ref = try engine.run(inputs: x, tokens: layer.tokens)
         let seconds = Date().timeIntervalSince(start)
         let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
         return Prepared(layer: layer, inputs: x, engine: engine, reference: ref, referenceSeconds: seconds, run: run)
@@ -159,20 +173,24 @@ public struct CaseVerifier {
         report.referenceSeconds = p.referenceSeconds
         report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count
         report.kernelMilliseconds = run.forwardMilliseconds
-        let judged: ReferenceResult
+        var judged = ref
         var mask: (rigorous: [Bool]?, statistical: [Bool]?) = (nil, nil)
-        if mode == .stages {
-            let router = try judgeRouter(run, ref: ref, fused: vc.fuseShared, rerun: p.rerun)
+        if mode == .stages, let routing = run.routing {
+            let router = try judgeRouter(routing, ref: ref, rerun: p.rerun)
             report.stages.append(router.report)
             report.teacherForcedTokens = router.forced
-            report.stages.append(StageReport(stage: "align", passed: run.alignProblems.isEmpty, verdict: nil, precision: nil, worst: "-", problems: run.alignProblems))
-            report.stages.append(judgeStage1(run, ref: ref, intermediate: p.layer.config.intermediate))
-            report.stages.append(judgeStage2(run, ref: ref))
             judged = router.forcedRef
         } else {
-            judged = ref
             mask = Self.forwardOnlyMask(ref)
         }
+        if mode == .stages {
+            if let align = run.alignProblems {
+                report.stages.append(StageReport(stage: "align", passed: align.isEmpty, verdict: nil, precision: nil, worst: "-", problems: align))
+            }
+            if let inter = run.intermediate { report.stages.append(judgeStage1(inter, ref: ref, intermediate: p.layer.config.intermediate)) }
+            if let staged = run.stagedOutput { report.stages.append(judgeStage2(staged, ref: ref)) }
+        }
+        report.kernelOverhead = run.overhead.isEmpty ? nil : run.overhead
         for (i, out) in run.forwardOutputs.enumerated() {
             report.stages.append(judgeWholeLayer(out, ref: judged, stage: "forward#\(i + 1)", mask: mask))
         }
@@ -202,19 +220,29 @@ public struct CaseVerifier {
 
     /// The router: logits within their bound, the kernel's top-K equal to the reference's or, at
     /// an ambiguous token, a possible choice (then teacher-forced), the shared slot, the weights.
-    func judgeRouter(_ run: KernelRun, ref: ReferenceResult, fused: Bool, rerun: (RoutingOverride) throws -> ReferenceResult) throws
+    func judgeRouter(_ run: KernelRouting, ref: ReferenceResult, rerun: (RoutingOverride) throws -> ReferenceResult) throws
         -> (report: StageReport, forced: Int, forcedRef: ReferenceResult) {
-        let T = ref.tokens, E = ref.experts, K = ref.topK, S = ref.slots
+        let T = ref.tokens, E = ref.experts, K = ref.topK, S = run.slots, RS = ref.slots
         var routerProblems: [String] = []
-        let logitVerdict = Verdict.compare(actual: run.logits.map(Double.init), reference: ref.routerLogits, bound: ref.routerLogitBound)
-        if !logitVerdict.passed {
-            routerProblems.append("router logits outside their bound: \(logitVerdict.violations) of \(logitVerdict.elements)")
+        var logitVerdict: Verdict? = nil
+        if let logits = run.logits {
+            let v = Verdict.compare(actual: logits.map(Double.init), reference: ref.routerLogits, bound: ref.routerLogitBound)
+            if !v.passed { routerProblems.append("router logits outside their bound: \(v.violations) of \(v.elements)") }
+            logitVerdict = v
+        }
+        let fused = S == K + 1
+        guard (S == K || fused), run.ids.count == T * S, run.weights.count == T * S else {
+            let p = "routing has \(run.ids.count) ids and \(run.weights.count) weights for T=\(T) tokens and \(S) slots; expected slots K=\(K) or K+1=\(K + 1)"
+            return (StageReport(stage: "router", passed: false, verdict: logitVerdict, precision: nil, worst: "-", problems: [p]), 0, ref)
+        }
+        if fused && !ref.sharedFused {
+            routerProblems.append("the routing has a shared slot (K+1 columns) but this case's shared expert is not fused (none, or Is != I)")
         }
         var override = [[Int]]()
         var forced = 0
         for t in 0..<T {
             let kSet = (0..<K).map { Int(run.ids[t * S + $0]) }
-            let rSet = (0..<K).map { Int(ref.topkIds[t * S + $0]) }
+            let rSet = (0..<K).map { Int(ref.topkIds[t * RS + $0]) }
             if Set(kSet) != Set(rSet) {
                 let plausible = ref.ambiguousTokens[t] && Self.plausible(chosen: kSet, logits: ref.routerLogits, bound: ref.routerLogitBound,
                                                                           tolerance: ref.routerTolerance[t], token: t, experts: E)
@@ -228,7 +256,7 @@ public struct CaseVerifier {
             } else {
                 override.append(kSet)
             }
-            if fused {
+            if fused && ref.sharedFused {
                 if run.ids[t * S + K] != Int32(E) {
                     routerProblems.append("token \(t): shared slot has id \(run.ids[t * S + K]), expected \(E)")
                 }
@@ -245,8 +273,8 @@ public struct CaseVerifier {
         for t in 0..<T where override.count == T {
             for s in 0..<K {
                 let id = run.ids[t * S + s]
-                if let j = (0..<K).first(where: { forcedRef.topkIds[t * S + $0] == id }) {
-                    wk.append(Double(run.weights[t * S + s])); wr.append(forcedRef.topkWeights[t * S + j]); wb.append(forcedRef.topkWeightBound[t * S + j])
+                if let j = (0..<K).first(where: { forcedRef.topkIds[t * RS + $0] == id }) {
+                    wk.append(Double(run.weights[t * S + s])); wr.append(forcedRef.topkWeights[t * RS + j]); wb.append(forcedRef.topkWeightBound[t * RS + j])
                 }
             }
         }
@@ -256,14 +284,13 @@ public struct CaseVerifier {
             routerProblems.append(String(format: "routing weights outside their bound: %d of %d (worst: token %d, kernel %.6g, reference %.6g ± %.2g)",
                                          weightVerdict.violations, weightVerdict.elements, i / Swift.max(K, 1), weightVerdict.worstValue, weightVerdict.worstReference, weightVerdict.worstBound))
         }
-        let report = StageReport(stage: "router", passed: routerProblems.isEmpty, verdict: logitVerdict, precision: nil,
-                                 worst: logitVerdict.worstIndex >= 0 ? "token \(logitVerdict.worstIndex / E), expert \(logitVerdict.worstIndex % E)" : "-",
-                                 problems: routerProblems)
+        let worst = logitVerdict.map { $0.worstIndex >= 0 ? "token \($0.worstIndex / E), expert \($0.worstIndex % E)" : "-" } ?? "-"
+        let report = StageReport(stage: "router", passed: routerProblems.isEmpty, verdict: logitVerdict, precision: nil, worst: worst, problems: routerProblems)
         return (report, forced, forcedRef)
     }
 
     /// Stage 1 with the reference's ids: the bf16 intermediate per (token, slot).
-    func judgeStage1(_ run: KernelRun, ref: ReferenceResult, intermediate I: Int) -> StageReport {
+    func judgeStage1(_ kernelIntermediate: [Double], ref: ReferenceResult, intermediate I: Int) -> StageReport {
         let T = ref.tokens, S = ref.slots, width = ref.intermediateWidth
         var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = [], interVar: [Double] = [], interTie: [Double] = []
         var keep: [Bool] = []
@@ -274,7 +301,7 @@ public struct CaseVerifier {
                 for i in 0..<I {
                     interRef.append(ref.intermediate![(t * S + s) * width + i])
                     interBound.append(ref.intermediateBound![(t * S + s) * width + i])
-                    interK.append(run.intermediate[(t * S + s) * I + i])
+                    interK.append(kernelIntermediate[(t * S + s) * I + i])
                     if let variance, let ties, let excluded {
                         interVar.append(variance[(t * S + s) * width + i])
                         interTie.append(ties[(t * S + s) * width + i])
@@ -292,9 +319,9 @@ public struct CaseVerifier {
     }
 
     /// Stages 1 + 2 with the reference's ids and weights.
-    func judgeStage2(_ run: KernelRun, ref: ReferenceResult) -> StageReport {
-        let v2 = Verdict.compare(actual: run.stagedOutput, reference: ref.output, bound: ref.bound)
-        let p2 = StatisticalJudge.judgeOutput(run.stagedOutput, reference: ref, includeRouter: false)
+    func judgeStage2(_ staged: [Double], ref: ReferenceResult) -> StageReport {
+        let v2 = Verdict.compare(actual: staged, reference: ref.output, bound: ref.bound)
+        let p2 = StatisticalJudge.judgeOutput(staged, reference: ref, includeRouter: false)
         var problems = v2.passed ? [] : ["output outside its bound: \(v2.violations) of \(v2.elements)"]
         if let p2, !p2.passed { problems += p2.failures.map { "precision: \($0)" } }
         return StageReport(stage: "stage2", passed: passes(v2, p2), verdict: v2, precision: p2,

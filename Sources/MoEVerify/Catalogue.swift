@@ -2,10 +2,18 @@ import Foundation
 import MoEReference
 import TensorIO
 
-/// One named case of the verification catalogue.
+/// Where a case's layer and inputs come from.
+public enum CaseSource: Codable, Sendable, Equatable {
+    /// Generated from a seed (the catalogue, fuzz cases).
+    case synthetic(SyntheticSpec)
+    /// A case file (DESIGN §4): a user's checkpoint layer with its hidden states, or a golden.
+    case file(path: String, prefix: String?)
+}
+
+/// One named case: a layer with inputs, and how the kernel is asked to run it.
 public struct VerifyCase: Codable, Sendable, CustomStringConvertible {
     public var name: String
-    public var spec: SyntheticSpec
+    public var source: CaseSource
     /// FP8 stage-1 split count (1 = off).
     public var splitK: Int
     /// Fuse the shared expert as slot E (only when it can fuse).
@@ -13,12 +21,43 @@ public struct VerifyCase: Codable, Sendable, CustomStringConvertible {
 
     public init(name: String, spec: SyntheticSpec, splitK: Int = 1, fuseShared: Bool? = nil) {
         self.name = name
-        self.spec = spec
+        self.source = .synthetic(spec)
         self.splitK = splitK
         self.fuseShared = fuseShared ?? spec.config.fusable
     }
 
-    public var description: String { "\(name) [\(spec)\(splitK > 1 ? " split_k=\(splitK)" : "")\(fuseShared ? " fused" : "")]" }
+    /// A case file as a case: its name is the file's, the shared expert fused when it can.
+    public init(file path: String, prefix: String? = nil, splitK: Int = 1, fuseShared: Bool? = nil) throws {
+        let f = try MoECaseFile(path: path, prefix: prefix)
+        _ = try f.inputs() // a case needs hidden states: say so now, naming the file
+        name = f.name.hasSuffix(".safetensors") ? String(f.name.dropLast(".safetensors".count)) : f.name
+        source = .file(path: path, prefix: prefix)
+        self.splitK = splitK
+        self.fuseShared = fuseShared ?? f.config.fusable
+    }
+
+    /// The synthetic spec (nil for a case file); setting it makes the case synthetic.
+    public var spec: SyntheticSpec? {
+        get { if case let .synthetic(s) = source { return s } else { return nil } }
+        set { if let newValue { source = .synthetic(newValue) } }
+    }
+
+    /// The layer with its inputs.
+    public func openLayer() throws -> KernelLayerSource {
+        switch source {
+        case let .synthetic(spec): return try SyntheticLayer(spec)
+        case let .file(path, prefix): return try MoECaseFile(path: path, prefix: prefix)
+        }
+    }
+
+    public var description: String {
+        let what: String
+        switch source {
+        case let .synthetic(spec): what = "\(spec)"
+        case let .file(path, _): what = path
+        }
+        return "\(name) [\(what)\(splitK > 1 ? " split_k=\(splitK)" : "")\(fuseShared ? " fused" : "")]"
+    }
 }
 
 /// The model shapes of FACTS §4, with the tensor-parallel degree their deployments divide I by.

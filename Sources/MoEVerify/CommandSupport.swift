@@ -1,6 +1,7 @@
 import Foundation
 import KernelBridge
 import MoEReference
+import TensorIO
 
 // The logic behind `moecheck verify`, `fuzz` and `faults` that is not argument parsing: which
 // kernel to run, running a case suite, fuzz caps, the fault-matrix summary and JSON reports.
@@ -15,6 +16,8 @@ public enum KernelSelection: Sendable, Equatable {
     /// A kernel library implementing `Kernels/include/moe_kernels.h` on GPU `device`, optionally
     /// with a fault of a FAULTS=1 build selected.
     case library(path: String, device: Int, fault: String?)
+    /// A Python adapter run by a worker in `python` (nil: `$MOECHECK_PYTHON` or python3).
+    case python(adapter: String, python: String?, caseTimeout: Double, echo: Bool)
 
     /// Opens the kernel.
     public func open() throws -> KernelUnderTest {
@@ -22,7 +25,49 @@ public enum KernelSelection: Sendable, Equatable {
         case let .cpuModel(fault): return try CPUModelKernel(fault: fault)
         case .referenceSelfCheck: return ReferenceSelfCheckKernel()
         case let .library(path, device, fault): return try DeviceKernel.open(path: path, device: device, fault: fault)
+        case let .python(adapter, python, timeout, echo): return try PythonKernel(adapter: adapter, python: python, caseTimeout: timeout, echoStderr: echo)
         }
+    }
+}
+
+/// The cases a command runs: case files given with `--case` (files or directories of them), else
+/// a named suite.
+public enum CaseSelection {
+    /// Case files: each path a file, or a directory whose `*.safetensors` case files with
+    /// `hidden_states` are taken (other files there are skipped, and counted).
+    public static func files(_ paths: [String], prefix: String? = nil) throws -> (cases: [VerifyCase], skipped: [String]) {
+        var cases: [VerifyCase] = [], skipped: [String] = []
+        let fm = FileManager.default
+        for p in paths {
+            var isDir: ObjCBool = false
+            guard fm.fileExists(atPath: p, isDirectory: &isDir) else { throw VerifyError.usage("--case \(p): no such file or directory") }
+            if isDir.boolValue {
+                let names = try fm.contentsOfDirectory(atPath: p).filter { $0.hasSuffix(".safetensors") }.sorted()
+                for n in names {
+                    let full = (p as NSString).appendingPathComponent(n)
+                    do { cases.append(try VerifyCase(file: full, prefix: prefix)) } catch { skipped.append("\(full): \(error)") }
+                }
+            } else {
+                cases.append(try VerifyCase(file: p, prefix: prefix))
+            }
+        }
+        guard !cases.isEmpty else { throw VerifyError.usage("--case \(paths.joined(separator: " ")): no case file with hidden_states found") }
+        return (cases, skipped)
+    }
+
+    /// The cases a kernel can take: a Python adapter's FORMATS; the rest are returned as skipped.
+    public static func runnable(_ cases: [VerifyCase], on kernel: KernelUnderTest) -> (run: [VerifyCase], skipped: [VerifyCase]) {
+        guard let py = kernel as? PythonKernel else { return (cases, []) }
+        var run: [VerifyCase] = [], skipped: [VerifyCase] = []
+        for vc in cases {
+            let format: WeightFormat?
+            switch vc.source {
+            case let .synthetic(spec): format = spec.format
+            case .file: format = (try? vc.openLayer())?.weightFormat
+            }
+            if let format, !py.formats.contains(format) { skipped.append(vc) } else { run.append(vc) }
+        }
+        return (run, skipped)
     }
 }
 
@@ -54,9 +99,9 @@ public struct CatalogueRun: Sendable {
     }
 
     /// Verifies `cases` in order on `kernel`, calling `each` after every case.
-    public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, rigorousOnly: Bool = false,
+    public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, rigorousOnly: Bool = false, recipe: Recipe? = nil,
                            each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
-        let verifier = CaseVerifier(kernel: kernel, rigorousOnly: rigorousOnly)
+        let verifier = CaseVerifier(kernel: kernel, adjustRecipe: recipe.map { r in { _ in r } }, rigorousOnly: rigorousOnly)
         let start = Date()
         var reports: [CaseReport] = []
         for vc in cases {
@@ -76,6 +121,21 @@ public struct CatalogueRunSummary: Sendable {
     public var passed: Int { reports.count - failed }
     /// `"N passed, M failed"`, the last line of every command.
     public var countLine: String { "\(passed) passed, \(failed) failed" }
+
+    /// Where the time went: reference, kernel, and the rest of the kernel's case (a Python
+    /// worker's transfers), with cases/s.
+    public var timeSplit: String {
+        let reference = reports.reduce(0) { $0 + $1.referenceSeconds }
+        let kernel = reports.reduce(0) { $0 + $1.kernelMilliseconds } / 1000
+        let overheads = reports.compactMap(\.kernelOverhead)
+        var s = String(format: " (%.2f cases/s; reference %.1f s, kernel %.2f s", Double(reports.count) / Swift.max(seconds, 1e-9), reference, kernel)
+        if !overheads.isEmpty {
+            let perCase = overheads.map { ($0["worker_round_trip"] ?? 0) + ($0["read_outputs"] ?? 0) }.sorted()
+            let write = overheads.reduce(0) { $0 + ($1["write_case"] ?? 0) }
+            s += String(format: ", adapter overhead median %.1f ms/case excluding case writes (%.1f s in all)", 1000 * perCase[perCase.count / 2], write)
+        }
+        return s + ")"
+    }
 }
 
 extension FuzzLimits {

@@ -28,7 +28,8 @@ public struct FaultMatrix: Codable, Sendable {
     /// Whether a family's data is designed for a fault class (split-K data, near ties) rather than
     /// ordinary random data.
     public static func dataKind(_ vc: VerifyCase) -> String {
-        vc.spec.inputs == .normal && vc.spec.routing == .uniform && vc.spec.scales == .counter ? "ordinary" : "designed"
+        guard let spec = vc.spec else { return "case file" }
+        return spec.inputs == .normal && spec.routing == .uniform && spec.scales == .counter ? "ordinary" : "designed"
     }
 
     /// Which tier flagged a case: the rigorous one (bounds, router, align, errors) and/or the statistical one.

@@ -74,7 +74,8 @@ public enum FuzzCost {
     /// expert that can be touched `min(E, T·K)+1` (all `E`+1 when `allExperts`, as a kernel that
     /// uploads the whole layer does), and the router `T·E·H`.
     public static func cost(_ vc: VerifyCase, allExperts: Bool) -> Int {
-        let c = vc.spec.config, T = vc.spec.tokens
+        guard let spec = vc.spec else { return 0 }
+        let c = spec.config, T = spec.tokens
         let I = Swift.max(c.intermediate, c.sharedIntermediate), H = c.hidden
         let touched = allExperts ? c.experts + 1 : Swift.min(c.experts, T * c.topK) + 1
         let (g, o1) = T.multipliedReportingOverflow(by: (c.topK + 1) * 3 * I * H)
@@ -244,13 +245,13 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
 
     public func recipe(for format: WeightFormat) throws -> Recipe { .default(for: format) }
 
-    public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
-        let c = layer.config, T = vc.spec.tokens, K = c.topK, H = c.hidden, I = c.intermediate
+    public func run(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
+        let c = layer.config, T = layer.tokens, K = c.topK, H = c.hidden, I = c.intermediate
         let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
-        let engine = try MoEReferenceEngine(layer: refLayer, recipe: try recipe(for: vc.spec.format),
+        let engine = try MoEReferenceEngine(layer: refLayer, recipe: try recipe(for: layer.weightFormat),
                                             options: ReferenceOptions(computeBounds: false, keepIntermediate: true, float32: true,
                                                                       fuseShared: vc.fuseShared))
-        let x = layer.inputs()
+        let x = try layer.kernelInputs()
         let free = try engine.run(inputs: x, tokens: T)
         let S = free.slots
         func routed(_ ids: [Int32]) -> [[Int]] { (0..<T).map { t in (0..<K).map { Int(ids[t * S + $0]) } } }
@@ -279,8 +280,7 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
             }
         }
         let out = store(free.output)
-        return KernelRun(logits: free.routerLogits.map { Float($0) }, ids: free.topkIds, weights: weights,
-                         sharedGate: vc.fuseShared ? free.sharedGate.map { Float($0) } : [Float](repeating: 0, count: T),
+        return KernelRun(routing: KernelRouting(logits: free.routerLogits.map { Float($0) }, ids: free.topkIds, weights: weights, slots: S),
                          alignProblems: [], intermediate: inter, stagedOutput: same ? out : store(forced.output),
                          forwardOutputs: [out, out], forwardMilliseconds: 0)
     }
@@ -341,45 +341,46 @@ public struct Shrinker {
     /// Candidates, simplest change first within each dimension.
     public static func candidates(_ vc: VerifyCase) -> [(String, VerifyCase)] {
         var out: [(String, VerifyCase)] = []
-        let s = vc.spec, c = s.config
+        guard let s = vc.spec else { return [] }
+        let c = s.config
         func with(_ what: String, _ f: (inout VerifyCase) -> Void) {
             var n = vc
             f(&n)
             // keep the case valid
-            n.spec.config.topK = Swift.min(n.spec.config.topK, n.spec.config.experts)
-            if !n.spec.config.fusable { n.fuseShared = false }
-            if n.spec.format.fp8 == nil { n.splitK = 1 }
-            n.splitK = Swift.max(1, Swift.min(n.splitK, (n.spec.config.hidden + 127) / 128))
-            if n.spec.format.fp8 == nil && n.spec.scales != .counter { n.spec.scales = .counter }
+            n.spec!.config.topK = Swift.min(n.spec!.config.topK, n.spec!.config.experts)
+            if !n.spec!.config.fusable { n.fuseShared = false }
+            if n.spec!.format.fp8 == nil { n.splitK = 1 }
+            n.splitK = Swift.max(1, Swift.min(n.splitK, (n.spec!.config.hidden + 127) / 128))
+            if n.spec!.format.fp8 == nil && n.spec!.scales != .counter { n.spec!.scales = .counter }
             out.append((what, n))
         }
-        for t in smaller(s.tokens) { with("T \(s.tokens)→\(t)") { $0.spec.tokens = t } }
-        for e in smaller(c.experts) { with("E \(c.experts)→\(e)") { $0.spec.config.experts = e } }
-        for k in smaller(c.topK) { with("K \(c.topK)→\(k)") { $0.spec.config.topK = k } }
-        for h in smaller(c.hidden) { with("H \(c.hidden)→\(h)") { $0.spec.config.hidden = h } }
+        for t in smaller(s.tokens) { with("T \(s.tokens)→\(t)") { $0.spec!.tokens = t } }
+        for e in smaller(c.experts) { with("E \(c.experts)→\(e)") { $0.spec!.config.experts = e } }
+        for k in smaller(c.topK) { with("K \(c.topK)→\(k)") { $0.spec!.config.topK = k } }
+        for h in smaller(c.hidden) { with("H \(c.hidden)→\(h)") { $0.spec!.config.hidden = h } }
         for i in smaller(c.intermediate) {
             with("I \(c.intermediate)→\(i)") {
-                if c.fusable { $0.spec.config.sharedIntermediate = i }
-                $0.spec.config.intermediate = i
+                if c.fusable { $0.spec!.config.sharedIntermediate = i }
+                $0.spec!.config.intermediate = i
             }
         }
         if c.hasSharedExpert && !c.fusable {
             for i in smaller(c.sharedIntermediate) where i != c.intermediate {
-                with("Is \(c.sharedIntermediate)→\(i)") { $0.spec.config.sharedIntermediate = i }
+                with("Is \(c.sharedIntermediate)→\(i)") { $0.spec!.config.sharedIntermediate = i }
             }
         }
-        if s.routing != .uniform { with("routing \(s.routing.rawValue)→uniform") { $0.spec.routing = .uniform } }
-        if s.inputs != .normal { with("inputs \(s.inputs.rawValue)→normal") { $0.spec.inputs = .normal } }
-        if s.scales != .counter { with("scales \(s.scales.rawValue)→counter") { $0.spec.scales = .counter } }
+        if s.routing != .uniform { with("routing \(s.routing.rawValue)→uniform") { $0.spec!.routing = .uniform } }
+        if s.inputs != .normal { with("inputs \(s.inputs.rawValue)→normal") { $0.spec!.inputs = .normal } }
+        if s.scales != .counter { with("scales \(s.scales.rawValue)→counter") { $0.spec!.scales = .counter } }
         if vc.splitK > 1 {
             with("split_k \(vc.splitK)→1") { $0.splitK = 1 }
             if vc.splitK > 2 { with("split_k \(vc.splitK)→\(vc.splitK / 2)") { $0.splitK = vc.splitK / 2 } }
         }
-        if c.hasSharedExpert { with("shared expert off") { $0.spec.config.sharedIntermediate = 0; $0.fuseShared = false } }
+        if c.hasSharedExpert { with("shared expert off") { $0.spec!.config.sharedIntermediate = 0; $0.fuseShared = false } }
         if vc.fuseShared { with("shared expert unfused") { $0.fuseShared = false } }
         if s.format != .bf16 {
-            with("format \(s.format.rawValue)→bf16") { $0.spec.format = .bf16 }
-            if s.format == .fp8e4m3fnuz { with("format fnuz→fn") { $0.spec.format = .fp8e4m3fn } }
+            with("format \(s.format.rawValue)→bf16") { $0.spec!.format = .bf16 }
+            if s.format == .fp8e4m3fnuz { with("format fnuz→fn") { $0.spec!.format = .fp8e4m3fn } }
         }
         return out
     }

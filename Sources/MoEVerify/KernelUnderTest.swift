@@ -5,36 +5,58 @@ import LowPrecision
 import MoEReference
 import TensorIO
 
-/// What one kernel produced for one case, stage by stage.
-public struct KernelRun: Sendable {
-    /// Router outputs (the kernel's own routing) `[T, E]`, `[T, S]`, `[T, S]`, `[T]`.
-    public var logits: [Float]
+/// A kernel's routing of one case: what its router stage (or an adapter's `route`) produced.
+public struct KernelRouting: Sendable {
+    /// Router logits `[T, E]`, when the kernel exposes them.
+    public var logits: [Float]?
+    /// `[T, slots]` expert ids and routing weights; slots = K, or K + 1 with the shared expert
+    /// fused as id E in slot K.
     public var ids: [Int32]
     public var weights: [Float]
-    public var sharedGate: [Float]
-    /// Problems found in the align stage's output (empty when it is consistent).
-    public var alignProblems: [String]
-    /// Stage 1 with the reference's ids: bf16 intermediate `[T·S, I]`.
-    public var intermediate: [Double]
-    /// Stages 1+2 with the reference's ids and weights: output `[T, H]`.
-    public var stagedOutput: [Double]
-    /// The whole layer (kernel's own routing), run twice on poisoned buffers.
-    public var forwardOutputs: [[Double]]
-    /// Device milliseconds of the first whole-layer run.
-    public var forwardMilliseconds: Double
+    public var slots: Int
+
+    public init(logits: [Float]?, ids: [Int32], weights: [Float], slots: Int) {
+        self.logits = logits; self.ids = ids; self.weights = weights; self.slots = slots
+    }
 }
 
-/// A fused MoE implementation under test: a GPU kernel library through the C ABI, or a CPU
-/// model of one (with or without an injected fault) so the whole machinery runs without a GPU.
+/// What one kernel produced for one case, stage by stage; a stage the kernel does not expose
+/// is nil and is not judged.
+public struct KernelRun: Sendable {
+    /// The kernel's own routing.
+    public var routing: KernelRouting?
+    /// Problems found in the align stage's output (empty when it is consistent; nil: no align stage).
+    public var alignProblems: [String]?
+    /// Stage 1 with the reference's ids: bf16 intermediate `[T·S, I]`.
+    public var intermediate: [Double]?
+    /// Stages 1+2 with the reference's ids and weights: output `[T, H]`.
+    public var stagedOutput: [Double]?
+    /// The whole layer (kernel's own routing), run twice (on poisoned buffers where the kernel has buffers).
+    public var forwardOutputs: [[Double]]
+    /// Milliseconds of the first whole-layer run (device time where the kernel measures it).
+    public var forwardMilliseconds: Double
+    /// Where the rest of the case's time went, seconds by phase (worker transfers, conversion…).
+    public var overhead: [String: Double] = [:]
+
+    public init(routing: KernelRouting?, alignProblems: [String]?, intermediate: [Double]?, stagedOutput: [Double]?,
+                forwardOutputs: [[Double]], forwardMilliseconds: Double) {
+        self.routing = routing; self.alignProblems = alignProblems; self.intermediate = intermediate; self.stagedOutput = stagedOutput
+        self.forwardOutputs = forwardOutputs; self.forwardMilliseconds = forwardMilliseconds
+    }
+}
+
+/// A fused MoE implementation under test: a GPU kernel library through the C ABI, a Python
+/// adapter, a recorded output, or a CPU model of one (with or without an injected fault) so the
+/// whole machinery runs without a GPU.
 public protocol KernelUnderTest: AnyObject {
     var name: String { get }
     /// Where it runs, for reports.
     var device: String { get }
     /// The recipe the kernel declares for this weight format.
     func recipe(for format: WeightFormat) throws -> Recipe
-    /// Runs every stage of `verifyCase`; `referenceIds`/`referenceWeights` (`[T, S]`) drive the
-    /// teacher-forced stages.
-    func run(_ verifyCase: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun
+    /// Runs every stage of `verifyCase` it has on `layer`; `referenceIds`/`referenceWeights`
+    /// (`[T, S]`) drive the teacher-forced stages.
+    func run(_ verifyCase: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun
 }
 
 extension Recipe {
@@ -162,18 +184,17 @@ public final class DeviceKernel: KernelUnderTest {
         }
     }
 
-    func upload(_ layer: SyntheticLayer, fuseShared: Bool) throws -> Resident {
+    func upload(_ layer: KernelLayerSource, fuseShared: Bool) throws -> Resident {
         let c = layer.config, H = c.hidden, I = c.intermediate
         let slots = c.experts + (fuseShared ? 1 : 0)
-        let esize = layer.spec.format == .bf16 ? 2 : 1
-        let fp8 = layer.spec.format.fp8 != nil
+        let esize = layer.weightFormat == .bf16 ? 2 : 1
+        let fp8 = layer.weightFormat.fp8 != nil
         let si = (I + 127) / 128, sh = (H + 127) / 128
         let w13 = try library.allocate(slots * 2 * I * H * esize)
         let w2 = try library.allocate(slots * H * I * esize)
         let s13 = fp8 ? try library.allocate(slots * 2 * si * sh * 4) : nil
         let s2 = fp8 ? try library.allocate(slots * sh * si * 4) : nil
-        let onDevice = generateOnDevice && layer.spec.scales == .counter
-        if onDevice {
+        if generateOnDevice, let layer = layer as? SyntheticLayer, layer.spec.scales == .counter {
             let seed = layer.spec.seed
             let kind: Int32 = fp8 ? 1 : 0
             try library.fillCounter(w13, kind: kind, count: slots * 2 * I * H, seed: seed, stream: SyntheticLayer.w13Stream, offset: 0,
@@ -207,26 +228,26 @@ public final class DeviceKernel: KernelUnderTest {
             if let s13, let s2 { try s13.upload(kw.w13Scale); try s2.upload(kw.w2Scale) }
         }
         let router = try library.allocate(c.experts * H * 2)
-        try router.upload(layer.routerBF16())
+        try router.upload(try layer.routerBF16())
         var sg: DeviceBuffer? = nil
-        if fuseShared, let g = layer.sharedGateBF16() {
+        if fuseShared, let g = try layer.sharedGateBF16() {
             sg = try library.allocate(H * 2)
             try sg!.upload(g)
         }
         return Resident(w13: w13, w2: w2, s13: s13, s2: s2, router: router, sharedGate: sg)
     }
 
-    public func run(_ vc: VerifyCase, layer: SyntheticLayer, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
-        let c = layer.config, T = vc.spec.tokens, H = c.hidden, E = c.experts, I = c.intermediate
+    public func run(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
+        let c = layer.config, T = layer.tokens, H = c.hidden, E = c.experts, I = c.intermediate
         let S = c.topK + (vc.fuseShared ? 1 : 0)
         var problem = moe_problem(tokens: Int64(T), hidden: Int64(H), intermediate: Int64(I), experts: Int32(E), top_k: Int32(c.topK),
                                   renormalize: c.renormalize ? 1 : 0, fuse_shared: vc.fuseShared ? 1 : 0,
-                                  weight_format: Self.abiFormat(layer.spec.format), split_k: Int32(vc.splitK))
+                                  weight_format: Self.abiFormat(layer.weightFormat), split_k: Int32(vc.splitK))
         problem.split_k = Int32(vc.splitK)
         let resident = try upload(layer, fuseShared: vc.fuseShared)
         let weights = resident.abi
         let x = try library.allocate(T * H * 2)
-        try x.upload(layer.inputsBF16())
+        try x.upload(try layer.inputsBF16())
         let wsBytes = try library.workspaceSize(problem)
         let workspace = try library.allocate(wsBytes)
         let block = library.alignBlockSize
@@ -243,7 +264,6 @@ public final class DeviceKernel: KernelUnderTest {
         let kLogits = try logits.download(Float.self, count: T * E)
         let kIds = try ids.download(Int32.self, count: T * S)
         let kWeights = try tw.download(Float.self, count: T * S)
-        let kGate = vc.fuseShared ? try gate.download(Float.self, count: T) : [Float](repeating: 0, count: T)
 
         // align with the reference's ids
         try ids.upload(referenceIds)
@@ -286,7 +306,12 @@ public final class DeviceKernel: KernelUnderTest {
             if i == 0 { ms = t }
             forwards.append(bf16Values(try out.download(UInt16.self, count: T * H)))
         }
-        return KernelRun(logits: kLogits, ids: kIds, weights: kWeights, sharedGate: kGate, alignProblems: alignProblems,
+        return KernelRun(routing: KernelRouting(logits: kLogits, ids: kIds, weights: kWeights, slots: S), alignProblems: alignProblems,
                          intermediate: kInter, stagedOutput: staged, forwardOutputs: forwards, forwardMilliseconds: ms)
     }
 }
+
+/// A kernel that runs the whole MoE block, the shared expert included even when it cannot fuse
+/// (a Python adapter around a model's block, a recorded output): the reference then models
+/// the whole layer for unfused cases too, where a C ABI kernel dispatches the routed experts alone.
+public protocol WholeLayerKernel: KernelUnderTest {}

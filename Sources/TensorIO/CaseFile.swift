@@ -107,7 +107,7 @@ func allFinite<T: BinaryFloatingPoint>(_ p: UnsafeMutablePointer<T>, count n: In
 /// `hidden_states [T, H]` — DESIGN.md §4. The prefix (`model.layers.N.mlp.`) is found from the
 /// key ending in `mlp.gate.weight`; the config comes from `__metadata__["config"]` or a
 /// `config.json` beside the file. Opening validates every shape against the config.
-public final class MoECaseFile: GenericDecodingLayerSource {
+public final class MoECaseFile: GenericDecodingLayerSource, KernelLayerSource {
     public let path: String
     public let file: SafetensorsFile
     public let prefix: String
@@ -116,6 +116,8 @@ public final class MoECaseFile: GenericDecodingLayerSource {
     public let weightFormat: WeightFormat
     /// Where the config was read from.
     public let configSource: String
+    /// The HF config object as read (what a Python adapter gets as `layer.config`).
+    public let configObject: [String: Any]
     /// `hidden_states [T, H]` when the file has inputs.
     public let hiddenStates: Tensor?
     let router: Tensor
@@ -138,6 +140,7 @@ public final class MoECaseFile: GenericDecodingLayerSource {
         let (configObject, source) = try CaseFileReader.readConfigObject(file: file, path: path)
         config = try MoEConfig.fromHuggingFace(configObject, file: source == "__metadata__" ? path : source)
         configSource = source
+        self.configObject = configObject
         let reader = CaseFileReader(file: file, path: path, prefix: prefix, config: config)
         hiddenStates = try reader.hiddenStates()
         (router, sharedGate) = try reader.routerAndSharedGate()
@@ -207,72 +210,91 @@ public final class MoECaseFile: GenericDecodingLayerSource {
         return d
     }
 
-    /// The fused view of sglang PR #20736: the shared expert in slot E of the kernel layout
-    /// `w13 [E+1, 2I, H]` (gate rows, then up rows), `w2 [E+1, H, I]`, and for fp8 the scales
-    /// `[E+1, 2·ceil(I/128), ceil(H/128)]` / `[E+1, ceil(H/128), ceil(I/128)]`. Raw codes are copied,
-    /// never converted. Throws when the shared expert cannot fuse (`Is != I`) or the weights are
-    /// neither BF16 nor FP8.
-    public func fusedKernelWeights() throws -> FusedWeights {
-        guard config.fusable else {
-            throw TensorIOError(file: path, "shared expert cannot fuse: shared_expert_intermediate_size \(config.sharedIntermediate) != moe_intermediate_size \(config.intermediate)")
-        }
-        return try kernelWeights(slots: config.experts + 1)
+    /// Stored bytes of one projection's rows (bf16 or fp8 codes), never converted.
+    func rowBytes(_ p: Projection) -> [UInt8] {
+        let esize = p.weight.dtype.byteSize
+        let slabRows = p.weight.shape.count == 3 ? p.weight.shape[1] : p.rows
+        let src = ((p.slab ?? 0) * slabRows + p.rowStart) * p.columns * esize
+        return Array(UnsafeRawBufferPointer(rebasing: p.weight.rawBytes[src..<(src + p.rows * p.columns * esize)]))
     }
 
-    /// Kernel layout of the routed experts only (`E` slots), for unfused dispatch.
-    public func routedKernelWeights() throws -> FusedWeights { try kernelWeights(slots: config.experts) }
+    /// The block scales of a projection's own rows, `blockRows` rows of `⌈columns/128⌉`.
+    func rowScales(_ p: Projection, blockRows: Int) -> [Float] {
+        guard let s = p.scale else { return [] }
+        let sCols = s.shape[s.shape.count - 1], sRows = s.shape[s.shape.count - 2]
+        var out = [Float](), row = [Double](repeating: 0, count: sCols)
+        out.reserveCapacity(blockRows * sCols)
+        for br in 0..<blockRows {
+            let srcRow = (p.rowStart - p.blockOrigin) / 128 + p.scaleRowStart + br
+            let base = (p.slab ?? 0) * sRows * sCols + srcRow * sCols
+            row.withUnsafeMutableBufferPointer { _ = s.decode(base..<(base + sCols), into: $0.baseAddress!) }
+            out += row.map { Float($0) }
+        }
+        return out
+    }
 
-    private func kernelWeights(slots: Int) throws -> FusedWeights {
-        let H = config.hidden, I = config.intermediate
+    func kernelFormat() throws {
         guard weightFormat == .bf16 || weightFormat.fp8 != nil else {
             throw TensorIOError(file: path, "kernel weights must be BF16 or FP8; this case stores \(weightFormat.rawValue)")
         }
-        let esize = weightFormat == .bf16 ? 2 : 1
-        let sh = (H + 127) / 128, si = (I + 127) / 128
-        var w13 = [UInt8](repeating: 0, count: slots * 2 * I * H * esize)
-        var w2 = [UInt8](repeating: 0, count: slots * H * I * esize)
-        var s13 = [Float](repeating: 0, count: weightFormat.fp8 != nil ? slots * 2 * si * sh : 0)
-        var s2 = [Float](repeating: 0, count: weightFormat.fp8 != nil ? slots * sh * si : 0)
-        func copyRows(_ p: Projection, into dst: inout [UInt8], at byteOffset: Int) {
-            let slabRows = p.weight.shape.count == 3 ? p.weight.shape[1] : p.rows
-            let src = ((p.slab ?? 0) * slabRows + p.rowStart) * p.columns * esize
-            let n = p.rows * p.columns * esize
-            dst.withUnsafeMutableBytes { d in
-                d.baseAddress!.advanced(by: byteOffset).copyMemory(from: p.weight.rawBytes.baseAddress!.advanced(by: src), byteCount: n)
-            }
+    }
+
+    public func gateUpBytes(expert e: Int) throws -> (bytes: [UInt8], scales: [Float]) {
+        try checkExpert(e)
+        try kernelFormat()
+        let g = gateProjections[e], u = upProjections[e]
+        guard weightFormat.fp8 != nil else { return (rowBytes(g) + rowBytes(u), []) }
+        let si = (config.intermediate(ofExpert: e) + 127) / 128
+        if u.blockOrigin == 0 && u.rowStart % 128 != 0 && u.scale != nil && g.slab != nil {
+            throw TensorIOError(file: path, tensor: u.scaleName,
+                                "gate_up scales blocked across the gate/up boundary (I=\(u.rowStart) not a multiple of 128) cannot be laid out per half for a kernel")
         }
-        func copyScales(_ p: Projection, into dst: inout [Float], at rowOffset: Int, blockRows: Int) {
-            guard let s = p.scale else { return }
-            let sCols = s.shape[s.shape.count - 1], sRows = s.shape[s.shape.count - 2]
-            var row = [Double](repeating: 0, count: sCols)
-            for br in 0..<blockRows {
-                let srcRow = (p.rowStart - p.blockOrigin) / 128 + p.scaleRowStart + br
-                let base = (p.slab ?? 0) * sRows * sCols + srcRow * sCols
-                row.withUnsafeMutableBufferPointer { _ = s.decode(base..<(base + sCols), into: $0.baseAddress!) }
-                for c in 0..<sCols { dst[(rowOffset + br) * sCols + c] = Float(row[c]) }
+        // combined blocking with I % 128 == 0 is the same as per half: the up rows start a block
+        return (rowBytes(g) + rowBytes(u), rowScales(g, blockRows: si) + rowScales(u, blockRows: si))
+    }
+
+    public func downBytes(expert e: Int) throws -> (bytes: [UInt8], scales: [Float]) {
+        try checkExpert(e)
+        try kernelFormat()
+        let d = downProjections[e]
+        return (rowBytes(d), rowScales(d, blockRows: (config.hidden + 127) / 128))
+    }
+
+    /// A bf16 tensor's bits, or an error naming it when a value is not exactly a bf16 (the C
+    /// ABI takes bf16 router weights, shared gate and hidden states).
+    func exactBF16(_ t: Tensor, _ name: String) throws -> [UInt16] {
+        if t.dtype == .bf16 { return t.rawBytes.withMemoryRebound(to: UInt16.self) { Array($0) } }
+        let values = t.doubles()
+        var bits = [UInt16](repeating: 0, count: values.count)
+        for (i, v) in values.enumerated() {
+            let b = BFloat16.bits(Float(v))
+            guard Double(BFloat16.float(b)) == v else {
+                throw TensorIOError(file: path, tensor: name, "\(t.position(of: i)) = \(v) is not exactly a bfloat16; kernels take bf16 here — store the tensor as BF16 (the value the kernel would see is \(BFloat16.float(b)))")
             }
+            bits[i] = b
         }
-        for e in 0..<slots {
-            let g = gateProjections[e], u = upProjections[e], d = downProjections[e]
-            copyRows(g, into: &w13, at: e * 2 * I * H * esize)
-            copyRows(u, into: &w13, at: (e * 2 * I + I) * H * esize)
-            copyRows(d, into: &w2, at: e * H * I * esize)
-            if weightFormat.fp8 != nil {
-                if u.blockOrigin == 0 && u.rowStart == I && I % 128 != 0 && u.scale != nil && g.slab != nil {
-                    throw TensorIOError(file: path, tensor: u.scaleName,
-                                        "gate_up scales blocked across the gate/up boundary (I=\(I) not a multiple of 128) cannot be laid out per half for a kernel")
-                }
-                copyScales(g, into: &s13, at: e * 2 * si, blockRows: si)
-                var upCopy = u
-                if u.blockOrigin == 0 && u.rowStart == I { // combined blocking with I % 128 == 0: same as per half
-                    upCopy = Projection(weightName: u.weightName, weight: u.weight, scale: u.scale, scaleName: u.scaleName, slab: u.slab,
-                                        rows: u.rows, columns: u.columns, rowStart: u.rowStart, blockOrigin: 0, scaleRowStart: 0)
-                }
-                copyScales(upCopy, into: &s13, at: e * 2 * si + si, blockRows: si)
-                copyScales(d, into: &s2, at: e * sh, blockRows: sh)
-            }
+        return bits
+    }
+
+    public func inputsBF16() throws -> [UInt16] {
+        guard let x = hiddenStates else {
+            throw TensorIOError(file: path, tensor: "hidden_states", "missing required tensor: the case has no inputs")
         }
-        return FusedWeights(format: weightFormat, slots: slots, hidden: H, intermediate: I, w13: w13, w2: w2, w13Scale: s13, w2Scale: s2)
+        return try exactBF16(x, "hidden_states")
+    }
+
+    public func routerBF16() throws -> [UInt16] { try exactBF16(router, prefix + "gate.weight") }
+
+    public func sharedGateBF16() throws -> [UInt16]? { try sharedGate.map { try exactBF16($0, prefix + "shared_expert_gate.weight") } }
+
+    /// The case file itself: the worker of a Python adapter opens it in place.
+    public func caseFile(in directory: String) throws -> CaseFileLocation {
+        guard hiddenStates != nil else {
+            throw TensorIOError(file: path, tensor: "hidden_states", "missing required tensor: the case has no inputs")
+        }
+        let json = try JSONSerialization.data(withJSONObject: configObject, options: [.sortedKeys])
+        return CaseFileLocation(path: URL(fileURLWithPath: path).standardizedFileURL.path, prefix: prefix,
+                                inputsPath: URL(fileURLWithPath: path).standardizedFileURL.path, configJSON: String(decoding: json, as: UTF8.self))
     }
 }
 

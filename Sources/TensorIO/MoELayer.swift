@@ -232,3 +232,82 @@ extension MoELayerSource {
         for i in 0..<n { out[i] = Float(d[i]) }
     }
 }
+
+/// Where a layer lives as a case file (DESIGN §4): what a Python adapter's worker opens.
+public struct CaseFileLocation: Sendable, Equatable {
+    /// The case file (layer tensors in HF naming, with `prefix`).
+    public var path: String
+    /// The layer's tensor-name prefix inside the file (`model.layers.0.mlp.`).
+    public var prefix: String
+    /// The file and tensor holding the hidden states `[T, H]`.
+    public var inputsPath: String
+    public var inputsTensor: String
+    /// The HF config object of the layer, as JSON.
+    public var configJSON: String
+
+    public init(path: String, prefix: String, inputsPath: String, inputsTensor: String = "hidden_states", configJSON: String) {
+        self.path = path; self.prefix = prefix; self.inputsPath = inputsPath; self.inputsTensor = inputsTensor; self.configJSON = configJSON
+    }
+}
+
+/// A layer with inputs that a kernel can run: the reference's view (`MoELayerSource`) plus the
+/// stored bytes a kernel uploads. The synthetic catalogue and fuzz layers, and case files (a
+/// user's checkpoint layer with hidden states) conform; every kernel takes one.
+///
+/// The kernel-facing tensors are bf16 (router, shared gate, hidden states) and bf16 or fp8
+/// (expert projections, with 128×128 block scales). A source whose values are not exactly
+/// representable there throws from the accessor, naming the tensor: a kernel never runs on a
+/// layer other than the one the reference judges.
+public protocol KernelLayerSource: MoELayerSource {
+    /// T, the rows of the hidden states.
+    var tokens: Int { get }
+    /// Hidden states `[T, H]` as stored (what a kernel that takes the layer as stored sees).
+    func inputs() throws -> [Double]
+    /// Hidden states `[T, H]` as bf16 bits.
+    func inputsBF16() throws -> [UInt16]
+    /// Router weight `[E, H]` as bf16 bits.
+    func routerBF16() throws -> [UInt16]
+    /// Shared-expert gate `[H]` as bf16 bits, nil without a shared expert.
+    func sharedGateBF16() throws -> [UInt16]?
+    /// Expert `e` (`e == E`: the shared expert): gate rows then up rows `[2·Ie, H]` as stored
+    /// bytes (bf16 or fp8 codes) and, for fp8, their block scales blocked per half
+    /// `[2·⌈Ie/128⌉, ⌈H/128⌉]` (empty for bf16).
+    func gateUpBytes(expert e: Int) throws -> (bytes: [UInt8], scales: [Float])
+    /// Expert `e`: down `[H, Ie]` as stored bytes and, for fp8, scales `[⌈H/128⌉, ⌈Ie/128⌉]`.
+    func downBytes(expert e: Int) throws -> (bytes: [UInt8], scales: [Float])
+    /// The layer as a case file, written under `directory` when it is not one already.
+    func caseFile(in directory: String) throws -> CaseFileLocation
+}
+
+extension KernelLayerSource {
+    /// The hidden states as the kernel receives them (bf16 values).
+    public func kernelInputs() throws -> [Double] { try inputsBF16().map { Double(BFloat16.float($0)) } }
+
+    /// The one packer of the kernel layout of `Kernels/include/moe_kernels.h`: `w13 [slots, 2I, H]`
+    /// (gate rows, then up rows), `w2 [slots, H, I]` and, for fp8, scales
+    /// `[slots, 2·⌈I/128⌉, ⌈H/128⌉]` / `[slots, ⌈H/128⌉, ⌈I/128⌉]`; slots = E, or E + 1 with the
+    /// shared expert fused in slot E (sglang PR #20736). Raw codes are copied, never converted.
+    public func kernelWeights(fuseShared: Bool) throws -> FusedWeights {
+        let c = config
+        if fuseShared && !c.fusable {
+            throw TensorIOError(file: name, "shared expert cannot fuse: shared_expert_intermediate_size \(c.sharedIntermediate) != moe_intermediate_size \(c.intermediate)")
+        }
+        guard weightFormat == .bf16 || weightFormat.fp8 != nil else {
+            throw TensorIOError(file: name, "kernel weights must be BF16 or FP8; this layer stores \(weightFormat.rawValue)")
+        }
+        let slots = c.experts + (fuseShared ? 1 : 0)
+        let esize = weightFormat == .bf16 ? 2 : 1
+        let si = (c.intermediate + 127) / 128, sh = (c.hidden + 127) / 128
+        var w13: [UInt8] = [], w2: [UInt8] = [], s13: [Float] = [], s2: [Float] = []
+        w13.reserveCapacity(slots * 2 * c.intermediate * c.hidden * esize)
+        w2.reserveCapacity(slots * c.intermediate * c.hidden * esize)
+        if weightFormat.fp8 != nil { s13.reserveCapacity(slots * 2 * si * sh); s2.reserveCapacity(slots * si * sh) }
+        for e in 0..<slots {
+            let (b13, sc13) = try gateUpBytes(expert: e)
+            let (b2, sc2) = try downBytes(expert: e)
+            w13 += b13; w2 += b2; s13 += sc13; s2 += sc2
+        }
+        return FusedWeights(format: weightFormat, slots: slots, hidden: c.hidden, intermediate: c.intermediate,
+                            w13: w13, w2: w2, w13Scale: s13, w2Scale: s2)
+    }
+}

@@ -115,14 +115,14 @@ struct Fuzz: ParsableCommand {
             case let .caseDone(index, r, run, failed, elapsed):
                 if !r.passed {
                     clearProgress()
-                    print("case \(index): \(r.spec)\(r.splitK > 1 ? " split_k=\(r.splitK)" : "")\(r.fused ? " fused" : "")")
+                    print("case \(index): \(r.spec.map { "\($0)" } ?? r.source ?? r.name)\(r.splitK > 1 ? " split_k=\(r.splitK)" : "")\(r.fused ? " fused" : "")")
                     print(r.line)
                     fflush(stdout)
                 }
-                if tty {
+                if tty, let spec = r.spec {
                     let s = String(format: "\rfuzz: %d cases, %d failed, %.1f s | case %d: T=%d E=%d K=%d H=%d I=%d %@\u{1B}[K", run, failed, elapsed,
-                                   index, r.spec.tokens, r.spec.config.experts, r.spec.config.topK, r.spec.config.hidden,
-                                   r.spec.config.intermediate, r.spec.format.rawValue)
+                                   index, spec.tokens, spec.config.experts, spec.config.topK, spec.config.hidden,
+                                   spec.config.intermediate, spec.format.rawValue)
                     FileHandle.standardError.write(s.data(using: .utf8)!)
                     progressShown = true
                 }

@@ -24,9 +24,41 @@ struct KernelLibraryOption: ParsableArguments {
     var path: String? { kernels ?? KernelLibrary.environmentPath }
 }
 
-/// `--kernels --device --fault --cpu-model`: which kernel `verify` and `fuzz` judge.
+/// `--python ADAPTER.py --python-exe --case-timeout`: a kernel written in Python.
+struct PythonAdapterOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("A Python kernel adapter (RECIPE, forward(layer, x), optional route): docs/python-adapters.md, adapters/.", valueName: "ADAPTER.py"))
+    var python: String?
+
+    @Option(help: "The Python that runs the adapter's worker (its torch, triton, aiter… are used). Default: $MOECHECK_PYTHON or python3.")
+    var pythonExe: String?
+
+    @Option(help: "Seconds one case may take in the adapter before its worker is killed and restarted.")
+    var caseTimeout: Double = 120
+
+    @Flag(help: "Show the adapter's stderr (prints, warnings) as it runs; otherwise only its last lines on a failure.")
+    var pythonEcho = false
+
+    var selection: KernelSelection? {
+        python.map { .python(adapter: $0, python: pythonExe, caseTimeout: caseTimeout, echo: pythonEcho) }
+    }
+}
+
+/// `--recipe NAME | --recipe-json FILE`: the rounding points to judge against, instead of the kernel's declared recipe.
+struct RecipeOptions: ParsableArguments {
+    @Option(help: "Judge against this recipe (\(Recipe.knownNames)) instead of the one the kernel declares.")
+    var recipe: String?
+
+    @Option(help: ArgumentHelp("Judge against a recipe given as JSON: a name, or {\"base\": NAME, FIELD: VALUE…} (docs/python-adapters.md).", valueName: "FILE"))
+    var recipeJson: String?
+
+    func resolved() throws -> Recipe? { try Recipe.fromOptions(name: recipe, jsonFile: recipeJson) }
+}
+
+/// `--kernels --device --fault --cpu-model --python`: which kernel `verify` and `fuzz` judge.
 struct KernelOptions: ParsableArguments {
     @OptionGroup var library: KernelLibraryOption
+
+    @OptionGroup var pythonAdapter: PythonAdapterOptions
 
     @Option(help: "GPU index.")
     var device: Int = 0
@@ -40,6 +72,7 @@ struct KernelOptions: ParsableArguments {
     /// The CPU model when asked for, else the library (option or MOECHECK_KERNELS), else nil.
     var selection: KernelSelection? {
         if cpuModel { return .cpuModel(fault: fault) }
+        if let p = pythonAdapter.selection { return p }
         return library.path.map { .library(path: $0, device: device, fault: fault) }
     }
 }

@@ -18,6 +18,13 @@ struct Verify: ParsableCommand {
     @Option(help: "Case suite.")
     var suite: String = "catalogue"
 
+    @Option(name: .customLong("case"), help: ArgumentHelp("A case file with hidden_states (a user's checkpoint layer, a golden), or a directory of them; repeatable. Replaces --suite.", valueName: "FILE|DIR"))
+    var caseFiles: [String] = []
+
+    @OptionGroup var layerPrefix: LayerPrefixOption
+
+    @OptionGroup var recipe: RecipeOptions
+
     @OptionGroup var cases: CaseFilterOption
 
     @OptionGroup var report: JSONOutputOption
@@ -32,20 +39,38 @@ struct Verify: ParsableCommand {
     func run() throws {
         blas.apply()
         guard let selection = kernel.selection else {
-            print("verify: no kernel library given (--kernels PATH or MOECHECK_KERNELS): GPU comparison skipped.")
+            print("verify: no kernel given (--kernels PATH, MOECHECK_KERNELS, --python ADAPTER.py or --cpu-model): comparison skipped.")
             print("verify: build one with `make -C Kernels PLATFORM=nvidia` (or PLATFORM=amd) and pass --kernels Kernels/build/nvidia/libmoekernels.so")
             return
         }
         let k = try failing("verify") { try selection.open() }
         if hostWeights, let device = k as? DeviceKernel { device.generateOnDevice = false }
-        let selected = try failing("verify") { try CatalogueRun(suite: suite, filter: cases.filter).cases() }
-        print("verify: \(k.name) on \(k.device), suite \(suite), \(selected.count) cases, OpenBLAS threads \(BLAS.threads)")
-        let summary = CatalogueRun.run(selected, on: k, rigorousOnly: tier.rigorousOnly) { r in
+        let forced = try failing("verify") { try recipe.resolved() }
+        var selected: [VerifyCase]
+        var source = "suite \(suite)"
+        if caseFiles.isEmpty {
+            selected = try failing("verify") { try CatalogueRun(suite: suite, filter: cases.filter).cases() }
+        } else {
+            let found = try failing("verify") { try CaseSelection.files(caseFiles, prefix: layerPrefix.prefix) }
+            for s in found.skipped { note("verify: skipped \(s)") }
+            selected = found.cases.filter { cases.filter.map($0.name.contains) ?? true }
+            source = "\(selected.count) case file(s)"
+        }
+        let (runnable, skipped) = CaseSelection.runnable(selected, on: k)
+        if !skipped.isEmpty, let py = k as? PythonKernel {
+            print("verify: \(skipped.count) case(s) skipped: the adapter takes \(py.formats.map(\.rawValue).joined(separator: ", ")) weights (FORMATS)")
+        }
+        var about = "\(k.name) on \(k.device), \(source), \(runnable.count) cases, OpenBLAS threads \(BLAS.threads)"
+        if let py = k as? PythonKernel { about += "; \(py.libraryVersions)\(py.hasRoute ? "" : "; no route(): whole layer judged forward-only")" }
+        if let forced { about += "; recipe \(forced.name) (given)" }
+        print("verify: " + about)
+        let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced) { r in
             print(r.line)
             fflush(stdout)
         }
         try report.write(summary.reports)
-        print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds))
+        print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds) + summary.timeSplit)
+        if let py = k as? PythonKernel, py.restarts > 0 { print("verify: the adapter's worker was restarted \(py.restarts) time(s)") }
         print(summary.countLine)
         if summary.failed > 0 { throw ExitCode(1) }
     }

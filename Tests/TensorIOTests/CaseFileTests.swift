@@ -158,7 +158,7 @@ struct CaseFileTests {
         LayerShape(family: .qwen35Moe, H: 160, I: 128, Is: 128, E: 4, K: 2),  // I % 128 == 0: combined blocking fuses
     ]
 
-    @Test("fusedKernelWeights: slot E holds the shared expert's bytes (gate rows, then up rows) and scales",
+    @Test("kernelWeights(fuseShared: true): slot E holds the shared expert's bytes (gate rows, then up rows) and scales",
           arguments: fusable, [StoredFormat.bf16, .fp8fn, .fp8fnuz])
     func fusedWeights(_ shape: LayerShape, _ format: StoredFormat) throws {
         try withScratchDirectory { dir in
@@ -171,7 +171,7 @@ struct CaseFileTests {
                 let url = dir.appendingPathComponent("\(layout.rawValue)-\(blocking.rawValue).safetensors")
                 try g.write(to: url)
                 let label = "\(url.lastPathComponent) [\(g.label)]"
-                let got = try MoECaseFile(path: url.path).fusedKernelWeights()
+                let got = try MoECaseFile(path: url.path).kernelWeights(fuseShared: true)
                 let want = Self.expectedFused(g)
                 #expect(got.slots == shape.E + 1 && got.hidden == shape.H && got.intermediate == shape.I && got.format == format.weightFormat,
                         "\(label): fused header \(got.slots) slots H=\(got.hidden) I=\(got.intermediate) \(got.format)")
@@ -193,25 +193,25 @@ struct CaseFileTests {
         }
     }
 
-    @Test("fusedKernelWeights throws when Is != I, and for combined fp8 scales blocked across the gate/up boundary")
+    @Test("kernelWeights(fuseShared: true) throws when Is != I, and for combined fp8 scales blocked across the gate/up boundary")
     func fusedWeightsRefused() throws {
         try withScratchDirectory { dir in
             let wide = GeneratedCase(LayerShape(family: .qwen2Moe, H: 64, I: 32, Is: 96, E: 4, K: 2), .bf16, .perExpert)
             let url = dir.appendingPathComponent("wide.safetensors")
             try wide.write(to: url)
-            expectTensorIOError("Is != I", mentions: [url.path, "cannot fuse", "96", "32"]) { _ = try MoECaseFile(path: url.path).fusedKernelWeights() }
+            expectTensorIOError("Is != I", mentions: [url.path, "cannot fuse", "96", "32"]) { _ = try MoECaseFile(path: url.path).kernelWeights(fuseShared: true) }
 
             let across = GeneratedCase(LayerShape(family: .qwen3Next, H: 200, I: 96, Is: 96, E: 4, K: 2), .fp8fn, .combined)
             let url2 = dir.appendingPathComponent("across.safetensors")
             try across.write(to: url2)
             expectTensorIOError("combined fp8 blocks across gate/up", mentions: [url2.path, "experts.gate_up_proj_scale_inv", "gate/up boundary"]) {
-                _ = try MoECaseFile(path: url2.path).fusedKernelWeights()
+                _ = try MoECaseFile(path: url2.path).kernelWeights(fuseShared: true)
             }
 
             let f32 = GeneratedCase(LayerShape(family: .qwen3Next, H: 64, I: 32, Is: 32, E: 4, K: 2), .f32, .perExpert)
             let url3 = dir.appendingPathComponent("f32.safetensors")
             try f32.write(to: url3)
-            expectTensorIOError("f32 kernel weights", mentions: [url3.path, "BF16 or FP8", "f32"]) { _ = try MoECaseFile(path: url3.path).fusedKernelWeights() }
+            expectTensorIOError("f32 kernel weights", mentions: [url3.path, "BF16 or FP8", "f32"]) { _ = try MoECaseFile(path: url3.path).kernelWeights(fuseShared: true) }
         }
     }
 }
