@@ -353,7 +353,7 @@ def check_route(r, T: int, layer):
     if ids.size and (ids.min() < 0 or ids.max() > layer.experts):
         raise RunError("route", f"route() topk_ids: ids must lie in [0, {layer.experts}], got "
                                 f"[{int(ids.min())}, {int(ids.max())}]")
-    return ids.astype("<i4"), w.astype("<f4"), int(ids.shape[1])
+    return ids.astype("<i4"), w.astype("<f8"), int(ids.shape[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ public final class CPUModelKernel: KernelUnderTest {
         // Two whole-layer runs; a workspace that is not zeroed holds different garbage each time.
         let run1 = experts(layer, w: w, x: x, ids: r.ids, weights: r.weights, S: S, splits: splits, garbage: Float(bitPattern: 0xD5D5_D5D5))
         let run2 = experts(layer, w: w, x: x, ids: r.ids, weights: r.weights, S: S, splits: splits, garbage: 1.0e4)
-        return KernelRun(routing: KernelRouting(logits: r.logits, ids: r.ids, weights: r.weights, slots: S), alignProblems: [],
+        return KernelRun(routing: KernelRouting(logits: r.logits, ids: r.ids, weights: r.weights.map(Double.init), slots: S), alignProblems: [],
                          intermediate: staged.intermediate, stagedOutput: staged.output, forwardOutputs: [run1.output, run2.output],
                          forwardMilliseconds: 0)
     }

@@ -147,14 +147,16 @@ public struct CaseVerifier {
         let layer = try vc.openLayer()
         let c = layer.config
         if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
-        let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert || !routedOnlyWhenUnfused) ? layer : RoutedOnlyLayer(layer)
+        // a whole-layer kernel is not told whether to fuse: its routing may show the shared slot whenever it can fuse
+        let fuse = routedOnlyWhenUnfused ? vc.fuseShared : c.fusable
+        let refLayer: MoELayerSource = (fuse || !c.hasSharedExpert || !routedOnlyWhenUnfused) ? layer : RoutedOnlyLayer(layer)
         var recipe = try kernel.recipe(for: layer.weightFormat)
         if let adjustRecipe { recipe = adjustRecipe(recipe) }
         // a whole-layer kernel (Python adapter, recorded output) takes the hidden states as stored
         let x = kernel is WholeLayerKernel ? try layer.inputs() : try layer.kernelInputs()
         let start = Date()
         let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe,
-                                            options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: vc.fuseShared, keepContributions: true))
+                                            options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: fuse, keepContributions: true))
         let ref = try engine.run(inputs: x, tokens: layer.tokens)
         let seconds = Date().timeIntervalSince(start)
         let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
@@ -260,7 +262,7 @@ public struct CaseVerifier {
                 if run.ids[t * S + K] != Int32(E) {
                     routerProblems.append("token \(t): shared slot has id \(run.ids[t * S + K]), expected \(E)")
                 }
-                let g = Double(run.weights[t * S + K])
+                let g = run.weights[t * S + K]
                 if !(Swift.abs(g - ref.sharedGate[t]) <= ref.sharedGateBound[t]) {
                     routerProblems.append(String(format: "token %d: shared weight %.6g, reference sigmoid gate %.6g ± %.2g", t, g, ref.sharedGate[t], ref.sharedGateBound[t]))
                 }
@@ -274,7 +276,7 @@ public struct CaseVerifier {
             for s in 0..<K {
                 let id = run.ids[t * S + s]
                 if let j = (0..<K).first(where: { forcedRef.topkIds[t * RS + $0] == id }) {
-                    wk.append(Double(run.weights[t * S + s])); wr.append(forcedRef.topkWeights[t * RS + j]); wb.append(forcedRef.topkWeightBound[t * RS + j])
+                    wk.append(run.weights[t * S + s]); wr.append(forcedRef.topkWeights[t * RS + j]); wb.append(forcedRef.topkWeightBound[t * RS + j])
                 }
             }
         }

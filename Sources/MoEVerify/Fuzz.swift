@@ -112,6 +112,12 @@ public struct FuzzGenerator: Sendable {
     public let limits: FuzzLimits
     /// Count weight generation for all experts in the cost (kernels that upload the whole layer).
     public let allExperts: Bool
+    /// Only these weight formats (a Python adapter's FORMATS): a drawn format outside them is
+    /// replaced by `formats[index % count]`. nil: all formats.
+    public var formats: [WeightFormat]? = nil
+    /// Only layers an HF config expresses (a Python adapter gets the config dict): a
+    /// qwen3_5_moe layer always renormalizes (transformers ignores `norm_topk_prob` there).
+    public var huggingFaceConfigsOnly = false
 
     public init(seed: UInt64, limits: FuzzLimits, allExperts: Bool = false) {
         self.seed = seed
@@ -162,7 +168,8 @@ public struct FuzzGenerator: Sendable {
         var rng = FuzzRNG(seed: seed, index: UInt64(index))
         let L = limits
         // format
-        let format: WeightFormat = rng.pick([(.bf16, 40), (.fp8e4m3fn, 35), (.fp8e4m3fnuz, 25)])
+        var format: WeightFormat = rng.pick([(.bf16, 40), (.fp8e4m3fn, 35), (.fp8e4m3fnuz, 25)])
+        if let formats, !formats.isEmpty, !formats.contains(format) { format = formats[index % formats.count] }
         var T = Self.tokenCount(&rng, max: L.maxTokens)
         var E = Self.expertCount(&rng, max: L.maxExperts)
         var K = rng.chance(15) ? Swift.min(E, 16) : Swift.min(E, rng.logUniform(Swift.min(E, 16)))
@@ -179,6 +186,7 @@ public struct FuzzGenerator: Sendable {
         let family: ModelFamily = rng.pick([(.qwen35Moe, 40), (.qwen3Next, 30), (.qwen2Moe, 30)])
         var renormalize = family != .qwen2Moe
         if rng.chance(15) { renormalize.toggle() }
+        if huggingFaceConfigsOnly && family == .qwen35Moe { renormalize = true }
         let routing: RoutingMode = rng.pick([(.uniform, 40), (.hotExperts, 15), (.oneExpert, 15), (.allNegative, 15), (.nearTies, 15)])
         var inputs: InputMode = rng.pick([(.normal, 40), (.outliers, 15), (.large, 15), (.fp8Grid, 15), (.coherent, 15)])
         var scales = ScaleProfile.counter
@@ -280,7 +288,7 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
             }
         }
         let out = store(free.output)
-        return KernelRun(routing: KernelRouting(logits: free.routerLogits.map { Float($0) }, ids: free.topkIds, weights: weights, slots: S),
+        return KernelRun(routing: KernelRouting(logits: free.routerLogits.map { Float($0) }, ids: free.topkIds, weights: weights.map(Double.init), slots: S),
                          alignProblems: [], intermediate: inter, stagedOutput: same ? out : store(forced.output),
                          forwardOutputs: [out, out], forwardMilliseconds: 0)
     }

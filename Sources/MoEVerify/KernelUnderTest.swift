@@ -12,10 +12,10 @@ public struct KernelRouting: Sendable {
     /// `[T, slots]` expert ids and routing weights; slots = K, or K + 1 with the shared expert
     /// fused as id E in slot K.
     public var ids: [Int32]
-    public var weights: [Float]
+    public var weights: [Double]
     public var slots: Int
 
-    public init(logits: [Float]?, ids: [Int32], weights: [Float], slots: Int) {
+    public init(logits: [Float]?, ids: [Int32], weights: [Double], slots: Int) {
         self.logits = logits; self.ids = ids; self.weights = weights; self.slots = slots
     }
 }
@@ -306,7 +306,7 @@ public final class DeviceKernel: KernelUnderTest {
             if i == 0 { ms = t }
             forwards.append(bf16Values(try out.download(UInt16.self, count: T * H)))
         }
-        return KernelRun(routing: KernelRouting(logits: kLogits, ids: kIds, weights: kWeights, slots: S), alignProblems: alignProblems,
+        return KernelRun(routing: KernelRouting(logits: kLogits, ids: kIds, weights: kWeights.map(Double.init), slots: S), alignProblems: alignProblems,
                          intermediate: kInter, stagedOutput: staged, forwardOutputs: forwards, forwardMilliseconds: ms)
     }
 }

@@ -152,7 +152,7 @@ public final class PythonKernel: WholeLayerKernel {
         var routing: KernelRouting? = nil
         if let r = reply["route"] as? [String: Any], let idsFile = r["ids"] as? String, let wFile = r["weights"] as? String, let S = r["slots"] as? Int {
             let ids = try Self.readRaw(idsFile, dtype: "int32", count: T * S, what: "route ids of case \(vc.name)").map { Int32($0) }
-            let weights = try Self.readRaw(wFile, dtype: "float32", count: T * S, what: "route weights of case \(vc.name)").map { Float($0) }
+            let weights = try Self.readRaw(wFile, dtype: "float64", count: T * S, what: "route weights of case \(vc.name)")
             routing = KernelRouting(logits: nil, ids: ids, weights: weights, slots: S)
         }
         let read = Date().timeIntervalSince(readStart)

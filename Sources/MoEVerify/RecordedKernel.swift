@@ -55,7 +55,7 @@ public final class RecordedKernel: WholeLayerKernel {
             if let bad = idValues.firstIndex(where: { $0 < 0 || $0 > Double(c.experts) || $0 != $0.rounded() }) {
                 throw TensorIOError(file: routingPath, tensor: "topk_ids", "\(ids.position(of: bad)) = \(idValues[bad]) is not an expert id in 0...\(c.experts)")
             }
-            routing = KernelRouting(logits: nil, ids: idValues.map { Int32($0) }, weights: w.doubles().map { Float($0) }, slots: S)
+            routing = KernelRouting(logits: nil, ids: idValues.map { Int32($0) }, weights: w.doubles(), slots: S)
         }
         return KernelRun(routing: routing, alignProblems: nil, intermediate: nil, stagedOutput: nil, forwardOutputs: [out], forwardMilliseconds: 0)
     }

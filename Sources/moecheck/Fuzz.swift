@@ -72,6 +72,11 @@ struct Fuzz: ParsableCommand {
         }
         let faultArgument = kernel.fault.map { " --fault \($0)" } ?? ""
         switch selection {
+        case let .python(adapter, python, timeout, _):
+            let k = try failing("fuzz") { try selection.open() }
+            var command = "moecheck fuzz --python \(adapter)" + (python.map { " --python-exe \($0)" } ?? "")
+            if timeout != 120 { command += " --case-timeout \(timeout)" }
+            return (k, .device, true, command)
         case let .library(path, device, _):
             let k = try failing("fuzz") { try selection.open() }
             return (k, .device, true, "moecheck fuzz --kernels \(path)" + faultArgument + (device != 0 ? " --device \(device)" : ""))
@@ -96,7 +101,8 @@ struct Fuzz: ParsableCommand {
         let sh: FuzzShard
         sh = try failing("fuzz") { try FuzzShard(parsing: shard) }
         let lim = base.capped(maxTokens: caps.maxTokens, maxExperts: caps.maxExperts, maxHidden: caps.maxHidden, maxCost: caps.maxCost)
-        let generator = FuzzGenerator(seed: seed, limits: lim, allExperts: allExperts)
+        var generator = FuzzGenerator(seed: seed, limits: lim, allExperts: allExperts)
+        if let py = kernel as? PythonKernel { generator.formats = py.formats; generator.huggingFaceConfigsOnly = true }
         var campaign = FuzzCampaign(generator: generator, verifier: verifier, shard: sh,
                                     maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
         campaign.shrinkBudget = shrinkAttempts

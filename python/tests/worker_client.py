@@ -73,5 +73,5 @@ def read_output(rep: dict, r: int = 0) -> np.ndarray:
 def read_route(rep: dict):
     R = rep["route"]
     ids = np.fromfile(R["ids"], dtype="<i4").reshape(rep["shape"][0], R["slots"])
-    w = np.fromfile(R["weights"], dtype="<f4").reshape(rep["shape"][0], R["slots"])
+    w = np.fromfile(R["weights"], dtype="<f8").reshape(rep["shape"][0], R["slots"])
     return ids, w
