@@ -49,6 +49,16 @@ public struct FaultMatrix: Codable, Sendable {
     public var cells: [Cell]
     public var baselineFailures: [String]
 
+    public init(families: [String], faults: [String], cells: [Cell], baselineFailures: [String]) {
+        self.families = families; self.faults = faults; self.cells = cells; self.baselineFailures = baselineFailures
+    }
+
+    /// The matrix without `faults` (mutants that changed nothing on these cases).
+    public func removing(_ dropped: [String]) -> FaultMatrix {
+        FaultMatrix(families: families, faults: faults.filter { !dropped.contains($0) }, cells: cells.filter { !dropped.contains($0.fault) },
+                    baselineFailures: baselineFailures)
+    }
+
     public static func isBenign(_ fault: String) -> Bool { fault.hasPrefix("benign_") }
 
     public var missed: [String] {

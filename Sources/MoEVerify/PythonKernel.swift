@@ -28,8 +28,8 @@ public final class PythonKernel: WholeLayerKernel {
     public private(set) var hasRoute = false
     /// The weight formats the adapter takes (`FORMATS`; default: fp8 for an fp8 recipe, else bf16).
     public private(set) var formats: [WeightFormat] = [.bf16]
-    /// Whether the mutant changed anything, per case (the worker's `mutant_applied`).
-    public private(set) var mutantApplied: [String: Bool] = [:]
+    /// Whether each mutant changed anything, per case name (the worker's `mutant_applied`).
+    public private(set) var mutantAppliedOn: [String: [String: Bool]] = [:]
     public private(set) var device: String = "?"
     public var name: String { adapterName + (mutant.map { "[\($0)]" } ?? "") }
     private var adapterName: String
@@ -138,7 +138,7 @@ public final class PythonKernel: WholeLayerKernel {
                                                 traceback: reply["traceback"] as? String ?? "")
         }
         guard reply["id"] as? Int == id else { throw PythonAdapterError.protocolViolation("reply for request \(reply["id"] ?? "nil"), expected \(id)") }
-        if mutant != nil { mutantApplied[vc.name] = reply["mutant_applied"] as? Bool ?? true }
+        if let mutant { mutantAppliedOn[mutant, default: [:]][vc.name] = reply["mutant_applied"] as? Bool ?? true }
         let T = layer.tokens, H = layer.config.hidden
         let readStart = Date()
         guard let outputs = reply["outputs"] as? [[String: Any]], !outputs.isEmpty else {

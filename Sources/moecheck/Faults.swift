@@ -15,6 +15,8 @@ struct Faults: ParsableCommand {
 
     @OptionGroup var library: KernelLibraryOption
 
+    @OptionGroup var pythonAdapter: PythonAdapterOptions
+
     @Flag(help: "Use the CPU fault models instead of a GPU library (runs anywhere).")
     var cpuModels = false
 
@@ -29,11 +31,23 @@ struct Faults: ParsableCommand {
 
     func run() throws {
         blas.apply()
-        let families = FaultMatrix.families(large: large)
-        let faults: [String]
+        var families = FaultMatrix.families(large: large)
+        var faults: [String]
         let make: (String?) throws -> KernelUnderTest
         let label: String
-        if cpuModels {
+        var python: PythonKernel? = nil
+        if let selection = pythonAdapter.selection {
+            let k = try failing("faults") { try selection.open() }
+            guard let py = k as? PythonKernel else { throw ToolFailure.noKernel(command: "faults", what: "a Python adapter") }
+            faults = py.mutants
+            guard !faults.isEmpty else {
+                throw ToolFailure.failed(command: "faults", VerifyError.usage("\(py.adapterPath) lists no MUTANTS: build it from moecheck_adapter's blocks and list the helper-level mutants it supports (docs/python-adapters.md)"))
+            }
+            families = CaseSelection.runnable(families, on: py).run
+            make = { m in py.mutant = m; return py }
+            label = "\(py.name) on \(py.device) (helper-level mutants)"
+            python = py
+        } else if cpuModels {
             faults = CPUModelKernel.harmfulFaults + CPUModelKernel.benignVariants
             make = { try CPUModelKernel(fault: $0) }
             label = "CPU fault models"
@@ -50,8 +64,17 @@ struct Faults: ParsableCommand {
         }
         print("faults: \(label), \(faults.count) faults × \(families.count) families")
         let start = Date()
-        let m = try FaultMatrix.run(faults: faults, families: families, makeKernel: make, rigorousOnly: tier.rigorousOnly) { line in
+        var m = try FaultMatrix.run(faults: faults, families: families, makeKernel: make, rigorousOnly: tier.rigorousOnly) { line in
             if stderrIsTerminal { note(line) }
+        }
+        if let python {
+            // a mutant that changed nothing on any case (fnuz_as_fn on fn layers) is not applicable here
+            let notApplicable = faults.filter { f in !m.cells.contains { $0.fault == f && $0.flagged } && !families.contains { python.mutantAppliedOn[f]?[$0.name] ?? false } }
+            if !notApplicable.isEmpty {
+                print("faults: not applicable to these cases (the mutant changed nothing): \(notApplicable.joined(separator: ", "))")
+                m = m.removing(notApplicable)
+                faults = m.faults
+            }
         }
         print(m.table, terminator: "")
         for c in m.cells where c.flagged && !FaultMatrix.isBenign(c.fault) {

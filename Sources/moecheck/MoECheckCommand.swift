@@ -9,6 +9,6 @@ struct MoECheckCommand: ParsableCommand {
         commandName: "moecheck",
         abstract: "Prove fused Mixture-of-Experts kernels correct against a float64 reference with rigorous per-element bounds.",
         version: moecheckVersion,
-        subcommands: [Inspect.self, Reference.self, GoldensCommand.self, Verify.self, Fuzz.self, Faults.self, SensitivityCommand.self, Bench.self]
+        subcommands: [Inspect.self, Reference.self, GoldensCommand.self, Verify.self, Judge.self, Cases.self, Fuzz.self, Faults.self, SensitivityCommand.self, Bench.self]
     )
 }
