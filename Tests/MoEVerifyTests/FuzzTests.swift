@@ -14,8 +14,8 @@ private func fuzzJSON(_ v: VerifyCase) -> String { FuzzReplay.json(v) }
 
 /// Per-dimension sizes of a case (for "no bigger than" comparisons).
 private func fuzzDims(_ v: VerifyCase) -> [String: Int] {
-    let c = v.spec.config
-    return ["T": v.spec.tokens, "E": c.experts, "K": c.topK, "H": c.hidden, "I": c.intermediate, "Is": c.sharedIntermediate, "split": v.splitK]
+    let c = v.spec!.config
+    return ["T": v.spec!.tokens, "E": c.experts, "K": c.topK, "H": c.hidden, "I": c.intermediate, "Is": c.sharedIntermediate, "split": v.splitK]
 }
 
 @Suite("fuzz generator", .tags(.fuzz))
@@ -63,34 +63,34 @@ struct FuzzGeneratorTests {
             let g = FuzzGenerator(seed: 11, limits: limits, allExperts: limits == .cpuModel)
             let cases = g.cases(count: 600)
             for v in cases {
-                let c = v.spec.config
+                let c = v.spec!.config
                 #expect(throws: Never.self) { try c.validate(file: "fuzz") }
-                #expect(v.spec.tokens >= 1 && v.spec.tokens <= limits.maxTokens)
+                #expect(v.spec!.tokens >= 1 && v.spec!.tokens <= limits.maxTokens)
                 #expect(c.experts <= limits.maxExperts && c.topK <= min(c.experts, 16))
                 #expect(c.hidden <= limits.maxHidden && c.intermediate <= limits.maxIntermediate)
                 #expect(!v.fuseShared || c.fusable)
                 #expect(v.splitK >= 1 && v.splitK <= max(1, (c.hidden + 127) / 128))
-                if v.spec.format == .bf16 { #expect(v.splitK == 1 && v.spec.scales == .counter) }
+                if v.spec!.format == .bf16 { #expect(v.splitK == 1 && v.spec!.scales == .counter) }
                 #expect(FuzzCost.cost(v, allExperts: g.allExperts) <= limits.maxCost, "\(v)")
             }
-            let formats = Set(cases.map { $0.spec.format.rawValue })
+            let formats = Set(cases.map { $0.spec!.format.rawValue })
             #expect(formats.count == 3)
-            #expect(Set(cases.map(\.spec.routing)).count == RoutingMode.allCases.count)
-            #expect(Set(cases.map(\.spec.inputs)).count == InputMode.allCases.count)
-            #expect(cases.contains { $0.spec.tokens == 1 })
-            #expect(cases.contains { $0.spec.tokens % 2 == 1 && $0.spec.tokens > 1 })
-            #expect(cases.contains { $0.spec.config.hidden % 128 != 0 } && cases.contains { $0.spec.config.hidden % 128 == 0 })
-            #expect(cases.contains { $0.spec.config.intermediate % 16 != 0 })
-            #expect(cases.contains { $0.fuseShared } && cases.contains { $0.spec.config.hasSharedExpert && !$0.spec.config.fusable })
-            #expect(cases.contains { !$0.spec.config.hasSharedExpert })
-            #expect(cases.contains { $0.spec.config.renormalize } && cases.contains { !$0.spec.config.renormalize })
-            #expect(cases.contains { $0.splitK > 1 } && cases.contains { $0.spec.scales == .spreadAcrossK })
+            #expect(Set(cases.map(\.spec!.routing)).count == RoutingMode.allCases.count)
+            #expect(Set(cases.map(\.spec!.inputs)).count == InputMode.allCases.count)
+            #expect(cases.contains { $0.spec!.tokens == 1 })
+            #expect(cases.contains { $0.spec!.tokens % 2 == 1 && $0.spec!.tokens > 1 })
+            #expect(cases.contains { $0.spec!.config.hidden % 128 != 0 } && cases.contains { $0.spec!.config.hidden % 128 == 0 })
+            #expect(cases.contains { $0.spec!.config.intermediate % 16 != 0 })
+            #expect(cases.contains { $0.fuseShared } && cases.contains { $0.spec!.config.hasSharedExpert && !$0.spec!.config.fusable })
+            #expect(cases.contains { !$0.spec!.config.hasSharedExpert })
+            #expect(cases.contains { $0.spec!.config.renormalize } && cases.contains { !$0.spec!.config.renormalize })
+            #expect(cases.contains { $0.splitK > 1 } && cases.contains { $0.spec!.scales == .spreadAcrossK })
         }
         // the device caps reach real sizes
         let big = FuzzGenerator(seed: 11, limits: .device).cases(count: 600)
-        #expect(big.contains { $0.spec.tokens >= 4095 })
-        #expect(big.contains { $0.spec.config.experts >= 256 })
-        #expect(big.contains { $0.spec.config.topK >= 8 })
+        #expect(big.contains { $0.spec!.tokens >= 4095 })
+        #expect(big.contains { $0.spec!.config.experts >= 256 })
+        #expect(big.contains { $0.spec!.config.topK >= 8 })
     }
 
     @Test("replay JSON round-trips a case")
@@ -160,12 +160,12 @@ struct FuzzCampaignTests {
         #expect(small.attempts <= 3)
         let full = Shrinker(verifier: verifier).shrink(vc, report: r)
         #expect(!full.report.passed)
-        #expect(full.minimal.spec.tokens == 1 && full.minimal.spec.config.experts == 1 && full.minimal.spec.config.hidden == 1)
+        #expect(full.minimal.spec!.tokens == 1 && full.minimal.spec!.config.experts == 1 && full.minimal.spec!.config.hidden == 1)
         #expect(full.minimal.fuseShared, "the fault needs the fused shared slot: \(full.minimal)")
-        #expect(full.minimal.spec.routing == .uniform && full.minimal.spec.inputs == .normal && full.minimal.splitK == 1)
+        #expect(full.minimal.spec!.routing == .uniform && full.minimal.spec!.inputs == .normal && full.minimal.splitK == 1)
         // a passing case cannot shrink: every candidate passes
         let ok = CaseVerifier(kernel: try CPUModelKernel())
-        #expect(Shrinker.candidates(vc).allSatisfy { $0.1.spec.tokens <= vc.spec.tokens })
+        #expect(Shrinker.candidates(vc).allSatisfy { $0.1.spec!.tokens <= vc.spec!.tokens })
         _ = ok
     }
 }

@@ -95,7 +95,7 @@ struct StatisticalTierTests {
 
     @Test("repeated tokens are left out of the statistical tests (the same computation makes the same error)")
     func repeatedTokensExcluded() throws {
-        let layer = try SyntheticLayer(mediumCase(.bf16, tokens: 4).spec)
+        let layer = try SyntheticLayer(mediumCase(.bf16, tokens: 4).spec!)
         let H = medium.hidden
         var x = layer.inputs()
         for h in 0..<H { x[3 * H + h] = x[h] }          // token 3 repeats token 0
@@ -126,9 +126,9 @@ struct RouterAmbiguityTests {
     @Test("a left-out expert on a rounding tie that can reach the K-th makes the token ambiguous")
     func tieBelowTheKthIsAmbiguous() throws {
         let vc = try FuzzReplay.decode(#"{"fuseShared":false,"name":"fuzz-s11-i2232-shrunk","spec":{"config":{"experts":8,"family":"qwen2_moe","hidden":128,"intermediate":1,"renormalize":false,"sharedIntermediate":3,"topK":1},"format":"fp8-e4m3fnuz","inputs":"fp8-grid","routing":"all-negative","scales":"counter","seed":209936728338452,"tokens":2479},"splitK":1}"#)
-        let layer = try SyntheticLayer(vc.spec)
+        let layer = try SyntheticLayer(vc.spec!)
         let ref = try MoEReferenceEngine(layer: RoutedOnlyLayer(layer), recipe: .fusedFP8, options: ReferenceOptions(fuseShared: false))
-            .run(inputs: layer.inputs(), tokens: vc.spec.tokens)
+            .run(inputs: layer.inputs(), tokens: vc.spec!.tokens)
         let t = 2478, E = 8
         // expert 7 leads at −63.75; expert 1 is −64 but on a tie (radius 0.25)
         #expect(ref.topkIds[t] == 7 && ref.routerLogitBound[t * E + 1] > 0)

@@ -10,7 +10,7 @@ import MoECheckTestSupport
 
 /// The smoke suite: small shapes (H ≤ 320, E ≤ 8), every format, routing mode and input mode —
 /// well under a second each on the CPU model.
-let smallSmokeCases: [VerifyCase] = Catalogue.smoke().filter { $0.spec.config.hidden <= 512 && $0.spec.tokens <= 64 }
+let smallSmokeCases: [VerifyCase] = Catalogue.smoke().filter { $0.spec!.config.hidden <= 512 && $0.spec!.tokens <= 64 }
 
 @Suite("CaseVerifier with the CPU model kernel")
 struct VerifierTests {
@@ -27,10 +27,10 @@ struct VerifierTests {
     @Test("the smoke catalogue covers every format, routing mode and input mode")
     func smokeCoverage() {
         let smoke = Catalogue.smoke()
-        #expect(Set(smoke.map(\.spec.format)) == [.bf16, .fp8e4m3fn, .fp8e4m3fnuz])
-        #expect(Set(smoke.map(\.spec.routing)) == Set(RoutingMode.allCases))
-        #expect(Set(smoke.map(\.spec.inputs)) == Set(InputMode.allCases))
-        #expect(smoke.contains { !$0.fuseShared && $0.spec.config.hasSharedExpert }, "an unfusable case runs the shared expert unfused")
+        #expect(Set(smoke.map(\.spec!.format)) == [.bf16, .fp8e4m3fn, .fp8e4m3fnuz])
+        #expect(Set(smoke.map(\.spec!.routing)) == Set(RoutingMode.allCases))
+        #expect(Set(smoke.map(\.spec!.inputs)) == Set(InputMode.allCases))
+        #expect(smoke.contains { !$0.fuseShared && $0.spec!.config.hasSharedExpert }, "an unfusable case runs the shared expert unfused")
         #expect(Set(smoke.map(\.name)).count == smoke.count, "case names are unique")
     }
 
@@ -68,7 +68,7 @@ struct VerifierTests {
     @Test("a case that cannot fuse but asks to is an error naming the case, not a crash")
     func unfusableFusedIsAnError() throws {
         let base = try #require(Catalogue.smoke().first { $0.name.hasPrefix("smoke-unfusable-bf16-T1") })
-        let vc = VerifyCase(name: "forced-fusion", spec: base.spec, fuseShared: true)
+        let vc = VerifyCase(name: "forced-fusion", spec: base.spec!, fuseShared: true)
         let r = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
         #expect(!r.passed)
         #expect(r.error?.contains("cannot fuse") == true, "error: \(r.error ?? "none")")

@@ -1,0 +1,208 @@
+import Foundation
+import LowPrecision
+import MoEReference
+import MoEVerify
+import Testing
+import TensorIO
+import MoECheckTestSupport
+
+// The Python adapter path without a GPU or torch: the NumPy adapters shipped in adapters/ as
+// kernels, the helper-level mutants, and every bad-adapter fixture of Tests/Fixtures/python.
+
+/// Whether python3 with numpy and ml_dtypes is here (the worker's only needs).
+private let pythonReady: (ok: Bool, reason: String) = {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = ["python3", "-c", "import numpy, ml_dtypes"]
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    do { try p.run(); p.waitUntilExit() } catch { return (false, "python3 not runnable: \(error)") }
+    return p.terminationStatus == 0 ? (true, "") : (false, "python3 lacks numpy or ml_dtypes (pip install numpy ml_dtypes)")
+}()
+
+private func adapter(_ name: String) -> String { packagePath("adapters/\(name).py") }
+private func fixture(_ name: String) -> String { packagePath("Tests/Fixtures/python/\(name).py") }
+
+/// Small bf16 cases with a fusable shared expert, an unfused one, near ties and T = 1.
+private let cases: [VerifyCase] = {
+    let fused = MoEConfig(family: .qwen35Moe, hidden: 160, intermediate: 96, sharedIntermediate: 96, experts: 8, topK: 3)
+    let wide = MoEConfig(family: .qwen2Moe, hidden: 128, intermediate: 64, sharedIntermediate: 160, experts: 6, topK: 2)
+    return [
+        VerifyCase(name: "py-fused-T9", spec: SyntheticSpec(config: fused, format: .bf16, tokens: 9, seed: 5)),
+        VerifyCase(name: "py-unfusable-T5", spec: SyntheticSpec(config: wide, format: .bf16, tokens: 5, seed: 6)),
+        VerifyCase(name: "py-near-ties-T8", spec: SyntheticSpec(config: fused, format: .bf16, tokens: 8, seed: 7, routing: .nearTies)),
+        VerifyCase(name: "py-T1", spec: SyntheticSpec(config: fused, format: .bf16, tokens: 1, seed: 8)),
+    ]
+}()
+
+@Suite("Python adapters (NumPy, no GPU)", .enabled(if: pythonReady.ok, Comment(rawValue: pythonReady.reason)))
+struct PythonAdapterTests {
+    @Test("numpy_fused_bf16 passes every stage it exposes: router judged, whole layer twice, overhead measured")
+    func fusedAdapterPasses() throws {
+        let k = try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 60)
+        #expect(k.hasRoute)
+        #expect(try k.recipe(for: .bf16).name == "fused-bf16")
+        let summary = CatalogueRun.run(cases, on: k)
+        for r in summary.reports {
+            #expect(r.passed, "\(r.line)")
+            #expect(r.stages.map(\.stage) == ["router", "forward#1", "forward#2"], "\(r.name): \(r.stages.map(\.stage))")
+            #expect(r.kernelOverhead?["worker_round_trip"] != nil, "\(r.name): no overhead measured")
+        }
+    }
+
+    @Test("numpy_exact (float64, exact recipe) passes a case file opened in place, and its route weights keep float64")
+    func exactAdapterOnCaseFile() throws {
+        try withScratchDirectory { dir in
+            let path = dir.appendingPathComponent("user-layer.safetensors").path
+            try CaseFiles.writeGood(to: path)
+            let vc = try VerifyCase(file: path)
+            let k = try PythonKernel(adapter: adapter("numpy_exact"), caseTimeout: 60)
+            let r = CaseVerifier(kernel: k).verify(vc)
+            #expect(r.passed, "\(r.line)")
+            #expect(r.source == path)
+            #expect(r.stages.first?.stage == "router")
+        }
+    }
+
+    @Test("every helper-level mutant of numpy_fused_bf16 is detected; fnuz_as_fn changes nothing on bf16 cases")
+    func mutantsDetected() throws {
+        let k = try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 60)
+        let expected: Set = ["shared_slot_weight_zero", "shared_gate_no_sigmoid", "shared_gate_in_renorm", "no_renormalize",
+                             "shared_slot_id_e_minus_1", "expert_down_x1p01", "drop_last_partial_block", "fnuz_as_fn"]
+        #expect(Set(k.mutants) == expected, "MUTANTS: \(k.mutants)")
+        let families = Array(cases.prefix(3))
+        let m = try FaultMatrix.run(faults: k.mutants, families: families, makeKernel: { m in k.mutant = m; return k }, progress: { _ in })
+        #expect(m.baselineFailures.isEmpty, "\(m.baselineFailures)")
+        for f in k.mutants where f != "fnuz_as_fn" {
+            #expect(!m.missed.contains(f), "\(f) missed:\n\(m.table)")
+        }
+        #expect(m.missed.contains("fnuz_as_fn"), "fnuz_as_fn cannot show on bf16 layers")
+        #expect(families.allSatisfy { k.mutantAppliedOn["fnuz_as_fn"]?[$0.name] == false })
+    }
+
+    @Test("an adapter that fails to import, or has no forward, is an error naming the adapter and the problem")
+    func importAndContract() {
+        for (name, words) in [("import_error", ["import_error.py", "import"]), ("no_forward", ["no_forward.py", "forward"])] {
+            do {
+                _ = try PythonKernel(adapter: fixture(name), caseTimeout: 30)
+                Issue.record("\(name): no error")
+            } catch {
+                let text = "\(error)"
+                for w in words { #expect(text.contains(w), "\(name): '\(w)' not in: \(text)") }
+            }
+        }
+        #expect(throws: PythonAdapterError.self) { _ = try PythonKernel(adapter: "/nonexistent/adapter.py") }
+        #expect(throws: PythonAdapterError.self) { _ = try PythonKernel(adapter: adapter("numpy_exact"), python: "no-such-python-moecheck") }
+    }
+
+    @Test("an exception, a wrong shape or a non-float output fails the case with the case named; the next case still runs")
+    func badResults() throws {
+        for (name, words) in [("raises", ["boom from fixture", "py-T1", "Traceback"]), ("wrong_shape", ["shape", "py-T1"]), ("int_output", ["dtype", "py-T1"])] {
+            let k = try PythonKernel(adapter: fixture(name), caseTimeout: 30)
+            let r = CaseVerifier(kernel: k).verify(cases[3])
+            #expect(!r.passed)
+            let text = r.error ?? ""
+            for w in words where w != "Traceback" || name == "raises" { #expect(text.contains(w), "\(name): '\(w)' not in: \(text)") }
+            #expect(k.restarts == 0, "\(name): the worker should survive")
+            let again = CaseVerifier(kernel: k).verify(cases[0])
+            #expect(!again.passed && again.error != nil, "\(name): the second case runs and fails the same way")
+        }
+    }
+
+    @Test("NaN output is a failed case (non-finite counted), not an error")
+    func nanOutput() throws {
+        let k = try PythonKernel(adapter: fixture("nan_output"), caseTimeout: 30)
+        let r = CaseVerifier(kernel: k).verify(cases[0])
+        #expect(!r.passed)
+        #expect(r.error == nil, "\(r.error ?? "")")
+        #expect(r.stages.contains { ($0.verdict?.nonFinite ?? 0) > 0 }, "\(r.line)")
+    }
+
+    @Test("a worker that dies is reported and restarted, and the campaign goes on")
+    func workerDies() throws {
+        try withScratchDirectory { dir in
+            let marker = dir.appendingPathComponent("died-once").path
+            setenv("MOECHECK_FIXTURE_MARKER", marker, 1)
+            let k = try PythonKernel(adapter: fixture("dies_once"), caseTimeout: 30)
+            let first = CaseVerifier(kernel: k).verify(cases[3])
+            #expect(!first.passed)
+            #expect((first.error ?? "").contains("died"), "\(first.error ?? "")")
+            #expect((first.error ?? "").contains("exit code 3"), "\(first.error ?? "")")
+            let second = CaseVerifier(kernel: k).verify(cases[0])
+            #expect(second.passed, "\(second.line)")
+            #expect(k.restarts == 1)
+        }
+    }
+
+    @Test("a worker that hangs is killed after --case-timeout and restarted")
+    func workerHangs() throws {
+        let k = try PythonKernel(adapter: fixture("hangs"), caseTimeout: 2)
+        let start = Date()
+        let r = CaseVerifier(kernel: k).verify(cases[3])
+        #expect(Date().timeIntervalSince(start) < 20)
+        #expect((r.error ?? "").contains("within 2 s"), "\(r.error ?? "")")
+        _ = CaseVerifier(kernel: k).verify(cases[3])
+        #expect(k.restarts == 1)
+    }
+
+    @Test("an adapter that prints to stdout (Python and C level) does not corrupt the channel")
+    func printsToStdout() throws {
+        let k = try PythonKernel(adapter: fixture("prints"), caseTimeout: 30)
+        let r = CaseVerifier(kernel: k).verify(cases[0])
+        #expect(r.passed, "\(r.line)")
+    }
+
+    @Test("an adapter's FORMATS: cases of other formats are left out of a run, and refused when given")
+    func formats() throws {
+        let k = try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 30)
+        #expect(k.formats == [.bf16])
+        var fp8 = cases[0]
+        fp8.spec?.format = .fp8e4m3fn
+        let (run, skipped) = CaseSelection.runnable([cases[0], fp8], on: k)
+        #expect(run.count == 1 && skipped.count == 1)
+        let r = CaseVerifier(kernel: k).verify(fp8)
+        #expect((r.error ?? "").contains("FORMATS"), "\(r.error ?? "")")
+    }
+}
+
+@Suite("Recorded outputs and recipes as data")
+struct RecordedOutputTests {
+    @Test("judge: the reference's own rounded output passes; scaled by 1.01 it fails; a wrong shape names the tensor")
+    func recorded() throws {
+        try withScratchDirectory { dir in
+            let casePath = dir.appendingPathComponent("case.safetensors").path
+            try CaseFiles.writeGood(to: casePath)
+            let vc = try VerifyCase(file: casePath)
+            let layer = try vc.openLayer()
+            let engine = try MoEReferenceEngine(layer: layer, recipe: .fusedBF16)
+            let ref = try engine.run(inputs: try layer.inputs(), tokens: layer.tokens)
+            let T = layer.tokens, H = layer.config.hidden
+            func write(_ values: [Double], shape: [Int], name: String) throws -> String {
+                let p = dir.appendingPathComponent(name).path
+                try SafetensorsWriter.write([("output", Tensor(values, shape: shape, dtype: .bf16))], metadata: [:], to: p)
+                return p
+            }
+            let rounded = ref.output.map { Double(BFloat16.round(Float($0))) }
+            let good = try write(rounded, shape: [T, H], name: "good.safetensors")
+            let ok = CaseVerifier(kernel: RecordedKernel(output: good, recipe: .fusedBF16)).verify(vc)
+            #expect(ok.passed, "\(ok.line)")
+            let scaled = try write(rounded.map { $0 * 1.01 }, shape: [T, H], name: "scaled.safetensors")
+            let bad = CaseVerifier(kernel: RecordedKernel(output: scaled, recipe: .fusedBF16)).verify(vc)
+            #expect(!bad.passed, "\(bad.line)")
+            let wrong = try write(Array(rounded.prefix(H)), shape: [1, H], name: "wrong.safetensors")
+            let w = CaseVerifier(kernel: RecordedKernel(output: wrong, recipe: .fusedBF16)).verify(vc)
+            #expect((w.error ?? "").contains("wrong.safetensors") && (w.error ?? "").contains("output") && (w.error ?? "").contains("[\(T), \(H)]"), "\(w.error ?? "")")
+        }
+    }
+
+    @Test("recipes from JSON: a name, overrides on a base, and errors naming a bad key or value")
+    func recipeJSON() throws {
+        #expect(try Recipe.fromJSON("\"hf-bf16\"", origin: "t") == .hfBF16)
+        let r = try Recipe.fromJSON(#"{"base": "fused-fp8", "gateUp": "bf16", "scaleConvention": "divide", "weighted": "bf16-or-fp32"}"#, origin: "t")
+        #expect(r.gateUp == .bf16 && r.scaleConvention == .divide && r.weighted == .bf16OrFP32 && r.activationFP8)
+        #expect(r.name.hasPrefix("fused-fp8+"))
+        for (text, word) in [(#"{"gateup": "bf16"}"#, "gateup"), (#"{"output": "fp16"}"#, "output"), (#""nope""#, "nope"), (#"{"base": "x"}"#, "x")] {
+            #expect { try Recipe.fromJSON(text, origin: "adapter.py: RECIPE") } throws: { e in "\(e)".contains(word) && "\(e)".contains("adapter.py") }
+        }
+    }
+}
