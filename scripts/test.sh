@@ -17,5 +17,7 @@ echo "== faults: CPU fault models against the verifier"
 .build/release/moecheck faults --cpu-models
 echo "== goldens: regenerate and compare the committed golden tensors"
 .build/release/moecheck goldens verify Goldens
+echo "== python: worker protocol, helper and bad-adapter paths (NumPy adapters; no torch needed)"
+python3 python/tests/test_worker.py
 echo "== swift test (release)"
 swift test -c release

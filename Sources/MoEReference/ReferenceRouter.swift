@@ -191,8 +191,11 @@ extension MoEReferenceEngine {
         }
         var chosen = Array(order.prefix(K))
         if let routing {
-            guard routing.ids.count == step.ambiguous.count, routing.ids[t].count == K else {
-                throw ReferenceError.invalid("routing override has the wrong shape at token \(t): expected \(K) ids")
+            guard routing.ids.count == step.ambiguous.count else {
+                throw ReferenceError.invalid("routing override has \(routing.ids.count) tokens, expected \(step.ambiguous.count)")
+            }
+            guard routing.ids[t].count == K else {
+                throw ReferenceError.invalid("routing override has the wrong shape at token \(t): \(routing.ids[t].count) ids, expected \(K)")
             }
             chosen = routing.ids[t]
             for e in chosen where e < 0 || e >= E {

@@ -50,6 +50,37 @@ public struct VerifyCase: Codable, Sendable, CustomStringConvertible {
         }
     }
 
+    // JSON (replay commands, reports): {"name", "spec": {...}} for a synthetic case, as replay
+    // commands always were, or {"name", "file", "prefix"} for a case file; plus splitK, fuseShared.
+    enum CodingKeys: String, CodingKey { case name, spec, file, prefix, splitK, fuseShared }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        if let spec = try c.decodeIfPresent(SyntheticSpec.self, forKey: .spec) {
+            source = .synthetic(spec)
+        } else if let path = try c.decodeIfPresent(String.self, forKey: .file) {
+            source = .file(path: path, prefix: try c.decodeIfPresent(String.self, forKey: .prefix))
+        } else {
+            throw DecodingError.dataCorruptedError(forKey: .spec, in: c, debugDescription: "a case needs \"spec\" (synthetic) or \"file\" (a case file)")
+        }
+        splitK = try c.decodeIfPresent(Int.self, forKey: .splitK) ?? 1
+        fuseShared = try c.decode(Bool.self, forKey: .fuseShared)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(name, forKey: .name)
+        switch source {
+        case let .synthetic(spec): try c.encode(spec, forKey: .spec)
+        case let .file(path, prefix):
+            try c.encode(path, forKey: .file)
+            try c.encodeIfPresent(prefix, forKey: .prefix)
+        }
+        try c.encode(splitK, forKey: .splitK)
+        try c.encode(fuseShared, forKey: .fuseShared)
+    }
+
     public var description: String {
         let what: String
         switch source {

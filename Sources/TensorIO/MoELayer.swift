@@ -289,6 +289,7 @@ extension KernelLayerSource {
     /// shared expert fused in slot E (sglang PR #20736). Raw codes are copied, never converted.
     public func kernelWeights(fuseShared: Bool) throws -> FusedWeights {
         let c = config
+        let name = (self as? MoECaseFile)?.path ?? self.name
         if fuseShared && !c.fusable {
             throw TensorIOError(file: name, "shared expert cannot fuse: shared_expert_intermediate_size \(c.sharedIntermediate) != moe_intermediate_size \(c.intermediate)")
         }
