@@ -128,6 +128,20 @@ def torch_device_name() -> str:
     return "cpu"
 
 
+def strict_torch() -> None:
+    """MOECHECK_TORCH_STRICT=1: torch's CUDA matmuls without reduced-precision reductions and
+    TF32 (torch's defaults allow bf16/fp16 split-K reductions in cuBLAS), to tell a recipe
+    mismatch caused by those defaults from one in the adapter's own code."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def synchronize() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -325,6 +339,7 @@ def run(state: State, adapter, mutants, req: dict) -> dict:
         helper.MUTANT = None
     return {"ok": True, "op": "run", "id": rid, "shape": [T, H], "outputs": outputs, "route": route_info,
             "forward_ms": forward_ms, "route_ms": route_ms, "mutant": m, "mutant_applied": applied if m else None,
+            "device": torch_device_name(),
             "worker_ms": {"load": round(load_ms, 3), "setup": round(setup_ms, 3), "convert": round(convert_ms, 3),
                           "write": round(write_ms, 3)}}
 
@@ -368,6 +383,8 @@ def main(argv) -> int:
         return 2
     try:
         adapter, path, recipe, mutants = load_adapter(argv[1])
+        if os.environ.get("MOECHECK_TORCH_STRICT") == "1":
+            strict_torch()
     except RunError as e:
         reply({"ok": False, "op": "hello", "error": e.kind, "message": e.message, "traceback": e.tb or ""})
         return 1

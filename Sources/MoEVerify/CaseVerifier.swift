@@ -93,8 +93,32 @@ public enum VerifyMode: String, Codable, Sendable, CaseIterable {
 }
 
 /// Runs one case against a kernel and the reference, stage by stage.
+/// The last case's reference, shared by the verifiers of several kernels judged on the same cases
+/// (`verify --python A --python B`): a kernel whose recipe, fusion and inputs match reuses it
+/// instead of recomputing the float64 reference. Holds one case (memory stays bounded).
+public final class ReferenceMemo: @unchecked Sendable {
+    struct Entry {
+        let key: String
+        let layer: KernelLayerSource
+        let inputs: [Double]
+        let engine: MoEReferenceEngine
+        let reference: ReferenceResult
+    }
+    var entry: Entry?
+    /// Cases whose reference was reused.
+    public private(set) var hits = 0
+    public init() {}
+    func lookup(_ key: String) -> Entry? {
+        guard let e = entry, e.key == key else { return nil }
+        hits += 1
+        return e
+    }
+}
+
 public struct CaseVerifier {
     public let kernel: KernelUnderTest
+    /// Shares the reference with other verifiers of the same cases (nil: none).
+    public var memo: ReferenceMemo?
     /// Adjusts the kernel's declared recipe (e.g. to allow either rounding where a variant may).
     public var adjustRecipe: ((Recipe) -> Recipe)?
     /// Judge with the rigorous tier only (the statistical tier is still reported where computed).
@@ -144,6 +168,23 @@ public struct CaseVerifier {
 
     /// Builds the case's layer, runs the reference with the (adjusted) declared recipe, then the kernel.
     func prepare(_ vc: VerifyCase) throws -> Prepared {
+        // a memo entry for this case is keyed by everything the reference depends on
+        var keyBase = ""
+        if memo != nil {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = .sortedKeys
+            let recipes = WeightFormat.allCases.map { f -> String in
+                guard var r = try? kernel.recipe(for: f) else { return "-" }
+                if let adjustRecipe { r = adjustRecipe(r) }
+                return (try? String(decoding: encoder.encode(r), as: UTF8.self)) ?? "?"
+            }
+            let caseKey = (try? String(decoding: encoder.encode(vc), as: UTF8.self)) ?? vc.name
+            keyBase = "\(caseKey)|\(kernel is WholeLayerKernel)|\(routedOnlyWhenUnfused)|\(mode)|" + recipes.joined(separator: "|")
+        }
+        if let memo, let hit = memo.lookup(keyBase) {
+            let run = try kernel.run(vc, layer: hit.layer, referenceIds: hit.reference.topkIds, referenceWeights: hit.reference.topkWeights.map { Float($0) })
+            return Prepared(layer: hit.layer, inputs: hit.inputs, engine: hit.engine, reference: hit.reference, referenceSeconds: 0, run: run)
+        }
         let layer = try vc.openLayer()
         let c = layer.config
         if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
@@ -159,6 +200,9 @@ public struct CaseVerifier {
                                             options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: fuse, keepContributions: true))
         let ref = try engine.run(inputs: x, tokens: layer.tokens)
         let seconds = Date().timeIntervalSince(start)
+        if let memo {
+            memo.entry = ReferenceMemo.Entry(key: keyBase, layer: layer, inputs: x, engine: engine, reference: ref)
+        }
         let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
         return Prepared(layer: layer, inputs: x, engine: engine, reference: ref, referenceSeconds: seconds, run: run)
     }
@@ -242,6 +286,12 @@ public struct CaseVerifier {
         }
         var override = [[Int]]()
         var forced = 0
+        // every token's choice goes into the override (a partial one cannot be rerun); the list
+        // of problems stops growing after 20 and says how many more there were
+        var moreProblems = 0
+        func problem(_ p: String) {
+            if routerProblems.count < 20 { routerProblems.append(p) } else { moreProblems += 1 }
+        }
         for t in 0..<T {
             let kSet = (0..<K).map { Int(run.ids[t * S + $0]) }
             let rSet = (0..<K).map { Int(ref.topkIds[t * RS + $0]) }
@@ -252,7 +302,7 @@ public struct CaseVerifier {
                     forced += 1
                     override.append(kSet)
                 } else {
-                    routerProblems.append("token \(t): kernel chose experts \(kSet.sorted()), reference \(rSet.sorted())\(ref.ambiguousTokens[t] ? " (ambiguous, but not a possible choice)" : " (not ambiguous)")")
+                    problem("token \(t): kernel chose experts \(kSet.sorted()), reference \(rSet.sorted())\(ref.ambiguousTokens[t] ? " (ambiguous, but not a possible choice)" : " (not ambiguous)")")
                     override.append(rSet)
                 }
             } else {
@@ -260,15 +310,15 @@ public struct CaseVerifier {
             }
             if fused && ref.sharedFused {
                 if run.ids[t * S + K] != Int32(E) {
-                    routerProblems.append("token \(t): shared slot has id \(run.ids[t * S + K]), expected \(E)")
+                    problem("token \(t): shared slot has id \(run.ids[t * S + K]), expected \(E)")
                 }
                 let g = run.weights[t * S + K]
                 if !(Swift.abs(g - ref.sharedGate[t]) <= ref.sharedGateBound[t]) {
-                    routerProblems.append(String(format: "token %d: shared weight %.6g, reference sigmoid gate %.6g ± %.2g", t, g, ref.sharedGate[t], ref.sharedGateBound[t]))
+                    problem(String(format: "token %d: shared weight %.6g, reference sigmoid gate %.6g ± %.2g", t, g, ref.sharedGate[t], ref.sharedGateBound[t]))
                 }
             }
-            if routerProblems.count > 20 { break }
         }
+        if moreProblems > 0 { routerProblems.append("… and \(moreProblems) more token problem(s)") }
         // routed weights, matched by id, against the reference with the kernel's (accepted) choice
         let forcedRef = forced > 0 ? try rerun(RoutingOverride(ids: override)) : ref
         var wk: [Double] = [], wr: [Double] = [], wb: [Double] = []

@@ -117,6 +117,7 @@ public struct CatalogueRun: Sendable {
 public struct CatalogueRunSummary: Sendable {
     public var reports: [CaseReport]
     public var seconds: Double
+    public init(reports: [CaseReport], seconds: Double) { self.reports = reports; self.seconds = seconds }
     public var failed: Int { reports.filter { !$0.passed }.count }
     public var passed: Int { reports.count - failed }
     /// `"N passed, M failed"`, the last line of every command.
@@ -133,6 +134,11 @@ public struct CatalogueRunSummary: Sendable {
             let perCase = overheads.map { ($0["worker_round_trip"] ?? 0) + ($0["read_outputs"] ?? 0) }.sorted()
             let write = overheads.reduce(0) { $0 + ($1["write_case"] ?? 0) }
             s += String(format: ", adapter overhead median %.1f ms/case excluding case writes (%.1f s in all)", 1000 * perCase[perCase.count / 2], write)
+            let bytes = overheads.reduce(0) { $0 + ($1["case_bytes"] ?? 0) }
+            let extra = overheads.reduce(0) { $0 + ($1["first_forward_extra"] ?? 0) }
+            if bytes > 0 && extra > 0 {
+                s += String(format: "; case files %.1f MB in all, into the adapter's framework at %.2f GB/s (first forward minus second)", bytes / 1e6, bytes / extra / 1e9)
+            }
         }
         return s + ")"
     }

@@ -104,6 +104,24 @@ public struct FuzzShard: Codable, Sendable, Equatable, CustomStringConvertible {
     /// The `k`-th case index of this shard.
     public func caseIndex(_ k: Int) -> Int { k * count + index }
     public var description: String { "\(index)/\(count)" }
+
+    /// This shard's part of a fixed case list, balanced by work: cases are dealt, largest
+    /// `FuzzCost` first, each to the shard with the least work so far (ties to the lowest shard),
+    /// so every shard of a catalogue gets its share of the T = 4096 cases. Deterministic: the
+    /// same list gives the same partition in every process. Order within the shard is the list's.
+    public func part(of cases: [VerifyCase]) -> [VerifyCase] {
+        guard count > 1 else { return cases }
+        let costs = cases.map { Double(FuzzCost.cost($0, allExperts: true)) }
+        let order = cases.indices.sorted { costs[$0] != costs[$1] ? costs[$0] > costs[$1] : $0 < $1 }
+        var load = [Double](repeating: 0, count: count)
+        var mine = Set<Int>()
+        for i in order {
+            let s = load.indices.min { load[$0] != load[$1] ? load[$0] < load[$1] : $0 < $1 }!
+            load[s] += Swift.max(costs[i], 1)
+            if s == index { mine.insert(i) }
+        }
+        return cases.indices.filter(mine.contains).map { cases[$0] }
+    }
 }
 
 /// Random cases, a pure function of (seed, index, limits).

@@ -30,7 +30,10 @@ public final class PythonKernel: WholeLayerKernel {
     public private(set) var formats: [WeightFormat] = [.bf16]
     /// Whether each mutant changed anything, per case name (the worker's `mutant_applied`).
     public private(set) var mutantAppliedOn: [String: [String: Bool]] = [:]
+    /// The device the adapter's framework reports (at hello; updated by the first run, as an
+    /// adapter that imports torch lazily has not chosen one at hello).
     public private(set) var device: String = "?"
+    var pythonVersion = "?"
     public var name: String { adapterName + (mutant.map { "[\($0)]" } ?? "") }
     private var adapterName: String
     private var declared: Any = "fused-bf16"
@@ -80,7 +83,8 @@ public final class PythonKernel: WholeLayerKernel {
             let r = try recipe(for: .bf16)
             formats = r.activationFP8 || r.intermediateFP8 ? [.fp8e4m3fn, .fp8e4m3fnuz] : [.bf16]
         }
-        device = (h["device"] as? String).map { "\($0) via Python \(h["python"] as? String ?? "?")" } ?? "Python"
+        pythonVersion = h["python"] as? String ?? "?"
+        device = (h["device"] as? String).map { "\($0) via Python \(pythonVersion)" } ?? "Python"
         if let v = h["versions"] as? [String: Any] {
             versions = v.keys.sorted().compactMap { k in (v[k] as? String).map { "\(k) \($0)" } }.joined(separator: ", ")
         }
@@ -138,6 +142,7 @@ public final class PythonKernel: WholeLayerKernel {
                                                 traceback: reply["traceback"] as? String ?? "")
         }
         guard reply["id"] as? Int == id else { throw PythonAdapterError.protocolViolation("reply for request \(reply["id"] ?? "nil"), expected \(id)") }
+        if let d = reply["device"] as? String, !device.hasPrefix(d + " ") { device = "\(d) via Python \(pythonVersion)" }
         if let mutant { mutantAppliedOn[mutant, default: [:]][vc.name] = reply["mutant_applied"] as? Bool ?? true }
         let T = layer.tokens, H = layer.config.hidden
         let readStart = Date()
@@ -163,6 +168,14 @@ public final class PythonKernel: WholeLayerKernel {
         let kernelSeconds = (forwardMs.reduce(0, +) + routeMs) / 1000
         run.overhead = ["write_case": materialized, "read_outputs": read, "worker_round_trip": Swift.max(0, roundTrip - kernelSeconds)]
         if let w = reply["worker_ms"] as? [String: Double] { for (k, v) in w { run.overhead["worker_" + k] = v / 1000 } }
+        let bytes = [location.path, location.inputsPath].reduce(0.0) { sum, p in
+            sum + ((try? FileManager.default.attributesOfItem(atPath: p)[.size] as? NSNumber)??.doubleValue ?? 0)
+        }
+        run.overhead["case_bytes"] = location.inputsPath == location.path ? bytes / 2 : bytes
+        // The worker memory-maps the layer; the adapter's first forward builds and uploads its
+        // weights (cached per layer by the helper), the second reuses them: the difference is the
+        // tensor transfer into the kernel's framework.
+        if forwardMs.count >= 2 { run.overhead["first_forward_extra"] = Swift.max(0, forwardMs[0] - forwardMs[1]) / 1000 }
         return run
     }
 

@@ -29,6 +29,10 @@ struct Faults: ParsableCommand {
 
     @OptionGroup var blas: BLASOptions
 
+    func validate() throws {
+        if pythonAdapter.python.count > 1 { throw ValidationError("faults takes one --python adapter (verify takes several)") }
+    }
+
     func run() throws {
         blas.apply()
         var families = FaultMatrix.families(large: large)

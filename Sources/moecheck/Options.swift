@@ -26,8 +26,8 @@ struct KernelLibraryOption: ParsableArguments {
 
 /// `--python ADAPTER.py --python-exe --case-timeout`: a kernel written in Python.
 struct PythonAdapterOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("A Python kernel adapter (RECIPE, forward(layer, x), optional route): docs/python-adapters.md, adapters/.", valueName: "ADAPTER.py"))
-    var python: String?
+    @Option(help: ArgumentHelp("A Python kernel adapter (RECIPE, forward(layer, x), optional route): docs/python-adapters.md, adapters/. verify: repeatable, every adapter judged on each case, one reference computed for adapters that declare the same recipe.", valueName: "ADAPTER.py"))
+    var python: [String] = []
 
     @Option(help: "The Python that runs the adapter's worker (its torch, triton, aiter… are used). Default: $MOECHECK_PYTHON or python3.")
     var pythonExe: String?
@@ -38,7 +38,10 @@ struct PythonAdapterOptions: ParsableArguments {
     @Flag(help: "Show the adapter's stderr (prints, warnings) as it runs; otherwise only its last lines on a failure.")
     var pythonEcho = false
 
-    var selection: KernelSelection? {
+    var selection: KernelSelection? { selections.first }
+
+    /// Every `--python` adapter, in the order given.
+    var selections: [KernelSelection] {
         python.map { .python(adapter: $0, python: pythonExe, caseTimeout: caseTimeout, echo: pythonEcho) }
     }
 }

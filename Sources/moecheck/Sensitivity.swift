@@ -35,6 +35,10 @@ struct SensitivityCommand: ParsableCommand {
 
     @OptionGroup var blas: BLASOptions
 
+    func validate() throws {
+        if kernel.pythonAdapter.python.count > 1 { throw ValidationError("sensitivity takes one --python adapter (verify takes several)") }
+    }
+
     func run() throws {
         blas.apply()
         guard let selection = kernel.selection else {

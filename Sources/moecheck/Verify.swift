@@ -27,6 +27,9 @@ struct Verify: ParsableCommand {
 
     @OptionGroup var cases: CaseFilterOption
 
+    @Option(help: "Run shard i of n of the selected cases, the n shards balanced by work (parallel processes on one host: together they run every case once).")
+    var shard: String = "0/1"
+
     @OptionGroup var report: JSONOutputOption
 
     @Flag(help: "Upload host-generated weights even when the library can generate them on the device.")
@@ -39,7 +42,7 @@ struct Verify: ParsableCommand {
     func run() throws {
         blas.apply()
         guard let selection = kernel.selection else {
-            print("verify: no kernel given (--kernels PATH, MOECHECK_KERNELS, --python ADAPTER.py or --cpu-model): comparison skipped.")
+            print("verify: no kernel given (--kernels PATH, MOECHECK_KERNELS, --python ADAPTER.py or --cpu-model): GPU comparison skipped.")
             print("verify: build one with `make -C Kernels PLATFORM=nvidia` (or PLATFORM=amd) and pass --kernels Kernels/build/nvidia/libmoekernels.so")
             return
         }
@@ -56,7 +59,22 @@ struct Verify: ParsableCommand {
             selected = found.cases.filter { cases.filter.map($0.name.contains) ?? true }
             source = "\(selected.count) case file(s)"
         }
-        let (runnable, skipped) = CaseSelection.runnable(selected, on: k)
+        let sh = try failing("verify") { try FuzzShard(parsing: shard) }
+        if kernel.pythonAdapter.python.count > 1 {
+            var kernels = [k]
+            for s in kernel.pythonAdapter.selections.dropFirst() { kernels.append(try failing("verify") { try s.open() }) }
+            if sh.count > 1 {
+                selected = sh.part(of: selected)
+                source += ", shard \(sh) (balanced by work)"
+            }
+            try runSeveral(kernels, selected, source: source, recipe: forced)
+            return
+        }
+        var (runnable, skipped) = CaseSelection.runnable(selected, on: k)
+        if sh.count > 1 {
+            runnable = sh.part(of: runnable)
+            source += ", shard \(sh) (balanced by work)"
+        }
         if !skipped.isEmpty, let py = k as? PythonKernel {
             print("verify: \(skipped.count) case(s) skipped: the adapter takes \(py.formats.map(\.rawValue).joined(separator: ", ")) weights (FORMATS)")
         }
@@ -73,5 +91,49 @@ struct Verify: ParsableCommand {
         if let py = k as? PythonKernel, py.restarts > 0 { print("verify: the adapter's worker was restarted \(py.restarts) time(s)") }
         print(summary.countLine)
         if summary.failed > 0 { throw ExitCode(1) }
+    }
+
+    /// Several Python adapters on the same cases: each case's reference is computed once and
+    /// shared by the adapters whose recipe, fusion and inputs match (ReferenceMemo); per-kernel
+    /// summaries at the end.
+    func runSeveral(_ kernels: [KernelUnderTest], _ cases: [VerifyCase], source: String, recipe forced: Recipe?) throws {
+        let memo = ReferenceMemo()
+        var verifiers = kernels.map { k -> CaseVerifier in
+            var v = CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }, rigorousOnly: tier.rigorousOnly)
+            v.memo = memo
+            return v
+        }
+        let runnable = kernels.map { Set(CaseSelection.runnable(cases, on: $0).run.map(\.name)) }
+        print("verify: \(kernels.count) kernels, \(source), \(cases.count) cases, OpenBLAS threads \(BLAS.threads)")
+        for (i, k) in kernels.enumerated() {
+            var about = "  [\(i + 1)] \(k.name): \(runnable[i].count) cases"
+            if let py = k as? PythonKernel { about += "; \(py.libraryVersions)\(py.hasRoute ? "" : "; no route(): forward-only")" }
+            print(about)
+        }
+        var reports = [[CaseReport]](repeating: [], count: kernels.count)
+        var seconds = [Double](repeating: 0, count: kernels.count)
+        for vc in cases {
+            for i in kernels.indices where runnable[i].contains(vc.name) {
+                let t0 = Date()
+                let r = verifiers[i].verify(vc)
+                seconds[i] += Date().timeIntervalSince(t0)
+                reports[i].append(r)
+                print("[\(i + 1)] " + r.line)
+                fflush(stdout)
+            }
+        }
+        verifiers.removeAll()
+        try report.write(reports.flatMap { $0 })
+        var failed = 0
+        for (i, k) in kernels.enumerated() {
+            let summary = CatalogueRunSummary(reports: reports[i], seconds: seconds[i])
+            print(String(format: "verify: [%d] %@ on %@, %.1f s", i + 1, k.name, k.device, seconds[i]) + summary.timeSplit)
+            print("  [\(i + 1)] \(summary.countLine)")
+            failed += summary.failed
+        }
+        print("verify: \(memo.hits) reference(s) shared between kernels")
+        let total = reports.reduce(0) { $0 + $1.count }
+        print("\(total - failed) passed, \(failed) failed")
+        if failed > 0 { throw ExitCode(1) }
     }
 }

@@ -50,6 +50,23 @@ struct PythonAdapterTests {
         }
     }
 
+    @Test("several kernels on the same cases: one reference per case for the adapters with the same recipe, none shared across recipes")
+    func sharedReference() throws {
+        let memo = ReferenceMemo()
+        let kernels: [KernelUnderTest] = [try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 60),
+                                          try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 60),
+                                          try PythonKernel(adapter: adapter("numpy_exact"), caseTimeout: 60)]
+        let verifiers = kernels.map { k -> CaseVerifier in var v = CaseVerifier(kernel: k); v.memo = memo; return v }
+        for vc in cases {
+            let reports = verifiers.map { $0.verify(vc) }
+            for r in reports { #expect(r.passed, "\(r.line)") }
+            #expect(reports[0].referenceSeconds > 0, "\(vc.name): the first kernel computes the reference")
+            #expect(reports[1].referenceSeconds == 0, "\(vc.name): the second kernel of the same recipe reuses it")
+            #expect(reports[2].referenceSeconds > 0, "\(vc.name): the exact recipe needs its own reference")
+        }
+        #expect(memo.hits == cases.count)
+    }
+
     @Test("numpy_exact (float64, exact recipe) passes a case file opened in place, and its route weights keep float64")
     func exactAdapterOnCaseFile() throws {
         try withScratchDirectory { dir in

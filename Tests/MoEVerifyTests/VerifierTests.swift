@@ -276,3 +276,54 @@ struct RouterPlausibilityTests {
         #expect(!CaseVerifier.plausible(chosen: [3, 4], logits: two, bound: zeros, tolerance: 0, token: 1, experts: 5))
     }
 }
+
+@Suite("Router judge")
+struct RouterJudgeTests {
+    /// Regression (H200 fuzz, HF eager adapter): once 20 problems were listed the token loop
+    /// stopped, and a case that also had a token to teacher-force reran the reference with a
+    /// partial override ("routing override has the wrong shape") instead of judging the case.
+    @Test("more than 20 router problems: every token still enters the override, the forced rerun works, the list is capped")
+    func manyProblemsAndAForcedToken() throws {
+        // at H = 2048 many router logits may round either way: find a token (past the 20th) where
+        // another choice than the reference's is possible
+        let c = MoEConfig(family: .qwen35Moe, hidden: 2048, intermediate: 16, sharedIntermediate: 16, experts: 8, topK: 2)
+        var found: (SyntheticSpec, MoEReferenceEngine, [Double], ReferenceResult, Int, [Int])? = nil
+        for seed in UInt64(1)...12 where found == nil {
+            let spec = SyntheticSpec(config: c, format: .bf16, tokens: 64, seed: seed, routing: .nearTies)
+            let layer = try SyntheticLayer(spec)
+            let x = try layer.kernelInputs()
+            let engine = try MoEReferenceEngine(layer: layer, recipe: .fusedBF16,
+                                                options: ReferenceOptions(keepIntermediate: false, fuseShared: true, keepContributions: true))
+            let ref = try engine.run(inputs: x, tokens: spec.tokens)
+            let E = c.experts, K = c.topK, S = ref.slots
+            for t in (21..<spec.tokens).reversed() where found == nil && ref.ambiguousTokens[t] {
+                let chosen = (0..<K).map { Int(ref.topkIds[t * S + $0]) }
+                for out in 0..<K {
+                    for e in 0..<E where !chosen.contains(e) && found == nil {
+                        var alt = chosen
+                        alt[out] = e
+                        if CaseVerifier.plausible(chosen: alt, logits: ref.routerLogits, bound: ref.routerLogitBound,
+                                                  tolerance: ref.routerTolerance[t], token: t, experts: E) {
+                            found = (spec, engine, x, ref, t, alt)
+                        }
+                    }
+                }
+            }
+        }
+        let (spec, engine, x, ref, forcedToken, alt) = try #require(found, "a near-ties case at H = 2048 has a token with another possible choice")
+        let T = spec.tokens, E = c.experts, K = c.topK, S = ref.slots
+        var ids = ref.topkIds, weights = ref.topkWeights
+        for (s, e) in alt.enumerated() { ids[forcedToken * S + s] = Int32(e) }
+        for t in 0..<T { ids[t * S + K] = Int32(E - 1) } // a wrong shared slot id at every token: T problems
+        for t in 0..<T { weights[t * S + K] = ref.sharedGate[t] }
+        let verifier = CaseVerifier(kernel: try CPUModelKernel())
+        let run = KernelRouting(logits: nil, ids: ids, weights: weights, slots: S)
+        let judged = try verifier.judgeRouter(run, ref: ref) { try engine.run(inputs: x, tokens: T, routing: $0) }
+        #expect(!judged.report.passed)
+        #expect(judged.forced >= 1)
+        #expect(judged.report.problems.count == 21, "20 listed and one line counting the rest")
+        #expect(judged.report.problems.last?.contains("more token problem") == true, "\(judged.report.problems.last ?? "")")
+        let rerunChoice = Set((0..<K).map { Int(judged.forcedRef.topkIds[forcedToken * S + $0]) })
+        #expect(rerunChoice == Set(alt), "the rerun followed the forced choice")
+    }
+}
