@@ -17,9 +17,40 @@ public enum BLAS {
     }
 
     /// Pins the thread count: `requested` (a command-line option) if given, else
-    /// `MOECHECK_BLAS_THREADS`, else `fallback`; at least 1.
-    public static func configureThreads(requested: Int?, fallback: Int = 2) {
-        setThreads(Swift.max(1, requested ?? environmentThreads ?? fallback))
+    /// `MOECHECK_BLAS_THREADS`, else `fallback` (default: the CPUs this process may use); at least 1.
+    public static func configureThreads(requested: Int?, fallback: Int? = nil) {
+        setThreads(Swift.max(1, requested ?? environmentThreads ?? fallback ?? usableCPUs))
+    }
+
+    /// The CPUs this process may use: its affinity mask (taskset, a container's cpuset), capped
+    /// by a cgroup CPU quota rounded up (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`); at least 1.
+    public static var usableCPUs: Int {
+        var n = ProcessInfo.processInfo.activeProcessorCount
+        // the affinity mask as Linux reports it: "Cpus_allowed:\tff,ffffffff" (hex words)
+        if let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+           let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed:") }) {
+            let hex = line.dropFirst("Cpus_allowed:".count).filter { $0.isHexDigit }
+            let count = hex.reduce(0) { $0 + (Int(String($1), radix: 16) ?? 0).nonzeroBitCount }
+            if count > 0 { n = count }
+        }
+        if let quota = cgroupQuota() { n = Swift.min(n, quota) }
+        return Swift.max(1, n)
+    }
+
+    /// CPUs allowed by a cgroup quota, rounded up; nil without one.
+    static func cgroupQuota() -> Int? {
+        func read(_ path: String) -> String? {
+            (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        var quota: Double? = nil, period: Double? = nil
+        if let v2 = read("/sys/fs/cgroup/cpu.max") {
+            let parts = v2.split(separator: " ")
+            if parts.count == 2 { quota = Double(parts[0]); period = Double(parts[1]) }
+        } else if let q = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), let p = read("/sys/fs/cgroup/cpu/cpu.cfs_period_us") {
+            quota = Double(q); period = Double(p)
+        }
+        guard let quota, let period, quota > 0, period > 0 else { return nil }
+        return Swift.max(1, Int((quota / period).rounded(.up)))
     }
 
     /// `C[m,n] = A[m,k] · B[n,k]ᵀ` in float64, all row-major.

@@ -90,6 +90,21 @@ public struct FaultMatrix: Codable, Sendable {
         ]
     }
 
+    /// Extra families for the helper-level mutants of a Python adapter: at T = 33 of the real shape
+    /// the expert that `expert_down_x1p01` scales (the first token's top expert) serves one or two
+    /// tokens, and a 1 % scale hides in the noise of a recipe that rounds after every projection
+    /// (hf-bf16) or quantizes to fp8 (measured on the H200: missed by hf_eager_bf16 and
+    /// torch_fused_fp8). With hot experts (an eighth of them favoured) at T = 256 it serves about
+    /// T·K/(E/8) tokens.
+    public static func pythonFamilies(large: Bool) -> [VerifyCase] {
+        let small = MoEConfig(family: .qwen35Moe, hidden: 256, intermediate: 128, sharedIntermediate: 128, experts: 16, topK: 2)
+        let real = MoEConfig(family: .qwen35Moe, hidden: 2048, intermediate: 512, sharedIntermediate: 512, experts: 256, topK: 8)
+        let c = large ? real : small
+        return [WeightFormat.bf16, .fp8e4m3fn].map { f in
+            VerifyCase(name: "\(f.tag)-T256-hot-experts", spec: SyntheticSpec(config: c, format: f, tokens: 256, seed: 13, routing: .hotExperts))
+        }
+    }
+
     /// Runs the matrix. `makeKernel(fault)` returns the kernel with `fault` selected (nil: none).
     public static func run(faults: [String], families: [VerifyCase], makeKernel: (String?) throws -> KernelUnderTest,
                            rigorousOnly: Bool = false, progress: (String) -> Void) throws -> FaultMatrix {

@@ -54,7 +54,7 @@ struct Bench: ParsableCommand {
     @Option(help: .hidden) var workerDump: String?
 
     func run() throws {
-        blas.apply()
+        blas.apply(fallback: 2) // benchmarks compare at a fixed, printed thread count
         if let worker {
             let o = try ReferenceBenchmark.measure(caseFile: worker, tokens: workerTokens, dump: workerDump)
             print(String(decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self))

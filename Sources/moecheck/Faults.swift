@@ -10,7 +10,7 @@ struct Faults: ParsableCommand {
         discussion: """
         Harmful faults must be detected by at least one family; benign variants (names starting with benign_) and the \
         unfaulted baseline must pass every family. The recipe's shared gate is relaxed to "bf16 or fp32" here because one \
-        benign variant keeps it in fp32. Exit 1 if a harmful fault is missed, a benign one is flagged, or the baseline fails.
+        benign variant keeps it in fp32. Exit 1 if a harmful fault is missed, a benign one is flagged, or the baseline fails.         With --python the adapter's helper-level mutants run instead, on the families its FORMATS take plus bf16 and fp8         T = 256 families with hot experts (the scaled expert of expert_down_x1p01 then serves many tokens).
         """)
 
     @OptionGroup var library: KernelLibraryOption
@@ -47,7 +47,7 @@ struct Faults: ParsableCommand {
             guard !faults.isEmpty else {
                 throw ToolFailure.failed(command: "faults", VerifyError.usage("\(py.adapterPath) lists no MUTANTS: build it from moecheck_adapter's blocks and list the helper-level mutants it supports (docs/python-adapters.md)"))
             }
-            families = CaseSelection.runnable(families, on: py).run
+            families = CaseSelection.runnable(families + FaultMatrix.pythonFamilies(large: large), on: py).run
             make = { m in py.mutant = m; return py }
             label = "\(py.name) on \(py.device) (helper-level mutants)"
             python = py

@@ -8,11 +8,12 @@ import MoEVerify
 
 /// `--blas-threads`: every numeric command.
 struct BLASOptions: ParsableArguments {
-    @Option(name: .customLong("blas-threads"), help: "OpenBLAS threads (recorded in outputs). Default: MOECHECK_BLAS_THREADS or 2.")
+    @Option(name: .customLong("blas-threads"), help: "OpenBLAS threads (recorded in outputs). Default: MOECHECK_BLAS_THREADS, else the CPUs this process may use (affinity and cgroup quota; goldens: 1 or the recorded count; bench: 2).")
     var blasThreads: Int?
 
-    /// Pins OpenBLAS's threads: the option, else MOECHECK_BLAS_THREADS, else `fallback`.
-    func apply(fallback: Int = 2) { BLAS.configureThreads(requested: blasThreads, fallback: fallback) }
+    /// Pins OpenBLAS's threads: the option, else MOECHECK_BLAS_THREADS, else `fallback` (nil:
+    /// the usable CPUs).
+    func apply(fallback: Int? = nil) { BLAS.configureThreads(requested: blasThreads, fallback: fallback) }
 }
 
 /// `--kernels`: a kernel library implementing the C ABI.

@@ -144,6 +144,20 @@ struct CLITests {
         #expect(run.output.contains("hidden_states") && run.output.contains(noInputs), "\(run)")
     }
 
+    @Test("without --blas-threads or MOECHECK_BLAS_THREADS, OpenBLAS gets the CPUs the process may use: 1 under taskset -c 0",
+          .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/taskset"), "needs /usr/bin/taskset (util-linux)"))
+    func defaultThreadsFollowAffinity() throws {
+        let args = ["verify", "--cpu-model", "--suite", "smoke", "--filter", "smoke-q35-small-bf16-T1"]
+        let pinned = try MoECheckTool.run(args, environment: ["MOECHECK_BLAS_THREADS": nil], launcher: ["/usr/bin/taskset", "-c", "0"])
+        expectExit(pinned, 0)
+        #expect(pinned.stdout.contains("OpenBLAS threads 1"), "\(pinned)")
+        let free = try MoECheckTool.run(args, environment: ["MOECHECK_BLAS_THREADS": nil])
+        expectExit(free, 0)
+        #expect(free.stdout.contains("OpenBLAS threads \(BLAS.usableCPUs)"), "\(free)")
+        let env = try MoECheckTool.run(args, environment: ["MOECHECK_BLAS_THREADS": "3"], launcher: ["/usr/bin/taskset", "-c", "0"])
+        #expect(env.stdout.contains("OpenBLAS threads 3"), "MOECHECK_BLAS_THREADS still pins it: \(env)")
+    }
+
     @Test("verify with no kernel library and no MOECHECK_KERNELS exits 0 and says the GPU comparison was skipped")
     func verifyWithoutKernels() throws {
         let run = try MoECheckTool.run(["verify", "--suite", "smoke"], environment: ["MOECHECK_KERNELS": nil])

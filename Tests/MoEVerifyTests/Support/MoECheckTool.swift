@@ -62,8 +62,9 @@ enum MoECheckTool {
 
     /// Runs the tool with `arguments` in `directory`; stdout and stderr go to files (no pipe can
     /// fill up). `environment` entries are added to (or, with nil, removed from) the test's own.
+    /// `launcher` (e.g. `["/usr/bin/taskset", "-c", "0"]`) runs the tool through another program.
     static func run(_ arguments: [String], environment: [String: String?] = [:], in directory: URL? = nil,
-                    timeout: TimeInterval = 120) throws -> ToolRun {
+                    timeout: TimeInterval = 120, launcher: [String] = []) throws -> ToolRun {
         guard let executable else { throw ToolMissing() }
         let dir = try TemporaryDirectory("run")
         let out = dir.path("stdout"), err = dir.path("stderr")
@@ -72,8 +73,13 @@ enum MoECheckTool {
         let outHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: out))
         let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: err))
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = arguments
+        if let first = launcher.first {
+            p.executableURL = URL(fileURLWithPath: first)
+            p.arguments = Array(launcher.dropFirst()) + [executable] + arguments
+        } else {
+            p.executableURL = URL(fileURLWithPath: executable)
+            p.arguments = arguments
+        }
         var env = ProcessInfo.processInfo.environment
         env["MOECHECK_BLAS_THREADS"] = "1"
         for (k, v) in environment { env[k] = v }
