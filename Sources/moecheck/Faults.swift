@@ -31,6 +31,9 @@ struct Faults: ParsableCommand {
 
     func validate() throws {
         if pythonAdapter.python.count > 1 { throw ValidationError("faults takes one --python adapter (verify takes several)") }
+        if !pythonAdapter.python.isEmpty && (library.kernels != nil || cpuModels) {
+            throw ValidationError("faults runs one matrix: give --python, --kernels or --cpu-models, not two of them")
+        }
     }
 
     func run() throws {

@@ -63,6 +63,9 @@ struct Fuzz: ParsableCommand {
         if let cases, cases < 0 { throw ValidationError("--cases must be >= 0") }
         if let seconds, seconds < 0 { throw ValidationError("--seconds must be >= 0") }
         if kernel.pythonAdapter.python.count > 1 { throw ValidationError("fuzz takes one --python adapter (verify takes several)") }
+        if !kernel.pythonAdapter.python.isEmpty && (kernel.library.kernels != nil || kernel.cpuModel) {
+            throw ValidationError("fuzz judges one kernel: give --python or --kernels/--cpu-model, not both (verify takes several)")
+        }
     }
 
     /// The kernel, its default limits, whether it uploads every expert, and the replay command prefix.

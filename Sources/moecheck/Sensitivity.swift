@@ -37,6 +37,9 @@ struct SensitivityCommand: ParsableCommand {
 
     func validate() throws {
         if kernel.pythonAdapter.python.count > 1 { throw ValidationError("sensitivity takes one --python adapter (verify takes several)") }
+        if !kernel.pythonAdapter.python.isEmpty && (kernel.library.kernels != nil || kernel.cpuModel) {
+            throw ValidationError("sensitivity judges one kernel: give --python or --kernels/--cpu-model, not both")
+        }
     }
 
     func run() throws {

@@ -46,8 +46,17 @@ struct Verify: ParsableCommand {
             print("verify: build one with `make -C Kernels PLATFORM=nvidia` (or PLATFORM=amd) and pass --kernels Kernels/build/nvidia/libmoekernels.so")
             return
         }
-        let k = try failing("verify") { try selection.open() }
-        if hostWeights, let device = k as? DeviceKernel { device.generateOnDevice = false }
+        // several kernels: every --python adapter, plus the library (--kernels) or CPU model given with them
+        var all = kernel.pythonAdapter.selections
+        if !all.isEmpty {
+            if kernel.cpuModel { all.append(.cpuModel(fault: kernel.fault)) }
+            else if let path = kernel.library.kernels { all.append(.library(path: path, device: kernel.device, fault: kernel.fault)) }
+        }
+        if all.isEmpty { all = [selection] }
+        var opened: [KernelUnderTest] = []
+        for s in all { opened.append(try failing("verify") { try s.open() }) }
+        for case let device as DeviceKernel in opened where hostWeights { device.generateOnDevice = false }
+        let k = opened[0]
         let forced = try failing("verify") { try recipe.resolved() }
         var selected: [VerifyCase]
         var source = "suite \(suite)"
@@ -60,14 +69,12 @@ struct Verify: ParsableCommand {
             source = "\(selected.count) case file(s)"
         }
         let sh = try failing("verify") { try FuzzShard(parsing: shard) }
-        if kernel.pythonAdapter.python.count > 1 {
-            var kernels = [k]
-            for s in kernel.pythonAdapter.selections.dropFirst() { kernels.append(try failing("verify") { try s.open() }) }
+        if opened.count > 1 {
             if sh.count > 1 {
                 selected = sh.part(of: selected)
                 source += ", shard \(sh) (balanced by work)"
             }
-            try runSeveral(kernels, selected, source: source, recipe: forced)
+            try runSeveral(opened, selected, source: source, recipe: forced)
             return
         }
         var (runnable, skipped) = CaseSelection.runnable(selected, on: k)

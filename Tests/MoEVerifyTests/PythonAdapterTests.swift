@@ -67,6 +67,20 @@ struct PythonAdapterTests {
         #expect(memo.hits == cases.count)
     }
 
+    @Test("moecheck verify with two adapters and the CPU model judges each case for all three; fuzz refuses two kernels",
+          .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
+    func verifySeveralKernelsCLI() throws {
+        let a = adapter("numpy_fused_bf16")
+        let run = try MoECheckTool.run(["verify", "--python", a, "--python", a, "--cpu-model", "--suite", "smoke", "--filter", "q35-small-bf16-T33"])
+        #expect(run.exitStatus == 0, "\(run)")
+        #expect(run.stdout.contains("verify: 3 kernels"), "\(run)")
+        for i in 1...3 { #expect(run.stdout.contains("[\(i)] PASS smoke-q35-small-bf16-T33"), "kernel \(i): \(run)") }
+        #expect(run.stdout.contains("verify: 1 reference(s) shared between kernels"), "the two adapters share the reference: \(run)")
+        #expect(run.stdout.hasSuffix("3 passed, 0 failed\n"), "\(run)")
+        let fuzz = try MoECheckTool.run(["fuzz", "--python", a, "--cpu-model", "--cases", "1"])
+        #expect(fuzz.exitStatus != 0 && fuzz.output.contains("not both"), "\(fuzz)")
+    }
+
     @Test("numpy_exact (float64, exact recipe) passes a case file opened in place, and its route weights keep float64")
     func exactAdapterOnCaseFile() throws {
         try withScratchDirectory { dir in
