@@ -62,6 +62,8 @@ public struct CaseReport: Codable, Sendable {
     public var sensitivity: Sensitivity?
     /// Seconds outside the kernel and the reference, by phase (a Python adapter's transfers).
     public var kernelOverhead: [String: Double]?
+    /// Seconds spent judging the kernel's results against the reference (all stages, both tiers).
+    public var judgeSeconds: Double? = nil
 
     /// The one line printed per case.
     public var line: String {
@@ -214,6 +216,8 @@ public struct CaseVerifier {
 
     func verify(_ vc: VerifyCase, into report: inout CaseReport) throws {
         let p = try prepare(vc)
+        let judgeStart = Date()
+        defer { report.judgeSeconds = Date().timeIntervalSince(judgeStart) }
         let ref = p.reference, run = p.run
         report.recipe = ref.recipe.name
         report.referenceSeconds = p.referenceSeconds

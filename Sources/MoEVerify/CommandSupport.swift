@@ -129,7 +129,9 @@ public struct CatalogueRunSummary: Sendable {
         let reference = reports.reduce(0) { $0 + $1.referenceSeconds }
         let kernel = reports.reduce(0) { $0 + $1.kernelMilliseconds } / 1000
         let overheads = reports.compactMap(\.kernelOverhead)
-        var s = String(format: " (%.2f cases/s; reference %.1f s, kernel %.2f s", Double(reports.count) / Swift.max(seconds, 1e-9), reference, kernel)
+        let judging = reports.reduce(0) { $0 + ($1.judgeSeconds ?? 0) }
+        var s = String(format: " (%.2f cases/s; reference %.1f s, kernel %.2f s, judging %.1f s", Double(reports.count) / Swift.max(seconds, 1e-9),
+                       reference, kernel, judging)
         if !overheads.isEmpty {
             let perCase = overheads.map { ($0["worker_round_trip"] ?? 0) + ($0["read_outputs"] ?? 0) }.sorted()
             let write = overheads.reduce(0) { $0 + ($1["write_case"] ?? 0) }

@@ -489,11 +489,20 @@ public struct FuzzSummary: Codable, Sendable {
     public var shrunk: [ShrinkResult]
     /// One command line per shrunk failure that replays its minimal case.
     public var reproducers: [String]
+    /// Where the campaign's time went, over every case run (shrinking excluded).
+    public var referenceSeconds = 0.0, kernelSeconds = 0.0, judgeSeconds = 0.0
 
     public var passed: Int { casesRun - failed }
     public var line: String {
         String(format: "fuzz: %@, seed %llu, shard %@: %d cases, %d failures, %.1f s — %d passed, %d failed",
                kernel, seed, shard.description, casesRun, failed, seconds, passed, failed)
+    }
+    /// Cases/s and where the time went: reference, kernel, judging, and the rest (case
+    /// generation, transfers, shrinking).
+    public var timeSplit: String {
+        let rest = Swift.max(0, seconds - referenceSeconds - kernelSeconds - judgeSeconds)
+        return String(format: "fuzz: %.2f cases/s; reference %.1f s, kernel %.2f s, judging %.1f s, the rest %.1f s (case generation, transfers, shrinking %.1f s)",
+                      Double(casesRun) / Swift.max(seconds, 1e-9), referenceSeconds, kernelSeconds, judgeSeconds, rest, shrinkSeconds)
     }
 }
 
@@ -538,6 +547,7 @@ public struct FuzzCampaign {
         var run = 0, failed = 0
         var keepAll = true
         var k = 0
+        var referenceSeconds = 0.0, kernelSeconds = 0.0, judgeSeconds = 0.0
         while true {
             if let maxCases, run >= maxCases { break }
             if let seconds, Date().timeIntervalSince(start) >= seconds { break }
@@ -547,6 +557,7 @@ public struct FuzzCampaign {
             let vc = generator.makeCase(index: index)
             let r = verifier.verify(vc)
             run += 1
+            referenceSeconds += r.referenceSeconds; kernelSeconds += r.kernelMilliseconds / 1000; judgeSeconds += r.judgeSeconds ?? 0
             if keepAll { reports.append(r) }
             if run > Self.allReportsLimit && keepAll {
                 keepAll = false
@@ -571,9 +582,11 @@ public struct FuzzCampaign {
             }
         }
         _ = failures
-        return FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
+        var summary = FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
                            limits: generator.limits, casesRun: run, failed: failed, seconds: Date().timeIntervalSince(start),
                            shrinkSeconds: shrinkSeconds, reportsIncluded: keepAll ? "all" : "failures", reports: reports,
                            shrunk: shrunk, reproducers: reproducers)
+        summary.referenceSeconds = referenceSeconds; summary.kernelSeconds = kernelSeconds; summary.judgeSeconds = judgeSeconds
+        return summary
     }
 }

@@ -151,6 +151,7 @@ struct Fuzz: ParsableCommand {
         clearProgress()
         try report.write(summary, escapingSlashes: false)
         print(summary.line)
+        print(summary.timeSplit)
         print("\(summary.passed) passed, \(summary.failed) failed")
         if summary.failed > 0 { throw ExitCode(1) }
     }

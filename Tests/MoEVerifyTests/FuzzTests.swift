@@ -185,6 +185,13 @@ struct FuzzCLITests {
         let obj = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json))) as? [String: Any]
         #expect((obj?["reports"] as? [Any])?.count == 12)
         #expect(obj?["casesRun"] as? Int == 12)
+        // where the time went: printed, and in the JSON summing the cases' own times
+        #expect(run.stdout.contains("cases/s; reference") && run.stdout.contains("judging"), "\(run)")
+        let reports = (obj?["reports"] as? [[String: Any]]) ?? []
+        let refSum = reports.reduce(0.0) { $0 + (($1["referenceSeconds"] as? Double) ?? 0) }
+        let judged = reports.reduce(0.0) { $0 + (($1["judgeSeconds"] as? Double) ?? -1e9) }
+        #expect(abs((obj?["referenceSeconds"] as? Double ?? -1) - refSum) < 1e-6, "summary reference time = Σ cases'")
+        #expect(judged > 0, "every case reports its judging time")
     }
 
     @Test("a fault is shrunk and the printed command replays it (exit 1 both times)")
