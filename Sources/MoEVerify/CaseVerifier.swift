@@ -94,7 +94,6 @@ public enum VerifyMode: String, Codable, Sendable, CaseIterable {
     case forwardOnly = "forward-only"
 }
 
-/// Runs one case against a kernel and the reference, stage by stage.
 /// The last case's reference, shared by the verifiers of several kernels judged on the same cases
 /// (`verify --python A --python B`): a kernel whose recipe, fusion and inputs match reuses it
 /// instead of recomputing the float64 reference. Holds one case (memory stays bounded).
@@ -117,6 +116,7 @@ public final class ReferenceMemo: @unchecked Sendable {
     }
 }
 
+/// Runs one case against a kernel and the reference, stage by stage.
 public struct CaseVerifier {
     public let kernel: KernelUnderTest
     /// Shares the reference with other verifiers of the same cases (nil: none).

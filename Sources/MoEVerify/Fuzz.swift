@@ -582,11 +582,10 @@ public struct FuzzCampaign {
             }
         }
         _ = failures
-        var summary = FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
+        return FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
                            limits: generator.limits, casesRun: run, failed: failed, seconds: Date().timeIntervalSince(start),
                            shrinkSeconds: shrinkSeconds, reportsIncluded: keepAll ? "all" : "failures", reports: reports,
-                           shrunk: shrunk, reproducers: reproducers)
-        summary.referenceSeconds = referenceSeconds; summary.kernelSeconds = kernelSeconds; summary.judgeSeconds = judgeSeconds
-        return summary
+                           shrunk: shrunk, reproducers: reproducers,
+                           referenceSeconds: referenceSeconds, kernelSeconds: kernelSeconds, judgeSeconds: judgeSeconds)
     }
 }

@@ -168,10 +168,9 @@ public final class PythonKernel: WholeLayerKernel {
         let kernelSeconds = (forwardMs.reduce(0, +) + routeMs) / 1000
         run.overhead = ["write_case": materialized, "read_outputs": read, "worker_round_trip": Swift.max(0, roundTrip - kernelSeconds)]
         if let w = reply["worker_ms"] as? [String: Double] { for (k, v) in w { run.overhead["worker_" + k] = v / 1000 } }
-        let bytes = [location.path, location.inputsPath].reduce(0.0) { sum, p in
+        run.overhead["case_bytes"] = Set([location.path, location.inputsPath]).reduce(0.0) { sum, p in
             sum + ((try? FileManager.default.attributesOfItem(atPath: p)[.size] as? NSNumber)??.doubleValue ?? 0)
         }
-        run.overhead["case_bytes"] = location.inputsPath == location.path ? bytes / 2 : bytes
         // The worker memory-maps the layer; the adapter's first forward builds and uploads its
         // weights (cached per layer by the helper), the second reuses them: the difference is the
         // tensor transfer into the kernel's framework.

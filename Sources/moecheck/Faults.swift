@@ -10,7 +10,9 @@ struct Faults: ParsableCommand {
         discussion: """
         Harmful faults must be detected by at least one family; benign variants (names starting with benign_) and the \
         unfaulted baseline must pass every family. The recipe's shared gate is relaxed to "bf16 or fp32" here because one \
-        benign variant keeps it in fp32. Exit 1 if a harmful fault is missed, a benign one is flagged, or the baseline fails.         With --python the adapter's helper-level mutants run instead, on the families its FORMATS take plus bf16 and fp8         T = 256 families with hot experts (the scaled expert of expert_down_x1p01 then serves many tokens).
+        benign variant keeps it in fp32. Exit 1 if a harmful fault is missed, a benign one is flagged, or the baseline fails. \
+        With --python the adapter's helper-level mutants run instead, on the families its FORMATS take plus bf16 and fp8 \
+        T = 256 families with hot experts (the scaled expert of expert_down_x1p01 then serves many tokens).
         """)
 
     @OptionGroup var library: KernelLibraryOption
@@ -30,10 +32,7 @@ struct Faults: ParsableCommand {
     @OptionGroup var blas: BLASOptions
 
     func validate() throws {
-        if pythonAdapter.python.count > 1 { throw ValidationError("faults takes one --python adapter (verify takes several)") }
-        if !pythonAdapter.python.isEmpty && (library.kernels != nil || cpuModels) {
-            throw ValidationError("faults runs one matrix: give --python, --kernels or --cpu-models, not two of them")
-        }
+        try pythonAdapter.requireOneKernel("faults", otherKernel: library.kernels != nil || cpuModels)
     }
 
     func run() throws {

@@ -62,10 +62,7 @@ struct Fuzz: ParsableCommand {
         if kernel.fault != nil && cpuSelfcheck { throw ValidationError("--fault needs --cpu-model or --kernels") }
         if let cases, cases < 0 { throw ValidationError("--cases must be >= 0") }
         if let seconds, seconds < 0 { throw ValidationError("--seconds must be >= 0") }
-        if kernel.pythonAdapter.python.count > 1 { throw ValidationError("fuzz takes one --python adapter (verify takes several)") }
-        if !kernel.pythonAdapter.python.isEmpty && (kernel.library.kernels != nil || kernel.cpuModel) {
-            throw ValidationError("fuzz judges one kernel: give --python or --kernels/--cpu-model, not both (verify takes several)")
-        }
+        try kernel.pythonAdapter.requireOneKernel("fuzz", otherKernel: kernel.library.kernels != nil || kernel.cpuModel)
     }
 
     /// The kernel, its default limits, whether it uploads every expert, and the replay command prefix.

@@ -41,6 +41,15 @@ struct PythonAdapterOptions: ParsableArguments {
 
     var selection: KernelSelection? { selections.first }
 
+    /// For the commands that judge one kernel (all but verify): at most one adapter, and none
+    /// beside another kernel (`otherKernel`: --kernels or the CPU model given too).
+    func requireOneKernel(_ command: String, otherKernel: Bool) throws {
+        if python.count > 1 { throw ValidationError("\(command) takes one --python adapter (verify takes several)") }
+        if !python.isEmpty && otherKernel {
+            throw ValidationError("\(command) judges one kernel: give --python or another kernel (--kernels, --cpu-model/--cpu-models), not both (verify takes several)")
+        }
+    }
+
     /// Every `--python` adapter, in the order given.
     var selections: [KernelSelection] {
         python.map { .python(adapter: $0, python: pythonExe, caseTimeout: caseTimeout, echo: pythonEcho) }

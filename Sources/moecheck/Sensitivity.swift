@@ -36,10 +36,7 @@ struct SensitivityCommand: ParsableCommand {
     @OptionGroup var blas: BLASOptions
 
     func validate() throws {
-        if kernel.pythonAdapter.python.count > 1 { throw ValidationError("sensitivity takes one --python adapter (verify takes several)") }
-        if !kernel.pythonAdapter.python.isEmpty && (kernel.library.kernels != nil || kernel.cpuModel) {
-            throw ValidationError("sensitivity judges one kernel: give --python or --kernels/--cpu-model, not both")
-        }
+        try kernel.pythonAdapter.requireOneKernel("sensitivity", otherKernel: kernel.library.kernels != nil || kernel.cpuModel)
     }
 
     func run() throws {

@@ -105,7 +105,7 @@ struct Verify: ParsableCommand {
     /// summaries at the end.
     func runSeveral(_ kernels: [KernelUnderTest], _ cases: [VerifyCase], source: String, recipe forced: Recipe?) throws {
         let memo = ReferenceMemo()
-        var verifiers = kernels.map { k -> CaseVerifier in
+        let verifiers = kernels.map { k -> CaseVerifier in
             var v = CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }, rigorousOnly: tier.rigorousOnly)
             v.memo = memo
             return v
@@ -129,7 +129,6 @@ struct Verify: ParsableCommand {
                 fflush(stdout)
             }
         }
-        verifiers.removeAll()
         try report.write(reports.flatMap { $0 })
         var failed = 0
         for (i, k) in kernels.enumerated() {
