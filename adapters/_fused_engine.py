@@ -34,7 +34,7 @@ def routing(layer, x):
     xt = mc.to_torch(x, dev, torch.bfloat16)
     r = mc.select_experts(layer, *mc.router_logits_torch(layer, xt), probabilities="fp32", weights="fp32", gate="bf16")
     if layer.has_shared and not r.fused:
-        raise ValueError(f"this adapter runs the fused shared expert (slot E); the layer's shared expert has "
+        raise mc.Unsupported(f"this adapter runs the fused shared expert (slot E); the layer's shared expert has "
                          f"Is={layer.shared_intermediate} != I={layer.intermediate} and cannot fuse")
     ids = torch.from_numpy(np.ascontiguousarray(r.ids, np.int32)).to(dev)
     w = torch.from_numpy(np.ascontiguousarray(r.weights, np.float32)).to(dev)
@@ -49,7 +49,7 @@ def route(layer, x):
 def forward(layer, x, call, fp8: bool):
     import torch
     if fp8 != (layer.fp8 is not None):
-        raise ValueError(f"this adapter takes {'fp8 block-scaled' if fp8 else 'bf16'} weights; the layer stores "
+        raise mc.Unsupported(f"this adapter takes {'fp8 block-scaled' if fp8 else 'bf16'} weights; the layer stores "
                          f"{layer.weight_dtype} (use the {'bf16' if fp8 else 'fp8'} variant)")
     xt, r, ids, w = routing(layer, x)
     if fp8:

@@ -6,7 +6,11 @@ Experts implementation: env MOECHECK_HF_FP8_EXPERTS = "eager" (default; FP8Exper
 one FP8 linear per expert), "batched_mm", "grouped_mm" or "deepgemm" (transformers'
 FP8ExpertsInterface). The FP8 matmuls are the `kernels-community/finegrained-fp8` Triton kernels
 (or DeepGEMM), which transformers 5.17 fetches from the HF kernel hub through the `kernels`
-package: on a machine without hub access they must already be in the local HF cache. CUDA only.
+package: on a machine without hub access they must already be in the local HF cache, or env
+MOECHECK_FINEGRAINED_FP8_SRC names a local copy of the hub kernel's source (the `torch-ext`
+folder of kernels-community's `finegrained-fp8`, a pure Python/Triton package): the adapter then
+imports it and hands its `matmul_2d` / `matmul_batched` / `matmul_grouped` to transformers, exactly
+the entry points transformers takes from the hub build. CUDA only.
 
 Rounding points (docs/python-adapters.md): router logits bf16, routing weights cast to bf16,
 every FP8 linear quantises its bf16 input per token and 128-column group with scale amax/448
@@ -21,7 +25,7 @@ import numpy as np
 import moecheck_adapter as mc
 
 NAME = "HF transformers fine-grained FP8 block"
-RECIPE = {"base": "hf-bf16", "activationFP8": True, "intermediateFP8": True, "scaleConvention": "divide"}
+RECIPE = {"base": "hf-mm-bf16", "activationFP8": True, "intermediateFP8": True, "scaleConvention": "divide"}
 FORMATS = ["fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero"]
 IMPLEMENTATION = os.environ.get("MOECHECK_HF_FP8_EXPERTS", "eager")
@@ -37,7 +41,7 @@ def _combined_gate_up_scales(layer, e):
     for b in range(0, rows.shape[0], 128):
         blk = rows[b:b + 128]
         if not (blk == blk[0]).all():
-            raise ValueError(f"{layer.file}: expert {e}: gate and up scales differ inside one 128-row block of "
+            raise mc.Unsupported(f"{layer.file}: expert {e}: gate and up scales differ inside one 128-row block of "
                              f"gate_up_proj (I={layer.intermediate} not a multiple of 128); transformers' FP8Experts "
                              "blocks the 2I rows together and cannot represent them")
         blocks.append(blk[0])
@@ -54,7 +58,7 @@ def _block(layer, dev):
     from transformers.integrations.moe import use_experts_implementation
 
     if layer.fp8 != "e4m3fn":
-        raise ValueError(f"transformers' fine-grained FP8 takes e4m3fn weights; this layer stores {layer.weight_dtype}")
+        raise mc.Unsupported(f"transformers' fine-grained FP8 takes e4m3fn weights; this layer stores {layer.weight_dtype}")
     if not _EXPERTS_CLASS:  # the decorator patches the class in place: once per process
         _EXPERTS_CLASS.append(use_experts_implementation(experts_class=FP8Experts,
                                                          experts_interface=ALL_FP8_EXPERTS_FUNCTIONS))
@@ -98,8 +102,44 @@ def _block(layer, dev):
     return block
 
 
+def _local_hub_kernel():
+    """Installs the finegrained-fp8 kernel from MOECHECK_FINEGRAINED_FP8_SRC (a hub kernel's
+    `torch-ext` folder, or its `finegrained_fp8` package folder) as transformers' loaded kernel.
+    The hub's build adds a generated `_ops` module (the torch.library namespace of its ops); the
+    source tree has none, so one is made here under the namespace `_finegrained_fp8_moecheck`."""
+    src = os.environ.get("MOECHECK_FINEGRAINED_FP8_SRC")
+    if not src:
+        return
+    import importlib.util
+    import sys
+    import types
+
+    import torch
+    import transformers.integrations.finegrained_fp8 as tf8
+    if tf8._FINEGRAINED_FP8 is not None:
+        return
+    pkg_dir = os.path.join(src, "finegrained_fp8") if os.path.isdir(os.path.join(src, "finegrained_fp8")) else src
+    init = os.path.join(pkg_dir, "__init__.py")
+    if not os.path.isfile(init):
+        raise FileNotFoundError(f"MOECHECK_FINEGRAINED_FP8_SRC={src}: no finegrained_fp8/__init__.py there "
+                                "(expected kernels-community's finegrained-fp8/torch-ext folder)")
+    name = "finegrained_fp8"
+    ns = "_finegrained_fp8_moecheck"
+    ops = types.ModuleType(name + "._ops")
+    ops.ops = getattr(torch.ops, ns)
+    ops.add_op_namespace_prefix = lambda op: f"{ns}::{op}"
+    sys.modules[name + "._ops"] = ops
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[pkg_dir])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pkg
+    spec.loader.exec_module(pkg)
+    tf8._FINEGRAINED_FP8 = tf8.FineGrainedFP8(matmul=pkg.matmul_2d, batched_matmul=pkg.matmul_batched,
+                                              grouped_matmul=pkg.matmul_grouped)
+
+
 def _get(layer):
     import torch
+    _local_hub_kernel()
     if not torch.cuda.is_available() and os.environ.get("MOECHECK_HF_FP8_ALLOW_CPU") != "1":
         raise RuntimeError("transformers' fine-grained FP8 path runs its Triton (or DeepGEMM) kernels on CUDA only; "
                            "no CUDA device here")

@@ -65,7 +65,7 @@ def _weights(layer, dev):
 def forward(layer, x):
     import torch
     if layer.fp8 is None:
-        raise ValueError("torch_fused_fp8 needs fp8 block-scaled weights; this layer stores "
+        raise mc.Unsupported("torch_fused_fp8 needs fp8 block-scaled weights; this layer stores "
                          f"{layer.weight_dtype} (use torch_fused_bf16.py)")
     dev = mc.device()
     xt = mc.to_torch(x, dev, torch.bfloat16)
@@ -88,7 +88,7 @@ def forward(layer, x):
                                 gate="bf16")
     shared = None
     if routing.shared_gate is not None:
-        raise ValueError("torch_fused_fp8 composes fusable layers only (shared_expert_intermediate_size == "
+        raise mc.Unsupported("torch_fused_fp8 composes fusable layers only (shared_expert_intermediate_size == "
                          f"moe_intermediate_size); this layer has Is={layer.shared_intermediate}, I={layer.intermediate}")
     return mc.moe_torch(layer, xt, routing, linear=linear, shared=shared)
 

@@ -35,10 +35,22 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
-    "MUTANT", "MUTANT_NAMES", "BLOCK_M", "Layer", "SafetensorsFile", "Routing",
+    "Unsupported", "MUTANT", "MUTANT_NAMES", "BLOCK_M", "Layer", "SafetensorsFile", "Routing",
     "route", "select_experts", "moe_numpy", "round_bf16", "device", "to_torch", "to_numpy",
     "fused_weights_torch", "fused_fp8_weights", "moe_torch", "hf_block", "hf_forward", "hf_route",
 ]
+
+# --------------------------------------------------------------------------------------------
+# what a kernel cannot run
+# --------------------------------------------------------------------------------------------
+
+
+class Unsupported(ValueError):
+    """Raised by an adapter (from ``forward``/``route`` or while building its weights) for a layer
+    its kernel cannot run at all — a shape, layout or format outside the kernel's contract (e.g.
+    fused shared expert only, I a multiple of 128). MoECheck reports the case as skipped with the
+    message, not as a failure; any other exception is a failure of the kernel on that case."""
+
 
 # --------------------------------------------------------------------------------------------
 # mutants
@@ -610,7 +622,7 @@ def fused_fp8_weights(layer: Layer, device=None):
     expert at slot E when fusable. Raises ValueError for non-fp8 layers and for combined-blocked
     gate_up scales that per-half blocks cannot represent. Cached per layer."""
     if layer.fp8 is None:
-        raise ValueError(f"layer weights are {layer.weight_dtype}, not fp8: use a bf16 adapter")
+        raise Unsupported(f"layer weights are {layer.weight_dtype}, not fp8: use a bf16 adapter")
     torch = _torch()
     dev = device if device is not None else globals()["device"]()
     fnuz = mutant("fnuz_as_fn") and layer.fp8 == "e4m3fnuz"

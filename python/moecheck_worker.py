@@ -302,6 +302,8 @@ def run(state: State, adapter, mutants, req: dict) -> dict:
             try:
                 r = adapter.route(layer, x)
                 synchronize()
+            except helper.Unsupported as e:
+                raise RunError("unsupported", f"route(): {e}") from None
             except Exception as e:
                 raise RunError("exception", f"route(): {describe(e)}", tail(e)) from None
             route_ms = (time.perf_counter() - t0) * 1e3
@@ -320,6 +322,8 @@ def run(state: State, adapter, mutants, req: dict) -> dict:
             try:
                 y = adapter.forward(layer, x)
                 synchronize()
+            except helper.Unsupported as e:
+                raise RunError("unsupported", str(e)) from None
             except Exception as e:
                 raise RunError("exception", describe(e), tail(e)) from None
             forward_ms.append((time.perf_counter() - t0) * 1e3)

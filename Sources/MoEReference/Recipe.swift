@@ -30,6 +30,19 @@ public enum CombineMode: String, Codable, Sendable, CaseIterable {
     /// In bf16, one rounding per addition in any order (aiter's bf16 atomics, HF `index_add_` on a
     /// bf16 buffer): up to S roundings of partial sums.
     case bf16
+    /// In a bf16 buffer that starts at 0, one rounding per addition, the routed contributions in
+    /// ascending expert id and the shared expert's last (HF transformers' eager experts: one
+    /// `index_add_` per expert into a bf16 buffer, then `+ shared`): the reference adds in the
+    /// same order and rounds each partial sum as the kernel does.
+    case bf16ExpertOrder = "bf16-expert-order"
+    /// The routed contributions summed in fp32 (any order), rounded to bf16 once, then the shared
+    /// expert's contribution added in bf16 (HF transformers' `batched_mm`/`grouped_mm`/DeepGEMM
+    /// experts and its fine-grained FP8 experts: `weighted.view(T, K, H).sum(1)` or an fp32
+    /// `index_add_`, then `.to(bf16) + shared`).
+    case fp32RoutedBF16Shared = "fp32-routed-bf16-shared"
+
+    /// Whether the reference simulates the accumulation's bf16 roundings in the kernel's order.
+    public var simulatesOrder: Bool { self == .bf16ExpertOrder || self == .fp32RoutedBF16Shared }
 }
 
 /// A kernel's numeric recipe: the rounding points of the fused MoE layer that the reference
@@ -83,6 +96,24 @@ public struct Recipe: Codable, Sendable, Equatable, CustomStringConvertible {
         activationFP8: false, scaleConvention: .divide, gateUp: .bf16, activation: .bf16, intermediate: .bf16,
         intermediateFP8: false, down: .bf16, weighted: .bf16, combine: .bf16, output: .bf16, transcendentalRelativeError: 0x1p-19)
 
+    /// `hf-bf16` with the combine of HF's eager experts simulated exactly: contributions added into
+    /// a bf16 buffer in ascending expert id, one rounding each, the shared expert's last.
+    public static let hfEagerBF16: Recipe = {
+        var r = Recipe.hfBF16
+        r.name = "hf-eager-bf16"
+        r.combine = .bf16ExpertOrder
+        return r
+    }()
+
+    /// `hf-bf16` with the combine of HF's `batched_mm`/`grouped_mm` experts simulated exactly: the
+    /// routed contributions summed in fp32 and rounded to bf16, then the shared expert's added in bf16.
+    public static let hfMMBF16: Recipe = {
+        var r = Recipe.hfBF16
+        r.name = "hf-mm-bf16"
+        r.combine = .fp32RoutedBF16Shared
+        return r
+    }()
+
     /// The aiter/sglang fused BF16 path: router logits bf16, fp32 softmax and routing weights,
     /// shared gate `bf16(sigmoid(bf16(ws·x)))`, gate/up fp32, one bf16 rounding of silu·up,
     /// fp32 combine, bf16 output.
@@ -105,7 +136,7 @@ public struct Recipe: Codable, Sendable, Equatable, CustomStringConvertible {
         activationFP8: false, scaleConvention: .multiplyReciprocal, gateUp: .none, activation: .none, intermediate: .bf16,
         intermediateFP8: false, down: .none, weighted: .none, combine: .fp32, output: .bf16, transcendentalRelativeError: 0x1p-19)
 
-    public static let named: [Recipe] = [.exact, .hfBF16, .fusedBF16, .fusedFP8, .w8a16]
+    public static let named: [Recipe] = [.exact, .hfBF16, .hfEagerBF16, .hfMMBF16, .fusedBF16, .fusedFP8, .w8a16]
 
     public static func named(_ name: String) -> Recipe? { named.first { $0.name == name } }
 

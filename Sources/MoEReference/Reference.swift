@@ -166,13 +166,26 @@ public final class MoEReferenceEngine {
             if let f = recipe.output.format {
                 // the kernel's output about round(o): flips of the final rounding under its noise
                 let routerElement = routerElementVariance(router, combined, tokens: T)
-                flip = (0..<(T * c.hidden)).map { i in
-                    let t = i / c.hidden
-                    let routerShare = routerElement.map { $0[i] } ?? routerVariance[t]
-                    let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare).squareRoot()
-                    return StatisticalModel.roundingVariance(combined.out[i], sigma: sigma, recipe.output)
+                if let st = combined.ordered, st.stats {
+                    // the last rounding of the kernel's own accumulation is the output's: its input
+                    // and noise were kept; the routing weights' variance joins here. Ties are the
+                    // kernel's own (the same rounding of the same sum), not a systematic error.
+                    flip = (0..<(T * c.hidden)).map { i in
+                        let routerShare = routerElement.map { $0[i] } ?? routerVariance[i / c.hidden]
+                        return StatisticalModel.orderedRounding(st.lastInput[i], variance: st.lastVariance[i] + routerShare,
+                                                                probability: st.lastFlip[i], f).variance
+                    }
+                    tie = [Double](repeating: 0, count: T * c.hidden)
+                    combined.elementVariance = [Double](repeating: 0, count: T * c.hidden)
+                } else {
+                    flip = (0..<(T * c.hidden)).map { i in
+                        let t = i / c.hidden
+                        let routerShare = routerElement.map { $0[i] } ?? routerVariance[t]
+                        let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare).squareRoot()
+                        return StatisticalModel.roundingVariance(combined.out[i], sigma: sigma, recipe.output)
+                    }
+                    tie = combined.out.map { StatisticalModel.tieBias($0, f) }
                 }
-                tie = combined.out.map { StatisticalModel.tieBias($0, f) }
             }
             statistics = ReferenceStatistics(
                 elementVariance: combined.elementVariance, outputFlipVariance: flip, outputTieBias: tie, tieNorm: combined.tieNorm,
@@ -249,6 +262,8 @@ public final class MoEReferenceEngine {
         var contributions: [Float]?
         /// Per touched expert, its rows' stage-2 inputs as the statistical model sees them.
         var projections: [Int: ProjectionInput] = [:]
+        /// The ordered accumulation's state (recipes whose combine `simulatesOrder`).
+        var ordered: OrderedCombineState? = nil
     }
 
     /// Runs every touched expert (concurrently, each GEMM single-threaded, in batches that bound
@@ -272,6 +287,7 @@ public final class MoEReferenceEngine {
             slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0), tieNorm: [Double](repeating: 0, count: stats ? T : 0),
             correlatedVariance: [Double](repeating: 0, count: stats ? T * H : 0),
             contributions: keepContributions ? [Float](repeating: 0, count: T * slotsAll * H) : nil)
+        if recipe.combine.simulatesOrder { acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds) }
         let rowsOf = inputs.rowsOf
         let touched = (0...E).filter { !rowsOf[$0].isEmpty }
         let workers = Swift.max(1, BLAS.threads)
@@ -337,7 +353,16 @@ public final class MoEReferenceEngine {
         let S = c.topK + (c.fusable && options.fuseShared ? 1 : 0)
         let interWidth = Swift.max(c.intermediate, c.sharedIntermediate)
         let lanes = workers > 1 && T > 1 ? Swift.min(workers, T) : 1
+        let E = c.experts, K = c.topK
         let weighted = recipe.weighted
+        let mode = recipe.combine
+        // flips of a contribution are known where it is a rounded grid value (else: may always differ)
+        let discrete = weighted.format != nil && weighted != .bf16OrFP32
+        var ordered = acc.ordered ?? OrderedCombineState(tokens: 0, hidden: 0, stats: false)
+        let isOrdered = acc.ordered != nil
+        acc.ordered = nil
+        defer { if isOrdered { acc.ordered = ordered } }
+        ordered.withPointers { sp in
         withUnsafeMutablePointers(&acc) { p in
             func lane(_ lane: Int) {
                 let t0 = T * lane / lanes, t1 = T * (lane + 1) / lanes
@@ -356,6 +381,8 @@ public final class MoEReferenceEngine {
                             }
                             let w = router.slotWeight[t * slotsAll + s], wb = router.slotWeightBound[t * slotsAll + s]
                             let y = yP.baseAddress! + r * H, orow = p.out + t * H
+                            let last = isOrdered && sp.added[t] == slotsAll - 1
+                            let slotFlip = isOrdered && stats && discrete ? router.slotFlip[t * slotsAll + s] : 1
                             if stats {
                                 p.expertTokenVariance![t] += w * w * part.rowVariance[r]
                                 p.slotNorm![t * slotsAll + s] = part.rowNorm2[r].squareRoot()
@@ -367,26 +394,40 @@ public final class MoEReferenceEngine {
                                     let yv = y[h]
                                     var cv = w * yv
                                     var cb = Swift.abs(w) * yb[h] + wb * (Swift.abs(yv) + yb[h]) + u * Swift.abs(cv)
+                                    var v = 0.0
                                     if stats {
-                                        var v = w * w * part.yVariance[r * H + h]
+                                        v = w * w * part.yVariance[r * H + h]
                                         if weighted != .none {
-                                            let sigma = (v + w * w * part.rowVariance[r]).squareRoot()
+                                            let sigma = (v + w * w * part.yCorrelated[r * H + h]).squareRoot()
                                             v = StatisticalModel.roundingVariance(cv, sigma: sigma, weighted)
                                         }
-                                        p.elementVariance![t * H + h] += v
+                                        if !isOrdered { p.elementVariance![t * H + h] += v }
                                         p.correlatedVariance![t * H + h] += w * w * part.yCorrelated[r * H + h]
                                     }
                                     (cv, cb) = Self.roundInterval(cv, cb, weighted)
-                                    orow[h] += cv
-                                    obrow[h] += cb
+                                    if isOrdered {
+                                        let pc = slotFlip >= 1 || part.yFlip.isEmpty ? 1 : Swift.min(1, part.yFlip[r * H + h] + slotFlip)
+                                        Self.orderedAdd(cv, cb, v: v, p: pc, i: t * H + h, shared: e == E, last: last, routedTerms: K, mode: mode,
+                                                        out: p.out, outBound: p.outBound, absSum: p.absSum, variance: stats ? p.elementVariance : nil, state: sp)
+                                    } else {
+                                        orow[h] += cv
+                                        obrow[h] += cb
+                                    }
                                     arow[h] += Swift.abs(cv) + cb
                                     if let cp = p.contributions { cp[(t * slotsAll + s) * H + h] = Float(cv) }
+                                }
+                            } else if isOrdered {
+                                for h in 0..<H {
+                                    let cv = Self.roundInterval(w * y[h], 0, weighted).0
+                                    Self.orderedAdd(cv, 0, v: 0, p: 0, i: t * H + h, shared: e == E, last: last, routedTerms: K, mode: mode,
+                                                    out: p.out, outBound: p.outBound, absSum: p.absSum, variance: nil, state: sp)
                                 }
                             } else if weighted == .none {
                                 for h in 0..<H { orow[h] += w * y[h] }
                             } else {
                                 for h in 0..<H { orow[h] += Self.roundInterval(w * y[h], 0, weighted).0 }
                             }
+                            if isOrdered { sp.added[t] += 1 }
                         }
                     } }
                 }
@@ -396,6 +437,7 @@ public final class MoEReferenceEngine {
             } else {
                 lane(0)
             }
+        }
         }
     }
 
@@ -410,6 +452,8 @@ public final class MoEReferenceEngine {
         case .exact: combineFactor = Self.gamma(slotsAll + 2, 0x1p-53)
         case .fp32: combineFactor = Self.gamma(slotsAll + 2, 0x1p-24)
         case .bf16: combineFactor = Double(slotsAll + 1) * 0x1p-8
+        case .bf16ExpertOrder: combineFactor = 0   // every rounding taken in combine
+        case .fp32RoutedBF16Shared: combineFactor = c.hasSharedExpert ? 0 : Self.gamma(slotsAll + 2, 0x1p-24)
         }
         let smallest = recipe.combine == .bf16 ? 0x1p-133 : 0x1p-149
         var finalBound = acc.outBound

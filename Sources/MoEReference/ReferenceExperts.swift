@@ -29,6 +29,9 @@ struct ExpertPart {
     var yVariance: [Double], rowVariance: [Double], rowNorm2: [Double]
     /// Per element of y, its share of the correlated variance (Σ_i W2[h,i]²·Var(a_i) + fp8 scale changes).
     var yCorrelated: [Double] = []
+    /// Per element of y, the probability that a kernel's rounded y differs from the reference's
+    /// (ordered combines only; empty: unknown, take 1).
+    var yFlip: [Double] = []
     /// Per row, Σ_i ‖W2[:,i]‖·tie_i: a bound on the norm of the systematic error of the row's ties.
     var rowTieNorm: [Double] = []
     /// What the second pass needs to project this expert's correlated errors on any direction.
@@ -145,10 +148,14 @@ extension MoEReferenceEngine {
             rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
         }
         if recipe.down != .none {
+            let flips = stats && recipe.combine.simulatesOrder
+            if flips { part.yFlip = [Double](repeating: 0, count: n * H) }
             for i in 0..<(n * H) {
                 if stats {
-                    // σ of y before its rounding: its own accumulation plus (conservatively) all of the row's correlated variance
-                    let sigma = (yVariance[i] + rowVariance[i / H]).squareRoot()
+                    // σ of y before its rounding: its own accumulation plus its share of the row's
+                    // correlated variance (Σ_i W2[h,i]²·Var(a_i): the marginal of this element)
+                    let sigma = (yVariance[i] + part.yCorrelated[i]).squareRoot()
+                    if flips { part.yFlip[i] = StatisticalModel.flipProbability(y[i], sigma: sigma, recipe.down) }
                     yVariance[i] = StatisticalModel.roundingVariance(y[i], sigma: sigma, recipe.down)
                 }
                 let (v, b) = Self.roundInterval(y[i], bounds ? yBound[i] : 0, recipe.down)

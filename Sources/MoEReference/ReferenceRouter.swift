@@ -30,6 +30,10 @@ struct RouterStep {
     var slotWeightVariance: [Double] = []
     var slotLogitVariance: [Double] = []
     var unchosenLogitVariance: [Double] = []
+    /// `[T, slotsAll]`: a bound on the probability that a kernel's weight of the slot differs from
+    /// the reference's at all (its rounding flips, or a logit it depends on does); 1 where a
+    /// value is unrounded. Used where the reference simulates a bf16 accumulation in order.
+    var slotFlip: [Double] = []
     var statisticallyAmbiguous: [Bool] = []
     /// Tokens with a chosen logit or the shared gate on a rounding tie (StatisticalModel.tieBias).
     var tieTokens: [Bool] = []
@@ -108,6 +112,7 @@ extension MoEReferenceEngine {
             step.slotWeightVariance = [Double](repeating: 0, count: T * slotsAll)
             step.slotLogitVariance = [Double](repeating: 0, count: T * slotsAll)
             step.unchosenLogitVariance = [Double](repeating: 0, count: T)
+            step.slotFlip = [Double](repeating: 0, count: T * slotsAll)
             step.statisticallyAmbiguous = [Bool](repeating: false, count: T)
             step.tieTokens = [Bool](repeating: false, count: T)
             logitVariance = (0..<(T * E)).map { StatisticalModel.roundingVariance(preRounding[$0], sigma: logitSigma[$0], recipe.routerLogits) }
@@ -136,6 +141,8 @@ extension MoEReferenceEngine {
                     let vDot = StatisticalModel.roundingVariance(dotPre, sigma: dotSigma, recipe.sharedGate)
                     let sigmaG = (0.25 * vDot.squareRoot() + trans * gPre)
                     step.slotWeightVariance[t * slotsAll + K] = StatisticalModel.roundingVariance(gPre, sigma: sigmaG, recipe.sharedGate) + sigmaG * sigmaG
+                    step.slotFlip[t * slotsAll + K] = Swift.min(1, StatisticalModel.flipProbability(dotPre, sigma: dotSigma, recipe.sharedGate)
+                        + StatisticalModel.flipProbability(gPre, sigma: sigmaG, recipe.sharedGate))
                     if StatisticalModel.tieBias(dotPre, recipe.sharedGate.format) + StatisticalModel.tieBias(gPre, recipe.sharedGate.format) > 0 {
                         step.tieTokens[t] = true
                     }
@@ -236,6 +243,7 @@ extension MoEReferenceEngine {
                 let sigmaEval = (2 * trans + Double(E + K + 8) * u) * w
                 step.slotWeightVariance[t * slotsAll + s] = StatisticalModel.roundingVariance(w, sigma: sigmaEval, recipe.routingWeights) + sigmaEval * sigmaEval
                 step.slotLogitVariance[t * slotsAll + s] = logitVariance[t * E + e] * w * w
+                step.slotFlip[t * slotsAll + s] = StatisticalModel.flipProbability(w, sigma: sigmaEval, recipe.routingWeights)
                 if StatisticalModel.tieBias(preRounding[t * E + e], recipe.routerLogits.format) > 0
                     || StatisticalModel.tieBias(w, recipe.routingWeights.format) > 0 { step.tieTokens[t] = true }
             }
@@ -249,6 +257,15 @@ extension MoEReferenceEngine {
                 v += logitVariance[t * E + e] * pe * pe
             }
             step.unchosenLogitVariance[t] = v
+        }
+        if stats {
+            // Every routed weight changes when a logit it depends on flips: the chosen ones (and,
+            // without renormalization, all of them).
+            var pLogit = 0.0
+            for e in (c.renormalize ? chosen : Array(0..<E)) {
+                pLogit += StatisticalModel.flipProbability(preRounding[t * E + e], sigma: logitSigma[t * E + e], recipe.routerLogits)
+            }
+            for s in 0..<K { step.slotFlip[t * slotsAll + s] = Swift.min(1, step.slotFlip[t * slotsAll + s] + pLogit) }
         }
     }
 }

@@ -148,6 +148,38 @@ public enum StatisticalModel {
 }
 
 extension StatisticalModel {
+    /// The probability that a kernel's value after a rounding point differs from the reference's
+    /// `round(v)` when its input carries noise of standard deviation `sigma`: the crossing
+    /// probability of the nearest boundary on each side (as in `gridVariance`); 1 for a value the
+    /// recipe leaves unrounded (any noise shows) or may leave unrounded.
+    public static func flipProbability(_ v: Double, sigma: Double, _ rounding: Rounding) -> Double {
+        guard sigma > 0, v.isFinite else { return 0 }
+        guard let f = rounding.format, rounding != .bf16OrFP32 else { return 1 }
+        let (dOut, dIn, _, qIn) = boundaryDistances(v, f)
+        if sigma > qIn / 4 { return 1 }
+        let twoSigma2 = 2 * sigma * sigma
+        return Swift.min(1, Foundation.exp(-dOut * dOut / twoSigma2) + Foundation.exp(-dIn * dIn / twoSigma2))
+    }
+
+    /// One rounding of an accumulation the reference simulates in the kernel's own order (a bf16
+    /// buffer's partial sum): the kernel's exact pre-rounding value differs from the reference's
+    /// `pre` by δ with `E[δ²] ≤ variance` and `P(δ ≠ 0) ≤ probability` (its inputs are values on a
+    /// grid that equal the reference's unless one of them flipped). Equal inputs give the same
+    /// rounding, ties included; otherwise the rounding changes only if |δ| reaches the nearest
+    /// boundary (Chebyshev: `P ≤ E[δ²]/d²`), and then by at most |δ| + one step q:
+    /// `E[err²] ≤ (√E[δ²] + q·√P_cross)²`, and the rounded value differs with probability P_cross.
+    /// Distribution-free given the two moments, so it needs no Gaussian tail for noise made of
+    /// rare one-step flips (where a Gaussian tail would be far too small one step away).
+    public static func orderedRounding(_ pre: Double, variance: Double, probability: Double, _ f: SmallFloatFormat) -> (variance: Double, probability: Double) {
+        guard pre.isFinite, variance > 0 || probability > 0 else { return (0, 0) }
+        let (dOut, dIn, qOut, qIn) = boundaryDistances(pre, f)
+        let d = Swift.min(dOut, dIn), q = Swift.max(qOut, qIn)
+        var p = Swift.min(1, probability)
+        if d > 0 { p = Swift.min(p, variance / (d * d)) }
+        let sd = variance.squareRoot() + q * p.squareRoot()
+        return (sd * sd, p)
+    }
+
     /// Variance proxy of the weighted combine's own accumulation over `slots` terms: fp32
     /// `(√(S+2)·u·Σ|c|)²`; bf16 (atomics or a bf16 buffer, any order): S roundings of partial sums,
     /// each within half a bf16 step of `Σ|c|`.
@@ -160,6 +192,8 @@ extension StatisticalModel {
         case .bf16:
             let half = SmallFloatFormat.bfloat16.ulp(of: absSum) / 2
             return Double(slots) * half * half
+        case .bf16ExpertOrder, .fp32RoutedBF16Shared:
+            return 0  // simulated step by step (orderedRounding)
         }
     }
 

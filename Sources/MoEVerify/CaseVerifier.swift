@@ -64,9 +64,13 @@ public struct CaseReport: Codable, Sendable {
     public var kernelOverhead: [String: Double]?
     /// Seconds spent judging the kernel's results against the reference (all stages, both tiers).
     public var judgeSeconds: Double? = nil
+    /// Why the case was not run: the kernel declared the layer outside its contract (a Python
+    /// adapter's `Unsupported`), or the declared recipe cannot run on its weights. Not a failure.
+    public var skipped: String? = nil
 
     /// The one line printed per case.
     public var line: String {
+        if let skipped { return "SKIP \(name): \(skipped)" }
         if let error { return "FAIL \(name): \(error)" }
         let marks = stages.map { "\($0.stage) \($0.passed ? "ok" : "FAIL")" }.joined(separator: ", ")
         var s = "\(passed ? "PASS" : "FAIL") \(name): \(marks)"
@@ -146,6 +150,12 @@ public struct CaseVerifier {
                                 referenceSeconds: 0, error: nil, sensitivity: nil)
         do {
             try verify(vc, into: &report)
+        } catch PythonAdapterError.caseFailed(_, "unsupported", let message, _) {
+            report.skipped = "unsupported by the kernel: \(message)"
+            report.passed = true
+        } catch ReferenceError.unsupported(let message) {
+            report.skipped = "unsupported by the declared recipe: \(message)"
+            report.passed = true
         } catch {
             report.error = "\(error)"
             report.passed = false

@@ -119,9 +119,11 @@ public struct CatalogueRunSummary: Sendable {
     public var seconds: Double
     public init(reports: [CaseReport], seconds: Double) { self.reports = reports; self.seconds = seconds }
     public var failed: Int { reports.filter { !$0.passed }.count }
-    public var passed: Int { reports.count - failed }
-    /// `"N passed, M failed"`, the last line of every command.
-    public var countLine: String { "\(passed) passed, \(failed) failed" }
+    /// Cases the kernel or its recipe declared outside its contract (`CaseReport.skipped`).
+    public var skipped: Int { reports.filter { $0.skipped != nil }.count }
+    public var passed: Int { reports.count - failed - skipped }
+    /// `"N passed, M failed"` (`, K skipped` where some were), the last line of every command.
+    public var countLine: String { "\(passed) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : "") }
 
     /// Where the time went: reference, kernel, and the rest of the kernel's case (a Python
     /// worker's transfers), with cases/s.

@@ -480,6 +480,8 @@ public struct FuzzSummary: Codable, Sendable {
     public var limits: FuzzLimits
     public var casesRun: Int
     public var failed: Int
+    /// Generated cases the kernel declared outside its contract (not counted in `casesRun`).
+    public var skipped: Int = 0
     public var seconds: Double
     /// Seconds spent shrinking (included in `seconds`).
     public var shrinkSeconds: Double
@@ -494,8 +496,9 @@ public struct FuzzSummary: Codable, Sendable {
 
     public var passed: Int { casesRun - failed }
     public var line: String {
-        String(format: "fuzz: %@, seed %llu, shard %@: %d cases, %d failures, %.1f s — %d passed, %d failed",
-               kernel, seed, shard.description, casesRun, failed, seconds, passed, failed)
+        String(format: "fuzz: %@, seed %llu, shard %@: %d cases, %d failures, %.1f s%@ — %d passed, %d failed",
+               kernel, seed, shard.description, casesRun, failed, seconds,
+               skipped > 0 ? " (\(skipped) generated cases outside the kernel's contract skipped)" : "", passed, failed)
     }
     /// Cases/s and where the time went: reference, kernel, judging, and the rest (case
     /// generation, transfers, shrinking).
@@ -544,7 +547,7 @@ public struct FuzzCampaign {
         var reproducers: [String] = []
         var shrunkStages = Set<String>()
         var shrinkSeconds = 0.0
-        var run = 0, failed = 0
+        var run = 0, failed = 0, skipped = 0
         var keepAll = true
         var k = 0
         var referenceSeconds = 0.0, kernelSeconds = 0.0, judgeSeconds = 0.0
@@ -556,6 +559,12 @@ public struct FuzzCampaign {
             k += 1
             let vc = generator.makeCase(index: index)
             let r = verifier.verify(vc)
+            if r.skipped != nil {
+                // outside the kernel's contract: draw another (but stop a kernel that refuses everything)
+                skipped += 1
+                if skipped > 20 * Swift.max(run, 1) + 100 { break }
+                continue
+            }
             run += 1
             referenceSeconds += r.referenceSeconds; kernelSeconds += r.kernelMilliseconds / 1000; judgeSeconds += r.judgeSeconds ?? 0
             if keepAll { reports.append(r) }
@@ -583,7 +592,7 @@ public struct FuzzCampaign {
         }
         _ = failures
         return FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
-                           limits: generator.limits, casesRun: run, failed: failed, seconds: Date().timeIntervalSince(start),
+                           limits: generator.limits, casesRun: run, failed: failed, skipped: skipped, seconds: Date().timeIntervalSince(start),
                            shrinkSeconds: shrinkSeconds, reportsIncluded: keepAll ? "all" : "failures", reports: reports,
                            shrunk: shrunk, reproducers: reproducers,
                            referenceSeconds: referenceSeconds, kernelSeconds: kernelSeconds, judgeSeconds: judgeSeconds)

@@ -139,7 +139,8 @@ struct Verify: ParsableCommand {
         }
         print("verify: \(memo.hits) reference(s) shared between kernels")
         let total = reports.reduce(0) { $0 + $1.count }
-        print("\(total - failed) passed, \(failed) failed")
+        let skipped = reports.reduce(0) { $0 + $1.filter { $0.skipped != nil }.count }
+        print("\(total - failed - skipped) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : ""))
         if failed > 0 { throw ExitCode(1) }
     }
 }
