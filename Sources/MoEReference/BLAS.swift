@@ -8,6 +8,15 @@ public enum BLAS {
 
     public static var threads: Int { Int(openblas_get_num_threads()) }
 
+    /// OpenBLAS's build configuration and the core its kernels were chosen for, e.g.
+    /// `OpenBLAS 0.3.26 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64 (core Zen)`: part of the
+    /// reference cache's key (another library or core may round differently).
+    public static var configuration: String {
+        let config = openblas_get_config().map { String(cString: $0) } ?? "unknown"
+        let core = openblas_get_corename().map { String(cString: $0) } ?? "unknown"
+        return "\(config) (core \(core))"
+    }
+
     /// The environment variable that sets the thread count when no option does.
     public static let threadsEnvironmentVariable = "MOECHECK_BLAS_THREADS"
 

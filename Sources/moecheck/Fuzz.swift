@@ -57,6 +57,8 @@ struct Fuzz: ParsableCommand {
 
     @OptionGroup var blas: BLASOptions
 
+    @OptionGroup var references: ReferenceCacheOptions
+
     func validate() throws {
         if kernel.cpuModel && cpuSelfcheck { throw ValidationError("--cpu-model and --cpu-selfcheck exclude each other") }
         if kernel.fault != nil && cpuSelfcheck { throw ValidationError("--fault needs --cpu-model or --kernels") }
@@ -89,7 +91,9 @@ struct Fuzz: ParsableCommand {
     func run() throws {
         blas.apply()
         let (kernel, base, allExperts, command) = try makeKernel()
-        let verifier = CaseVerifier(kernel: kernel, rigorousOnly: tier.rigorousOnly)
+        var verifier = CaseVerifier(kernel: kernel, rigorousOnly: tier.rigorousOnly)
+        let cache = references.open("fuzz")
+        verifier.cache = cache
         if let replay {
             let vc = try FuzzReplay.decode(replay)
             print("fuzz: replay on \(kernel.name) (\(kernel.device)): \(vc)")
@@ -107,6 +111,7 @@ struct Fuzz: ParsableCommand {
         var campaign = FuzzCampaign(generator: generator, verifier: verifier, shard: sh,
                                     maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
         campaign.shrinkBudget = shrinkAttempts
+        campaign.pipelined = !references.noPipeline
         if noShrink { campaign.maxShrinks = 0 }
         let budget = seconds.map { String(format: "%.0f s", $0) } ?? "\(campaign.maxCases ?? 0) cases"
         print("fuzz: \(kernel.name) on \(kernel.device), seed \(seed), shard \(sh), \(budget), caps T≤\(lim.maxTokens) E≤\(lim.maxExperts) " +
@@ -149,6 +154,7 @@ struct Fuzz: ParsableCommand {
         try report.write(summary, escapingSlashes: false)
         print(summary.line)
         print(summary.timeSplit)
+        if let cache { print("fuzz: " + cache.counters.line(directory: cache.root.path)) }
         print("\(summary.passed) passed, \(summary.failed) failed")
         if summary.failed > 0 { throw ExitCode(1) }
     }

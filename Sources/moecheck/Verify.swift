@@ -37,6 +37,8 @@ struct Verify: ParsableCommand {
 
     @OptionGroup var tier: TierOptions
 
+    @OptionGroup var references: ReferenceCacheOptions
+
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
@@ -88,13 +90,17 @@ struct Verify: ParsableCommand {
         var about = "\(k.name) on \(k.device), \(source), \(runnable.count) cases, OpenBLAS threads \(BLAS.threads)"
         if let py = k as? PythonKernel { about += "; \(py.libraryVersions)\(py.hasRoute ? "" : "; no route(): whole layer judged forward-only")" }
         if let forced { about += "; recipe \(forced.name) (given)" }
+        let cache = references.open("verify")
+        about += "; " + (cache.map { "reference cache \($0.root.path)" } ?? "no reference cache")
         print("verify: " + about)
-        let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced) { r in
+        let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced, cache: cache,
+                                       pipelined: !references.noPipeline) { r in
             print(r.line)
             fflush(stdout)
         }
         try report.write(summary.reports)
         print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds) + summary.timeSplit)
+        if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
         if let py = k as? PythonKernel, py.restarts > 0 { print("verify: the adapter's worker was restarted \(py.restarts) time(s)") }
         print(summary.countLine)
         if summary.failed > 0 { throw ExitCode(1) }
@@ -105,9 +111,11 @@ struct Verify: ParsableCommand {
     /// summaries at the end.
     func runSeveral(_ kernels: [KernelUnderTest], _ cases: [VerifyCase], source: String, recipe forced: Recipe?) throws {
         let memo = ReferenceMemo()
+        let cache = references.open("verify")
         let verifiers = kernels.map { k -> CaseVerifier in
             var v = CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }, rigorousOnly: tier.rigorousOnly)
             v.memo = memo
+            v.cache = cache
             return v
         }
         let runnable = kernels.map { Set(CaseSelection.runnable(cases, on: $0).run.map(\.name)) }
@@ -137,7 +145,8 @@ struct Verify: ParsableCommand {
             print("  [\(i + 1)] \(summary.countLine)")
             failed += summary.failed
         }
-        print("verify: \(memo.hits) reference(s) shared between kernels")
+        print("verify: \(memo.hits) reference(s) shared between kernels (several kernels: references are not pipelined)")
+        if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
         let total = reports.reduce(0) { $0 + $1.count }
         print("\(total - failed) passed, \(failed) failed")
         if failed > 0 { throw ExitCode(1) }
