@@ -28,8 +28,15 @@ public enum BLAS {
     /// Pins the thread count: `requested` (a command-line option) if given, else
     /// `MOECHECK_BLAS_THREADS`, else `fallback` (default: the CPUs this process may use); at least 1.
     public static func configureThreads(requested: Int?, fallback: Int? = nil) {
-        setThreads(Swift.max(1, requested ?? environmentThreads ?? fallback ?? usableCPUs))
+        let n = Swift.max(1, requested ?? environmentThreads ?? fallback ?? usableCPUs)
+        configuredThreads = n
+        setThreads(n)
     }
+
+    /// The count the last `configureThreads` pinned (nil: none in this process). Unlike
+    /// `threads`, it does not change while an engine runs its experts one thread each, so the
+    /// reference cache keys on it.
+    public private(set) static var configuredThreads: Int?
 
     /// The CPUs this process may use: its affinity mask (taskset, a container's cpuset), capped
     /// by a cgroup CPU quota rounded up (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`); at least 1.

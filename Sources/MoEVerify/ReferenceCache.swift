@@ -9,7 +9,7 @@ import MoEReference
 ///
 /// **Key.** Everything a reference result depends on, as text (`ReferenceCacheKey`): the cache
 /// and codec format versions, moecheck's version and a digest of the running executable (a
-/// rebuilt oracle never reads an older one's results), OpenBLAS's configuration and thread
+/// rebuilt oracle never reads an older one's results), OpenBLAS's configuration and pinned thread
 /// count, the case's content (a synthetic spec's JSON; a case file's content digest, its
 /// `config.json` beside it and the prefix), the layer variant the kernel is judged on (routed
 /// experts only, stored or kernel inputs), the full recipe JSON and every `ReferenceOptions`

@@ -43,7 +43,7 @@ public struct ReferenceCacheKey: Sendable, Equatable, CustomStringConvertible {
             "moecheck=\(moecheckVersion)",
             "build=\(try BuildIdentity.digest())",
             "openblas=\(BLAS.configuration)",
-            "threads=\(BLAS.threads)",
+            "threads=" + (BLAS.configuredThreads.map { "\($0)" } ?? "not pinned"),
         ]
         switch source {
         case let .synthetic(spec):
@@ -85,11 +85,14 @@ public enum BuildIdentity {
 /// Content digests of case files (XXH-128 over the file, memory-mapped), with a fast path: the
 /// digest is recorded under the file's (path, device, inode, size, modification and change
 /// times) in the cache's `case-digests/`, and read back while those are unchanged. A file changed
-/// less than two seconds ago is hashed each time (its times might not yet show a second change).
+/// less than `settleSeconds` (2) ago is hashed each time (its times might not yet show a second
+/// change: file times tick in milliseconds).
 public struct CaseFileDigests: Sendable {
     /// Where fast-path records live (nil: always hash).
     public let directory: URL?
-    public init(directory: URL?) { self.directory = directory }
+    /// A file changed this recently is hashed every time.
+    public var settleSeconds: Double
+    public init(directory: URL?, settleSeconds: Double = 2) { self.directory = directory; self.settleSeconds = settleSeconds }
 
     public func digest(ofFile path: String) throws -> String {
         var st = stat()
@@ -98,7 +101,7 @@ public struct CaseFileDigests: Sendable {
         }
         let modified = Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) * 1e-9
         let changed = Double(st.st_ctim.tv_sec) + Double(st.st_ctim.tv_nsec) * 1e-9
-        let settled = Date().timeIntervalSince1970 - Swift.max(modified, changed) > 2
+        let settled = Date().timeIntervalSince1970 - Swift.max(modified, changed) > settleSeconds
         let real = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
         let identity = "\(real)|\(st.st_dev)|\(st.st_ino)|\(st.st_size)|\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)|\(st.st_ctim.tv_sec).\(st.st_ctim.tv_nsec)"
         let record = directory?.appendingPathComponent(SHA256.hash(Array(identity.utf8)))
