@@ -21,6 +21,10 @@ struct Fuzz: ParsableCommand {
         --json FILE writes the summary, every case's report (failures only once a campaign passes \
         \(FuzzCampaign.allReportsLimit) cases: reportsIncluded says which), the shrink results and their reproducers. \
         Exit code 1 on any failure.
+
+        The next case is generated and its reference computed (or read from the reference cache: --cache, --no-cache) \
+        while the kernel runs the current one (--no-pipeline: one after the other); memory holds at most two cases' \
+        references, and --seconds / --cases are checked when the next case is generated.
         """)
 
     @OptionGroup var kernel: KernelOptions

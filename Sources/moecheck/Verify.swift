@@ -11,6 +11,11 @@ struct Verify: ParsableCommand {
         (teacher-forced with the reference's routing), and the whole layer twice on buffers poisoned with NaN and 0xD5. \
         Suites: \(Catalogue.suites.joined(separator: ", ")). Exit code 1 on any failure. Without a kernel library the GPU \
         comparison is skipped (exit 0), unless one was asked for with --kernels or MOECHECK_KERNELS.
+
+        References come from the reference cache when it holds them (--cache, default $XDG_CACHE_HOME/moecheck or \
+        ~/.cache/moecheck; --no-cache) and are computed one case ahead of the kernel on a second thread (--no-pipeline: \
+        just before it); memory holds at most two cases' references. The last lines give cases/s, where the time went \
+        (reference, kernel, judging, waiting for the reference) and the cache's hits and misses.
         """)
 
     @OptionGroup var kernel: KernelOptions

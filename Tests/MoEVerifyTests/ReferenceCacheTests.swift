@@ -21,10 +21,20 @@ final class Warnings: @unchecked Sendable {
     var all: [String] { lock.lock(); defer { lock.unlock() }; return lines }
 }
 
-/// What a report says, without its timings and cache/pipeline bookkeeping.
-func verdictJSON(_ r: CaseReport) throws -> String {
+/// What a report says, without its timings and cache/pipeline bookkeeping. `rigorousOnly`: also
+/// without the statistical tier's numbers, for reports of references computed at different times:
+/// other suites running beside this one change OpenBLAS's global thread count, and the
+/// statistical model's float32 GEMMs round differently at another thread count (measured: fuzz
+/// seed 9, 6 of 12 cases differ in the last bits of the precision verdicts and sensitivities
+/// between 1 and 2 threads; the rigorous tier is identical). References read from the cache
+/// are the stored bits: those reports are compared whole.
+func verdictJSON(_ r: CaseReport, rigorousOnly: Bool = false) throws -> String {
     var v = r
     v.kernelMilliseconds = 0; v.referenceSeconds = 0; v.judgeSeconds = nil; v.referenceCached = nil; v.waitSeconds = nil
+    if rigorousOnly {
+        v.sensitivity = nil
+        for i in v.stages.indices { v.stages[i].precision = nil }
+    }
     let enc = JSONEncoder()
     enc.outputFormatting = .sortedKeys
     enc.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
@@ -88,8 +98,9 @@ struct ReferenceCacheTests {
             let second = verifier.verify(vc)
             #expect(plain.referenceCached == nil)
             #expect(second.referenceCached == true, "\(name): no hit (\(cache.counters))")
-            #expect(try verdictJSON(second) == verdictJSON(plain), "\(name) fault \(fault ?? "none"): the cached reference judges differently")
-            #expect(try verdictJSON(first) == verdictJSON(plain))
+            #expect(try verdictJSON(second) == verdictJSON(first), "\(name) fault \(fault ?? "none"): the cached reference judges differently")
+            #expect(try verdictJSON(second, rigorousOnly: true) == verdictJSON(plain, rigorousOnly: true), "\(name) fault \(fault ?? "none")")
+            #expect(second.passed == plain.passed)
         }
         if name == "smoke-inputs-large-bf16" {
             let again = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
@@ -212,7 +223,7 @@ struct ReferenceCacheTests {
         try Data(bytes).write(to: URL(fileURLWithPath: entry.path))
         let recomputed = verifier.verify(vc)
         #expect(recomputed.referenceCached == false)
-        #expect(try verdictJSON(recomputed) == verdictJSON(plain))
+        #expect(try verdictJSON(recomputed, rigorousOnly: true) == verdictJSON(plain, rigorousOnly: true))
         #expect(verifier.verify(vc).referenceCached == true, "the recomputed reference was not stored again")
     }
 
@@ -317,9 +328,10 @@ struct ReferencePipelineTests {
         let cold = CatalogueRun.run(cases, on: kernel, cache: cache)
         let warm = CatalogueRun.run(cases, on: kernel, cache: cache)
         #expect(serial.reports.map(\.name) == cases.map(\.name) && pipelined.reports.map(\.name) == cases.map(\.name))
-        for run in [pipelined, cold, warm] {
-            #expect(try run.reports.map(verdictJSON) == serial.reports.map(verdictJSON))
+        for run in [pipelined, cold] {
+            #expect(try run.reports.map { try verdictJSON($0, rigorousOnly: true) } == serial.reports.map { try verdictJSON($0, rigorousOnly: true) })
         }
+        #expect(try warm.reports.map { try verdictJSON($0) } == cold.reports.map { try verdictJSON($0) }, "the cached references judge differently")
         #expect(pipelined.reports.allSatisfy { $0.waitSeconds != nil } && serial.reports.allSatisfy { $0.waitSeconds == nil })
         #expect(warm.reports.allSatisfy { $0.referenceCached == true } && cold.reports.allSatisfy { $0.referenceCached == false })
         #expect(pipelined.timeSplit.contains("waiting for the reference") && !serial.timeSplit.contains("waiting"))
@@ -339,7 +351,7 @@ struct ReferencePipelineTests {
         }
         #expect(serial.casesRun == 12 && pipelined.casesRun == 12)
         #expect(indices == Array(0..<12))
-        #expect(try pipelined.reports.map(verdictJSON) == serial.reports.map(verdictJSON))
+        #expect(try pipelined.reports.map { try verdictJSON($0, rigorousOnly: true) } == serial.reports.map { try verdictJSON($0, rigorousOnly: true) })
         #expect(pipelined.waitSeconds != nil && serial.waitSeconds == nil)
         #expect(pipelined.timeSplit.contains("waiting for the reference"), "\(pipelined.timeSplit)")
     }
