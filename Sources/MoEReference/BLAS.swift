@@ -8,6 +8,15 @@ public enum BLAS {
 
     public static var threads: Int { Int(openblas_get_num_threads()) }
 
+    /// OpenBLAS's build configuration and the core its kernels were chosen for, e.g.
+    /// `OpenBLAS 0.3.26 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64 (core Zen)`: part of the
+    /// reference cache's key (another library or core may round differently).
+    public static var configuration: String {
+        let config = openblas_get_config().map { String(cString: $0) } ?? "unknown"
+        let core = openblas_get_corename().map { String(cString: $0) } ?? "unknown"
+        return "\(config) (core \(core))"
+    }
+
     /// The environment variable that sets the thread count when no option does.
     public static let threadsEnvironmentVariable = "MOECHECK_BLAS_THREADS"
 
@@ -19,8 +28,15 @@ public enum BLAS {
     /// Pins the thread count: `requested` (a command-line option) if given, else
     /// `MOECHECK_BLAS_THREADS`, else `fallback` (default: the CPUs this process may use); at least 1.
     public static func configureThreads(requested: Int?, fallback: Int? = nil) {
-        setThreads(Swift.max(1, requested ?? environmentThreads ?? fallback ?? usableCPUs))
+        let n = Swift.max(1, requested ?? environmentThreads ?? fallback ?? usableCPUs)
+        configuredThreads = n
+        setThreads(n)
     }
+
+    /// The count the last `configureThreads` pinned (nil: none in this process). Unlike
+    /// `threads`, it does not change while an engine runs its experts one thread each, so the
+    /// reference cache keys on it.
+    public private(set) static var configuredThreads: Int?
 
     /// The CPUs this process may use: its affinity mask (taskset, a container's cpuset), capped
     /// by a cgroup CPU quota rounded up (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`); at least 1.

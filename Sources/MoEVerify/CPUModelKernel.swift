@@ -123,12 +123,30 @@ public final class CPUModelKernel: KernelUnderTest {
     /// kernel's way: bf16 plain fp32; fp8 block-scaled per 128 K-block with `splits` partials.
     func dot(_ w: Weights, matrixIsW13: Bool, slot: Int, row: Int, rows: Int, k: Int, act: [Float], actCodes: [UInt8], actScales: [Float],
              splits: Int, reverse: Bool, garbage: Float) -> Float {
-        let base = (slot * rows + row) * k
+        dot4(w, matrixIsW13: matrixIsW13, slot: slot, rows: SIMD4(repeating: row), rowCount: rows, k: k, act: act, actCodes: actCodes,
+             actScales: actScales, splits: splits, reverse: reverse, garbage: garbage)[0]
+    }
+
+    /// `dot` of four rows at once, one per SIMD lane. Lane arithmetic is IEEE binary32 element by
+    /// element, in `dot`'s order, so each lane's result is the bits a one-row `dot` gives; the
+    /// four independent sums only keep the CPU's adders busy.
+    func dot4(_ w: Weights, matrixIsW13: Bool, slot: Int, rows r: SIMD4<Int>, rowCount rows: Int, k: Int, act: [Float], actCodes: [UInt8],
+              actScales: [Float], splits: Int, reverse: Bool, garbage: Float) -> SIMD4<Float> {
+        let base = (slot &* rows &+ r) &* k
         if w.fp8 == nil {
             let m = matrixIsW13 ? w.w13 : w.w2
-            var acc: Float = 0
-            if reverse { for i in stride(from: k - 1, through: 0, by: -1) { acc += act[i] * m[base + i] } }
-            else { for i in 0..<k { acc += act[i] * m[base + i] } }
+            var acc = SIMD4<Float>(repeating: 0)
+            m.withUnsafeBufferPointer { mp in
+                act.withUnsafeBufferPointer { ap in
+                    precondition(base.min() >= 0 && base.max() + k <= mp.count && k <= ap.count)
+                    let m0 = mp.baseAddress! + base[0], m1 = mp.baseAddress! + base[1], m2 = mp.baseAddress! + base[2], m3 = mp.baseAddress! + base[3]
+                    if reverse {
+                        for i in stride(from: k - 1, through: 0, by: -1) { acc += SIMD4(repeating: ap[i]) * SIMD4(m0[i], m1[i], m2[i], m3[i]) }
+                    } else {
+                        for i in 0..<k { acc += SIMD4(repeating: ap[i]) * SIMD4(m0[i], m1[i], m2[i], m3[i]) }
+                    }
+                }
+            }
             return acc
         }
         let codec = w.fp8!
@@ -137,8 +155,9 @@ public final class CPUModelKernel: KernelUnderTest {
         let kb = (k + 127) / 128
         let rowBlocks = matrixIsW13 ? 2 * ((rows / 2 + 127) / 128) : (rows + 127) / 128
         let half = rows / 2
-        let br = matrixIsW13 ? (row < half ? row / 128 : (half + 127) / 128 + (row - half) / 128) : row / 128
-        let sBase = (slot * rowBlocks + br) * kb
+        func blockRow(_ row: Int) -> Int { matrixIsW13 ? (row < half ? row / 128 : (half + 127) / 128 + (row - half) / 128) : row / 128 }
+        let sBase = (slot &* rowBlocks &+ SIMD4(blockRow(r[0]), blockRow(r[1]), blockRow(r[2]), blockRow(r[3]))) &* kb
+        @inline(__always) func lanes(_ v: SIMD4<Float>, _ f: (Float) -> Float) -> SIMD4<Float> { SIMD4(f(v[0]), f(v[1]), f(v[2]), f(v[3])) }
         // Blocks are summed in K order into one partial per split, and the partials in split order
         // (with one split, that is one partial); split-K adds each partial into a workspace the
         // kernel zeroes, where the split-K faults act.
@@ -146,33 +165,38 @@ public final class CPUModelKernel: KernelUnderTest {
         let splitK = splits > 1 && matrixIsW13
         let wrongScale = matrixIsW13 && on("wrong_kblock_scale")
         let bf16Partials = splitK && on("splitk_bf16_partials"), fp16Partials = splitK && on("splitk_fp16_partials")
-        var acc: Float = (splitK && perSplit == 1 && on("splitk_workspace_not_zeroed")) ? garbage : 0
+        var acc = SIMD4<Float>(repeating: (splitK && perSplit == 1 && on("splitk_workspace_not_zeroed")) ? garbage : 0)
         // fp8_accumulation_14bit: the running sums kept in ~14 significant bits (a tensor core's
         // internal accumulator), rounded every 32 K as the GPU fault build does, never promoted to fp32
         let low = on("fp8_accumulation_14bit")
-        var b0 = 0
-        while b0 < kb {
-            let b1 = Swift.min(kb, b0 + perSplit)
-            var p: Float = 0
-            for b in b0..<b1 {
-                var partial: Float = 0
-                let end = Swift.min(k, (b + 1) * 128)
-                for i in (b * 128)..<end {
-                    partial += codec.value(actCodes[i]) * codec.value(codes[base + i])
-                    if low && ((i + 1) % 32 == 0 || i == end - 1) { partial = Self.round14(partial) }
+        precondition(base.min() >= 0 && base.max() + k <= codes.count && k <= actCodes.count, "dot4: rows outside the weights")
+        codes.withUnsafeBufferPointer { cp in actCodes.withUnsafeBufferPointer { ap in codec.table.withUnsafeBufferPointer { value in
+            let c0 = cp.baseAddress! + base[0], c1 = cp.baseAddress! + base[1], c2 = cp.baseAddress! + base[2], c3 = cp.baseAddress! + base[3]
+            var b0 = 0
+            while b0 < kb {
+                let b1 = Swift.min(kb, b0 + perSplit)
+                var p = SIMD4<Float>(repeating: 0)
+                for b in b0..<b1 {
+                    var partial = SIMD4<Float>(repeating: 0)
+                    let end = Swift.min(k, (b + 1) * 128)
+                    for i in (b * 128)..<end {
+                        let wv = SIMD4(value[Int(c0[i])], value[Int(c1[i])], value[Int(c2[i])], value[Int(c3[i])])
+                        partial += SIMD4(repeating: value[Int(ap[i])]) * wv
+                        if low && ((i + 1) % 32 == 0 || i == end - 1) { partial = lanes(partial, Self.round14) }
+                    }
+                    let aScale = wrongScale ? actScales[(b + 1) % kb] : actScales[b]
+                    p += (SIMD4(repeating: aScale) * SIMD4(scales[sBase[0] + b], scales[sBase[1] + b], scales[sBase[2] + b], scales[sBase[3] + b])) * partial
+                    if low { p = lanes(p, Self.round14) }
                 }
-                let aScale = wrongScale ? actScales[(b + 1) % kb] : actScales[b]
-                p += (aScale * scales[sBase + b]) * partial
-                if low { p = Self.round14(p) }
+                if bf16Partials { p = lanes(p, BFloat16.round) }
+                else if fp16Partials { p = lanes(p) { Float(SmallFloatFormat.float16.round(Double($0))) } }
+                acc += p
+                if low { acc = lanes(acc, Self.round14) }
+                b0 = b1
             }
-            if bf16Partials { p = BFloat16.round(p) }
-            else if fp16Partials { p = Float(SmallFloatFormat.float16.round(Double(p))) }
-            acc += p
-            if low { acc = Self.round14(acc) }
-            b0 = b1
-        }
+        } } }
         // splitk_bf16_after_atomic: the fp32 workspace sum rounded to bf16 before silu·up
-        if splitK && on("splitk_bf16_after_atomic") { acc = BFloat16.round(acc) }
+        if splitK && on("splitk_bf16_after_atomic") { acc = lanes(acc, BFloat16.round) }
         return acc
     }
 
@@ -196,29 +220,44 @@ public final class CPUModelKernel: KernelUnderTest {
                 for p in pairs.suffix(pairs.count % Self.block) { skipped.insert(p) }
             }
         }
-        for t in 0..<T {
+        // each token's activations (fp8: quantized per 1×128 group, as the kernel does)
+        let tokens = (0..<T).map { t -> (x: [Float], codes: [UInt8], scales: [Float]) in
             let xt = Array(x[(t * H)..<((t + 1) * H)])
             let (xc, xs) = w.fp8.map { _ in quantize(xt, codec: FP8Codec.codec(for: layer.weightFormat.fp8!)) } ?? ([], [])
-            for s in 0..<S {
-                let e = Int(ids[t * S + s])
-                let p = t * S + s
-                var h = [Float](repeating: 0, count: I)
-                for i in 0..<I {
-                    let g = dot(w, matrixIsW13: true, slot: e, row: i, rows: 2 * I, k: H, act: xt, actCodes: xc, actScales: xs,
-                                splits: splits, reverse: false, garbage: garbage)
-                    let u = dot(w, matrixIsW13: true, slot: e, row: I + i, rows: 2 * I, k: H, act: xt, actCodes: xc, actScales: xs,
-                                splits: splits, reverse: false, garbage: garbage)
-                    let silu = g / (1 + expf(-g))
-                    h[i] = on("intermediate_rounded_twice") ? BFloat16.round(BFloat16.round(silu) * u) : BFloat16.round(silu * u)
-                    inter[p * I + i] = Double(h[i])
-                }
-                if skipped.contains(p) { continue }
-                let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.weightFormat.fp8!)) } ?? ([], [])
-                // expert_scaled_1p2m6: the lowest used expert (the first align block's) computes its output × (1 + 2^-6)
-                let scale: Float = on("expert_scaled_1p2m6") && e == Int(ids.min()!) ? 1 + 0x1p-6 : 1
-                for o in 0..<H {
-                    y[p * H + o] = scale * dot(w, matrixIsW13: false, slot: e, row: o, rows: H, k: I, act: h, actCodes: hc, actScales: hs,
-                                               splits: 1, reverse: on("benign_reverse_accumulation"), garbage: garbage)
+            return (xt, xc, xs)
+        }
+        let lowestExpert = Int(ids.min() ?? 0)
+        let twice = on("intermediate_rounded_twice")
+        // (token, slot) pairs are independent, as on a GPU: they run on every core, each with the
+        // arithmetic, in the order, of a serial run (the results are the same bits)
+        inter.withUnsafeMutableBufferPointer { interOut in
+            y.withUnsafeMutableBufferPointer { yOut in
+                DispatchQueue.concurrentPerform(iterations: T * S) { p in
+                    let (xt, xc, xs) = tokens[p / S]
+                    let e = Int(ids[p])
+                    var h = [Float](repeating: 0, count: I)
+                    // gate and up of intermediate columns i and i + 1 in one four-row pass
+                    for i in stride(from: 0, to: I, by: 2) {
+                        let j = Swift.min(i + 1, I - 1)
+                        let gu = dot4(w, matrixIsW13: true, slot: e, rows: SIMD4(i, I + i, j, I + j), rowCount: 2 * I, k: H, act: xt, actCodes: xc,
+                                      actScales: xs, splits: splits, reverse: false, garbage: garbage)
+                        for lane in stride(from: 0, to: j > i ? 4 : 2, by: 2) {
+                            let column = i + lane / 2, g = gu[lane], u = gu[lane + 1]
+                            let silu = g / (1 + expf(-g))
+                            h[column] = twice ? BFloat16.round(BFloat16.round(silu) * u) : BFloat16.round(silu * u)
+                            interOut[p * I + column] = Double(h[column])
+                        }
+                    }
+                    if skipped.contains(p) { return }
+                    let (hc, hs) = w.fp8.map { _ in quantize(h, codec: FP8Codec.codec(for: layer.weightFormat.fp8!)) } ?? ([], [])
+                    // expert_scaled_1p2m6: the lowest used expert (the first align block's) computes its output × (1 + 2^-6)
+                    let scale: Float = on("expert_scaled_1p2m6") && e == lowestExpert ? 1 + 0x1p-6 : 1
+                    for o in stride(from: 0, to: H, by: 4) {
+                        let rows = SIMD4(o, Swift.min(o + 1, H - 1), Swift.min(o + 2, H - 1), Swift.min(o + 3, H - 1))
+                        let d = dot4(w, matrixIsW13: false, slot: e, rows: rows, rowCount: H, k: I, act: h, actCodes: hc, actScales: hs,
+                                     splits: 1, reverse: on("benign_reverse_accumulation"), garbage: garbage)
+                        for lane in 0..<Swift.min(4, H - o) { yOut[p * H + o + lane] = scale * d[lane] }
+                    }
                 }
             }
         }

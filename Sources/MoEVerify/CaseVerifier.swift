@@ -67,6 +67,10 @@ public struct CaseReport: Codable, Sendable {
     /// Why the case was not run: the kernel declared the layer outside its contract (a Python
     /// adapter's `Unsupported`), or the declared recipe cannot run on its weights. Not a failure.
     public var skipped: String? = nil
+    /// Whether the reference came from the on-disk cache (nil: no cache in use).
+    public var referenceCached: Bool? = nil
+    /// Seconds the kernel side waited for this case's reference (pipelined runs; nil: not pipelined).
+    public var waitSeconds: Double? = nil
 
     /// The one line printed per case.
     public var line: String {
@@ -76,6 +80,7 @@ public struct CaseReport: Codable, Sendable {
         var s = "\(passed ? "PASS" : "FAIL") \(name): \(marks)"
         if let fwd = stages.last(where: { $0.stage.hasPrefix("forward") })?.verdict { s += " | \(fwd)" }
         s += String(format: " | kernel %.3f ms, reference %.2f s", kernelMilliseconds, referenceSeconds)
+        if referenceCached == true { s += " (cached)" }
         if ambiguousTokens > 0 { s += ", \(ambiguousTokens) ambiguous token(s), \(teacherForcedTokens) teacher-forced" }
         if !runsIdentical { s += ", runs differ bitwise" }
         if let sensitivity { s += "\n    " + sensitivity.line }
@@ -104,10 +109,7 @@ public enum VerifyMode: String, Codable, Sendable, CaseIterable {
 public final class ReferenceMemo: @unchecked Sendable {
     struct Entry {
         let key: String
-        let layer: KernelLayerSource
-        let inputs: [Double]
-        let engine: MoEReferenceEngine
-        let reference: ReferenceResult
+        let prepared: PreparedReference
     }
     var entry: Entry?
     /// Cases whose reference was reused.
@@ -120,11 +122,45 @@ public final class ReferenceMemo: @unchecked Sendable {
     }
 }
 
+/// One case's reference side, ready before its kernel runs: the layer (which the kernel then
+/// runs), the reference result, and what a teacher-forced rerun needs — the engine and inputs,
+/// built on first use where the result came from the cache.
+public final class PreparedReference: @unchecked Sendable {
+    public let layer: KernelLayerSource
+    let referenceLayer: MoELayerSource
+    let options: ReferenceOptions
+    let storedInputs: Bool
+    public let reference: ReferenceResult
+    /// Seconds computing the reference (or reading it from the cache).
+    public let seconds: Double
+    /// Whether it came from the cache (nil: no cache in use).
+    public let cached: Bool?
+    private var engine: MoEReferenceEngine?
+    private var inputs: [Double]?
+
+    init(layer: KernelLayerSource, referenceLayer: MoELayerSource, options: ReferenceOptions, storedInputs: Bool, reference: ReferenceResult,
+         seconds: Double, cached: Bool?, engine: MoEReferenceEngine? = nil, inputs: [Double]? = nil) {
+        self.layer = layer; self.referenceLayer = referenceLayer; self.options = options; self.storedInputs = storedInputs
+        self.reference = reference; self.seconds = seconds; self.cached = cached; self.engine = engine; self.inputs = inputs
+    }
+
+    /// The reference rerun with other routing (teacher forcing, mutations): never cached.
+    func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
+        try ReferenceExecution.exclusive {
+            if engine == nil { engine = try MoEReferenceEngine(layer: referenceLayer, recipe: reference.recipe, options: options) }
+            if inputs == nil { inputs = storedInputs ? try layer.inputs() : try layer.kernelInputs() }
+            return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing)
+        }
+    }
+}
+
 /// Runs one case against a kernel and the reference, stage by stage.
 public struct CaseVerifier {
     public let kernel: KernelUnderTest
     /// Shares the reference with other verifiers of the same cases (nil: none).
     public var memo: ReferenceMemo?
+    /// Reads and writes references on disk (nil: none).
+    public var cache: ReferenceCache?
     /// Adjusts the kernel's declared recipe (e.g. to allow either rounding where a variant may).
     public var adjustRecipe: ((Recipe) -> Recipe)?
     /// Judge with the rigorous tier only (the statistical tier is still reported where computed).
@@ -142,14 +178,17 @@ public struct CaseVerifier {
         self.mode = mode
     }
 
-    public func verify(_ vc: VerifyCase) -> CaseReport {
+    /// Verifies one case. `reference`: its reference prepared beforehand (`ReferencePipeline`),
+    /// after the kernel side `waited` seconds for it; nil: prepared here.
+    public func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>? = nil, waited: Double? = nil) -> CaseReport {
         var source: String? = nil
         if case let .file(path, _) = vc.source { source = path }
         var report = CaseReport(name: vc.name, spec: vc.spec, source: source, kernel: kernel.name, splitK: vc.splitK, fused: vc.fuseShared, recipe: "",
                                 passed: false, stages: [], ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0,
                                 referenceSeconds: 0, error: nil, sensitivity: nil)
+        report.waitSeconds = waited
         do {
-            try verify(vc, into: &report)
+            try verify(vc, reference: reference, into: &report)
         } catch PythonAdapterError.caseFailed(_, "unsupported", let message, _) {
             report.skipped = "unsupported by the kernel: \(message)"
             report.passed = true
@@ -163,60 +202,95 @@ public struct CaseVerifier {
         return report
     }
 
-    /// One case's layer, inputs, reference engine and reference run, and the kernel's run.
-    struct Prepared {
-        let layer: KernelLayerSource
-        let inputs: [Double]
-        let engine: MoEReferenceEngine
-        let reference: ReferenceResult
-        let referenceSeconds: Double
-        let run: KernelRun
-
-        /// The reference rerun with other routing (teacher forcing, mutations).
-        func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
-            try engine.run(inputs: inputs, tokens: reference.tokens, routing: routing)
-        }
+    /// The kernel's declared recipe for `format`, adjusted.
+    func recipe(for format: WeightFormat) throws -> Recipe {
+        var r = try kernel.recipe(for: format)
+        if let adjustRecipe { r = adjustRecipe(r) }
+        return r
     }
 
-    /// Builds the case's layer, runs the reference with the (adjusted) declared recipe, then the kernel.
-    func prepare(_ vc: VerifyCase) throws -> Prepared {
-        // a memo entry for this case is keyed by everything the reference depends on
-        var keyBase = ""
-        if memo != nil {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = .sortedKeys
-            let recipes = WeightFormat.allCases.map { f -> String in
-                guard var r = try? kernel.recipe(for: f) else { return "-" }
-                if let adjustRecipe { r = adjustRecipe(r) }
-                return (try? String(decoding: encoder.encode(r), as: UTF8.self)) ?? "?"
-            }
-            let caseKey = (try? String(decoding: encoder.encode(vc), as: UTF8.self)) ?? vc.name
-            keyBase = "\(caseKey)|\(kernel is WholeLayerKernel)|\(routedOnlyWhenUnfused)|\(mode)|" + recipes.joined(separator: "|")
+    /// One case's reference side and the kernel's run.
+    struct Prepared {
+        let reference: PreparedReference
+        /// 0 where the reference was shared from another kernel's verifier (`ReferenceMemo`).
+        let referenceSeconds: Double
+        let run: KernelRun
+        var layer: KernelLayerSource { reference.layer }
+
+        /// The reference rerun with other routing (teacher forcing, mutations).
+        func rerun(_ routing: RoutingOverride) throws -> ReferenceResult { try reference.rerun(routing) }
+    }
+
+    /// The memo's key: everything the reference depends on, with the kernel's recipes for every format.
+    func memoKey(_ vc: VerifyCase) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let recipes = WeightFormat.allCases.map { f -> String in
+            guard let r = try? recipe(for: f) else { return "-" }
+            return (try? String(decoding: encoder.encode(r), as: UTF8.self)) ?? "?"
         }
-        if let memo, let hit = memo.lookup(keyBase) {
-            let run = try kernel.run(vc, layer: hit.layer, referenceIds: hit.reference.topkIds, referenceWeights: hit.reference.topkWeights.map { Float($0) })
-            return Prepared(layer: hit.layer, inputs: hit.inputs, engine: hit.engine, reference: hit.reference, referenceSeconds: 0, run: run)
+        let caseKey = (try? String(decoding: encoder.encode(vc), as: UTF8.self)) ?? vc.name
+        return "\(caseKey)|\(kernel is WholeLayerKernel)|\(routedOnlyWhenUnfused)|\(mode)|" + recipes.joined(separator: "|")
+    }
+
+    /// The case's reference (`given`, else shared through the memo, else prepared now), then the kernel's run.
+    func prepare(_ vc: VerifyCase, reference given: Result<PreparedReference, Error>? = nil) throws -> Prepared {
+        var prepared: PreparedReference
+        var seconds: Double
+        if let given {
+            prepared = try given.get()
+            seconds = prepared.seconds
+        } else if let memo, let hit = memo.lookup(memoKey(vc)) {
+            prepared = hit.prepared
+            seconds = 0
+        } else {
+            prepared = try prepareReference(vc, recipe: recipe(for:))
+            seconds = prepared.seconds
+            if let memo { memo.entry = ReferenceMemo.Entry(key: memoKey(vc), prepared: prepared) }
         }
+        let ref = prepared.reference
+        let run = try kernel.run(vc, layer: prepared.layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
+        return Prepared(reference: prepared, referenceSeconds: seconds, run: run)
+    }
+
+    /// Builds the case's layer and its reference with the (adjusted) declared recipe: read from
+    /// the cache where it holds it, else computed (and stored). Touches the kernel only through
+    /// `recipe` and its type, so `ReferencePipeline` runs it on its own thread.
+    func prepareReference(_ vc: VerifyCase, recipe recipeFor: (WeightFormat) throws -> Recipe) throws -> PreparedReference {
         let layer = try vc.openLayer()
         let c = layer.config
         if vc.fuseShared && !c.fusable { throw VerifyError.usage("\(vc.name): the shared expert cannot fuse (Is != I)") }
         // a whole-layer kernel is not told whether to fuse: its routing may show the shared slot whenever it can fuse
         let fuse = routedOnlyWhenUnfused ? vc.fuseShared : c.fusable
-        let refLayer: MoELayerSource = (fuse || !c.hasSharedExpert || !routedOnlyWhenUnfused) ? layer : RoutedOnlyLayer(layer)
-        var recipe = try kernel.recipe(for: layer.weightFormat)
-        if let adjustRecipe { recipe = adjustRecipe(recipe) }
+        let routedOnly = !(fuse || !c.hasSharedExpert || !routedOnlyWhenUnfused)
+        let refLayer: MoELayerSource = routedOnly ? RoutedOnlyLayer(layer) : layer
+        let recipe = try recipeFor(layer.weightFormat)
         // a whole-layer kernel (Python adapter, recorded output) takes the hidden states as stored
-        let x = kernel is WholeLayerKernel ? try layer.inputs() : try layer.kernelInputs()
+        let storedInputs = kernel is WholeLayerKernel
+        let options = ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: fuse, keepContributions: true)
         let start = Date()
-        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe,
-                                            options: ReferenceOptions(keepIntermediate: mode == .stages, fuseShared: fuse, keepContributions: true))
-        let ref = try engine.run(inputs: x, tokens: layer.tokens)
-        let seconds = Date().timeIntervalSince(start)
-        if let memo {
-            memo.entry = ReferenceMemo.Entry(key: keyBase, layer: layer, inputs: x, engine: engine, reference: ref)
+        var key: ReferenceCacheKey? = nil
+        if let cache {
+            do {
+                key = try ReferenceCacheKey.make(source: vc.source, variant: .init(routedOnly: routedOnly, storedInputs: storedInputs),
+                                                 recipe: recipe, options: options, digests: cache.caseDigests)
+            } catch {
+                cache.warnOnce("reference cache: \(vc.name): \(error); computed without the cache")
+            }
+            if let key, let hit = cache.lookup(key) {
+                return PreparedReference(layer: layer, referenceLayer: refLayer, options: options, storedInputs: storedInputs, reference: hit,
+                                         seconds: Date().timeIntervalSince(start), cached: true)
+            }
         }
-        let run = try kernel.run(vc, layer: layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })
-        return Prepared(layer: layer, inputs: x, engine: engine, reference: ref, referenceSeconds: seconds, run: run)
+        let prepared = try ReferenceExecution.exclusive { () -> PreparedReference in
+            let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: options)
+            let x = storedInputs ? try layer.inputs() : try layer.kernelInputs()
+            let ref = try engine.run(inputs: x, tokens: layer.tokens)
+            return PreparedReference(layer: layer, referenceLayer: refLayer, options: options, storedInputs: storedInputs, reference: ref,
+                                     seconds: Date().timeIntervalSince(start), cached: cache == nil ? nil : false, engine: engine, inputs: x)
+        }
+        if let cache, let key { cache.store(prepared.reference, key: key) }
+        return prepared
     }
 
     /// Forward-only: each tier leaves out the tokens whose experts a correct kernel may pick either way.
@@ -224,13 +298,14 @@ public struct CaseVerifier {
         (ref.ambiguousTokens.map { !$0 }, ref.statistics.map { $0.ambiguousTokens.map { !$0 } })
     }
 
-    func verify(_ vc: VerifyCase, into report: inout CaseReport) throws {
-        let p = try prepare(vc)
+    func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, into report: inout CaseReport) throws {
+        let p = try prepare(vc, reference: reference)
         let judgeStart = Date()
         defer { report.judgeSeconds = Date().timeIntervalSince(judgeStart) }
-        let ref = p.reference, run = p.run
+        let ref = p.reference.reference, run = p.run
         report.recipe = ref.recipe.name
         report.referenceSeconds = p.referenceSeconds
+        report.referenceCached = p.reference.cached
         report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count
         report.kernelMilliseconds = run.forwardMilliseconds
         var judged = ref
@@ -267,11 +342,12 @@ public struct CaseVerifier {
     public func forwardOnlyStudy(_ vc: VerifyCase, mutations: [Mutation?]) throws -> [(Mutation?, StageReport)] {
         let p = try prepare(vc)
         guard let kernelOut = p.run.forwardOutputs.first else { throw VerifyError.failed("\(vc.name): the kernel returned no whole-layer output") }
-        let mask = Self.forwardOnlyMask(p.reference)
+        let ref = p.reference.reference
+        let mask = Self.forwardOnlyMask(ref)
         return try mutations.map { m in
             var out = kernelOut
-            try m?.apply(&out, reference: p.reference, rerun: p.rerun)
-            return (m, judgeWholeLayer(out, ref: p.reference, stage: "forward", mask: mask))
+            try m?.apply(&out, reference: ref, rerun: p.rerun)
+            return (m, judgeWholeLayer(out, ref: ref, stage: "forward", mask: mask))
         }
     }
 

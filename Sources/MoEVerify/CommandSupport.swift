@@ -98,18 +98,28 @@ public struct CatalogueRun: Sendable {
         return cases
     }
 
-    /// Verifies `cases` in order on `kernel`, calling `each` after every case.
+    /// Verifies `cases` in order on `kernel`, calling `each` after every case. `cache`: read and
+    /// write references there; `pipelined`: compute case n + 1's reference while the kernel runs
+    /// case n (`ReferencePipeline`), else each just before its kernel.
     public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, rigorousOnly: Bool = false, recipe: Recipe? = nil,
-                           each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
-        let verifier = CaseVerifier(kernel: kernel, adjustRecipe: recipe.map { r in { _ in r } }, rigorousOnly: rigorousOnly)
+                           cache: ReferenceCache? = nil, pipelined: Bool = true, each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
+        var verifier = CaseVerifier(kernel: kernel, adjustRecipe: recipe.map { r in { _ in r } }, rigorousOnly: rigorousOnly)
+        verifier.cache = cache
         let start = Date()
         var reports: [CaseReport] = []
-        for vc in cases {
-            let r = verifier.verify(vc)
-            each(r)
-            reports.append(r)
+        if pipelined {
+            ReferencePipeline(verifier: verifier).run(cases) { _, r in
+                each(r)
+                reports.append(r)
+            }
+        } else {
+            for vc in cases {
+                let r = verifier.verify(vc)
+                each(r)
+                reports.append(r)
+            }
         }
-        return CatalogueRunSummary(reports: reports, seconds: Date().timeIntervalSince(start))
+        return CatalogueRunSummary(reports: reports, seconds: Date().timeIntervalSince(start), pipelined: pipelined)
     }
 }
 
@@ -117,7 +127,11 @@ public struct CatalogueRun: Sendable {
 public struct CatalogueRunSummary: Sendable {
     public var reports: [CaseReport]
     public var seconds: Double
-    public init(reports: [CaseReport], seconds: Double) { self.reports = reports; self.seconds = seconds }
+    /// Whether references were computed one case ahead, beside the kernel.
+    public var pipelined: Bool
+    public init(reports: [CaseReport], seconds: Double, pipelined: Bool = false) {
+        self.reports = reports; self.seconds = seconds; self.pipelined = pipelined
+    }
     public var failed: Int { reports.filter { !$0.passed }.count }
     /// Cases the kernel or its recipe declared outside its contract (`CaseReport.skipped`).
     public var skipped: Int { reports.filter { $0.skipped != nil }.count }
@@ -125,8 +139,8 @@ public struct CatalogueRunSummary: Sendable {
     /// `"N passed, M failed"` (`, K skipped` where some were), the last line of every command.
     public var countLine: String { "\(passed) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : "") }
 
-    /// Where the time went: reference, kernel, and the rest of the kernel's case (a Python
-    /// worker's transfers), with cases/s.
+    /// Where the time went: reference, kernel, judging, waiting (pipelined), and the rest of the
+    /// kernel's case (a Python worker's transfers), with cases/s.
     public var timeSplit: String {
         let reference = reports.reduce(0) { $0 + $1.referenceSeconds }
         let kernel = reports.reduce(0) { $0 + $1.kernelMilliseconds } / 1000
@@ -134,6 +148,7 @@ public struct CatalogueRunSummary: Sendable {
         let judging = reports.reduce(0) { $0 + ($1.judgeSeconds ?? 0) }
         var s = String(format: " (%.2f cases/s; reference %.1f s, kernel %.2f s, judging %.1f s", Double(reports.count) / Swift.max(seconds, 1e-9),
                        reference, kernel, judging)
+        s += TimeSplit.pipelineNote(reports, pipelined: pipelined)
         if !overheads.isEmpty {
             let perCase = overheads.map { ($0["worker_round_trip"] ?? 0) + ($0["read_outputs"] ?? 0) }.sorted()
             let write = overheads.reduce(0) { $0 + ($1["write_case"] ?? 0) }
@@ -145,6 +160,22 @@ public struct CatalogueRunSummary: Sendable {
             }
         }
         return s + ")"
+    }
+}
+
+/// Pieces of `verify`'s and `fuzz`'s time split.
+enum TimeSplit {
+    /// `", waiting for the reference X s (pipelined: …), N of M references cached"`, or "" for
+    /// a serial run without a cache.
+    static func pipelineNote(_ reports: [CaseReport], pipelined: Bool) -> String {
+        var s = ""
+        if pipelined {
+            let waiting = reports.reduce(0) { $0 + ($1.waitSeconds ?? 0) }
+            s += String(format: ", waiting for the reference %.1f s (pipelined: the reference ran beside the kernel and judging)", waiting)
+        }
+        let cached = reports.filter { $0.referenceCached == true }.count
+        if reports.contains(where: { $0.referenceCached != nil }) { s += ", \(cached) of \(reports.count) references from the cache" }
+        return s
     }
 }
 

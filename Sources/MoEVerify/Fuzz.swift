@@ -271,7 +271,12 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
 
     public func recipe(for format: WeightFormat) throws -> Recipe { .default(for: format) }
 
+    /// Runs the float32 engine (serialized with the oracle's runs: both set OpenBLAS's threads).
     public func run(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
+        try ReferenceExecution.exclusive { try runEngine(vc, layer: layer, referenceIds: referenceIds) }
+    }
+
+    func runEngine(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32]) throws -> KernelRun {
         let c = layer.config, T = layer.tokens, K = c.topK, H = c.hidden, I = c.intermediate
         let refLayer: MoELayerSource = (vc.fuseShared || !c.hasSharedExpert) ? layer : RoutedOnlyLayer(layer)
         let engine = try MoEReferenceEngine(layer: refLayer, recipe: try recipe(for: layer.weightFormat),
@@ -493,6 +498,10 @@ public struct FuzzSummary: Codable, Sendable {
     public var reproducers: [String]
     /// Where the campaign's time went, over every case run (shrinking excluded).
     public var referenceSeconds = 0.0, kernelSeconds = 0.0, judgeSeconds = 0.0
+    /// Seconds the kernel side waited for references (pipelined campaigns; nil: serial).
+    public var waitSeconds: Double? = nil
+    /// Cases whose reference came from the on-disk cache (nil: no cache in use).
+    public var cachedReferences: Int? = nil
 
     public var passed: Int { casesRun - failed }
     public var line: String {
@@ -500,12 +509,18 @@ public struct FuzzSummary: Codable, Sendable {
                kernel, seed, shard.description, casesRun, failed, seconds,
                skipped > 0 ? " (\(skipped) generated cases outside the kernel's contract skipped)" : "", passed, failed)
     }
-    /// Cases/s and where the time went: reference, kernel, judging, and the rest (case
-    /// generation, transfers, shrinking).
+    /// Cases/s and where the time went: reference, kernel, judging, waiting for the reference
+    /// (pipelined) and the rest (case generation, transfers, shrinking). Pipelined, the reference
+    /// runs on its own thread: the rest is what the kernel side spent outside kernel, judging and
+    /// waiting.
     public var timeSplit: String {
-        let rest = Swift.max(0, seconds - referenceSeconds - kernelSeconds - judgeSeconds)
-        return String(format: "fuzz: %.2f cases/s; reference %.1f s, kernel %.2f s, judging %.1f s, the rest %.1f s (case generation, transfers, shrinking %.1f s)",
-                      Double(casesRun) / Swift.max(seconds, 1e-9), referenceSeconds, kernelSeconds, judgeSeconds, rest, shrinkSeconds)
+        let rest = Swift.max(0, seconds - kernelSeconds - judgeSeconds - (waitSeconds ?? referenceSeconds))
+        var s = String(format: "fuzz: %.2f cases/s; reference %.1f s, kernel %.2f s, judging %.1f s", Double(casesRun) / Swift.max(seconds, 1e-9),
+                       referenceSeconds, kernelSeconds, judgeSeconds)
+        if let waitSeconds { s += String(format: ", waiting for the reference %.1f s (pipelined: the reference ran beside the kernel)", waitSeconds) }
+        s += String(format: ", the rest %.1f s (case generation, transfers, shrinking %.1f s)", rest, shrinkSeconds)
+        if let cachedReferences { s += ", \(cachedReferences) of \(casesRun) references from the cache" }
+        return s
     }
 }
 
@@ -523,6 +538,8 @@ public struct FuzzCampaign {
     public var shrinkBudget: Int = 150
     /// Reports of every case are kept up to this many cases; past it, failures only.
     public static let allReportsLimit = 1000
+    /// Compute case n + 1's reference while the kernel runs case n (`ReferencePipeline`).
+    public var pipelined = true
 
     public init(generator: FuzzGenerator, verifier: CaseVerifier, shard: FuzzShard = FuzzShard(), maxCases: Int? = nil, seconds: Double? = nil) {
         self.generator = generator
@@ -538,35 +555,45 @@ public struct FuzzCampaign {
         case shrunk(ShrinkResult)
     }
 
-    /// `reproducer(vc)` builds the command line that replays a case.
+    /// `reproducer(vc)` builds the command line that replays a case. With `pipelined`, case
+    /// n + 1 is generated and its reference computed while the kernel runs case n; the time and
+    /// case budgets are then checked when case n + 1 is generated (one case early).
     public func run(reproducer: (VerifyCase) -> String, event: (Event) -> Void = { _ in }) -> FuzzSummary {
         let start = Date()
         var reports: [CaseReport] = []
-        var failures: [CaseReport] = []
         var shrunk: [ShrinkResult] = []
         var reproducers: [String] = []
         var shrunkStages = Set<String>()
         var shrinkSeconds = 0.0
-        var run = 0, failed = 0, skipped = 0
+        var run = 0, failed = 0, generated = 0, skipped = 0
         var keepAll = true
         var k = 0
-        var referenceSeconds = 0.0, kernelSeconds = 0.0, judgeSeconds = 0.0
-        while true {
-            if let maxCases, run >= maxCases { break }
-            if let seconds, Date().timeIntervalSince(start) >= seconds { break }
-            if maxCases == nil && seconds == nil { break }
+        var times = (reference: 0.0, kernel: 0.0, judge: 0.0, wait: 0.0)
+        var indices: [Int] = []
+        var cached = 0
+        func next() -> VerifyCase? {
+            if let maxCases, generated >= maxCases { return nil }
+            if let seconds, Date().timeIntervalSince(start) >= seconds { return nil }
+            if maxCases == nil && seconds == nil { return nil }
+            if skipped > 20 * Swift.max(run, 1) + 100 { return nil }   // a kernel that refuses (nearly) everything
             let index = shard.caseIndex(k)
             k += 1
-            let vc = generator.makeCase(index: index)
-            let r = verifier.verify(vc)
+            generated += 1
+            indices.append(index)
+            return generator.makeCase(index: index)
+        }
+        func judged(_ vc: VerifyCase, _ r: CaseReport) {
+            let index = indices.removeFirst()
             if r.skipped != nil {
-                // outside the kernel's contract: draw another (but stop a kernel that refuses everything)
+                // outside the kernel's contract: not a case of the campaign, another is drawn
                 skipped += 1
-                if skipped > 20 * Swift.max(run, 1) + 100 { break }
-                continue
+                generated -= 1
+                return
             }
             run += 1
-            referenceSeconds += r.referenceSeconds; kernelSeconds += r.kernelMilliseconds / 1000; judgeSeconds += r.judgeSeconds ?? 0
+            times.reference += r.referenceSeconds; times.kernel += r.kernelMilliseconds / 1000
+            times.judge += r.judgeSeconds ?? 0; times.wait += r.waitSeconds ?? 0
+            if r.referenceCached == true { cached += 1 }
             if keepAll { reports.append(r) }
             if run > Self.allReportsLimit && keepAll {
                 keepAll = false
@@ -575,7 +602,6 @@ public struct FuzzCampaign {
             if !r.passed {
                 failed += 1
                 if !keepAll { reports.append(r) }
-                failures.append(r)
             }
             event(.caseDone(index: index, report: r, run: run, failed: failed, elapsed: Date().timeIntervalSince(start)))
             if let sig = failureSignature(r), shrunk.count < maxShrinks, !shrunkStages.contains(sig) {
@@ -590,11 +616,16 @@ public struct FuzzCampaign {
                 event(.shrunk(res))
             }
         }
-        _ = failures
+        if pipelined {
+            ReferencePipeline(verifier: verifier).run(next: next, each: judged)
+        } else {
+            while let vc = next() { judged(vc, verifier.verify(vc)) }
+        }
         return FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
                            limits: generator.limits, casesRun: run, failed: failed, skipped: skipped, seconds: Date().timeIntervalSince(start),
                            shrinkSeconds: shrinkSeconds, reportsIncluded: keepAll ? "all" : "failures", reports: reports,
                            shrunk: shrunk, reproducers: reproducers,
-                           referenceSeconds: referenceSeconds, kernelSeconds: kernelSeconds, judgeSeconds: judgeSeconds)
+                           referenceSeconds: times.reference, kernelSeconds: times.kernel, judgeSeconds: times.judge,
+                           waitSeconds: pipelined ? times.wait : nil, cachedReferences: verifier.cache == nil ? nil : cached)
     }
 }

@@ -108,10 +108,47 @@ public enum ReferenceBenchmark {
     public struct Report: Codable, Sendable {
         public var threads: Int; public var rounds: Int; public var numpyBLAS: String; public var fastGEMM: String; public var host: String
         public var rows: [Row]
+        /// The verify-throughput row (nil where it was not measured).
+        public var verify: VerifyThroughput? = nil
 
         public init(threads: Int, rounds: Int, numpyBLAS: String, fastGEMM: String, host: String, rows: [Row]) {
             self.threads = threads; self.rounds = rounds; self.numpyBLAS = numpyBLAS; self.fastGEMM = fastGEMM; self.host = host; self.rows = rows
         }
+    }
+
+    /// Throughput of `verify --cpu-model --suite SUITE` (pipelined, as the command runs it):
+    /// once with an empty reference cache (cold) and once with the cache that run filled (warm).
+    public struct VerifyThroughput: Codable, Sendable {
+        public var suite: String
+        public var cases: Int
+        public var coldSeconds: Double, warmSeconds: Double
+        public var failed: Int
+        public var coldCasesPerSecond: Double { Double(cases) / Swift.max(coldSeconds, 1e-9) }
+        public var warmCasesPerSecond: Double { Double(cases) / Swift.max(warmSeconds, 1e-9) }
+
+        /// The row printed under the reference table.
+        public var line: String {
+            String(format: "verify throughput (verify --cpu-model --suite %@, %d cases, pipelined): cold cache %.1f cases/s (%.2f s), warm cache %.1f cases/s (%.2f s, %.2f× the cold time)%@",
+                   suite, cases, coldCasesPerSecond, coldSeconds, warmCasesPerSecond, warmSeconds, warmSeconds / Swift.max(coldSeconds, 1e-9),
+                   failed > 0 ? ", \(failed) case(s) FAILED" : "")
+        }
+    }
+
+    /// Measures `VerifyThroughput` in this process, with a fresh reference cache under
+    /// `scratch` that is removed afterwards.
+    public static func verifyThroughput(suite: String, scratch: String) throws -> VerifyThroughput {
+        let cases = try CatalogueRun(suite: suite).cases()
+        let directory = (scratch as NSString).appendingPathComponent("verify-throughput-\(getpid())")
+        try? FileManager.default.removeItem(atPath: directory)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        guard let cache = ReferenceCache.open(directory: directory, warn: { _ in }) else {
+            throw VerifyError.failed("bench: cannot create a reference cache in \(directory)")
+        }
+        let kernel = try CPUModelKernel()
+        let cold = CatalogueRun.run(cases, on: kernel, cache: cache)
+        let warm = CatalogueRun.run(cases, on: kernel, cache: cache)
+        return VerifyThroughput(suite: suite, cases: cases.count, coldSeconds: cold.seconds, warmSeconds: warm.seconds,
+                                failed: cold.failed + warm.failed)
     }
 
     /// The case file of `shape` with `tokens` rows in `directory`, written once (through a

@@ -15,6 +15,10 @@ struct Bench: ParsableCommand {
         case generated with that T). Files are cached in --cache-dir. The timed float64 modes use \
         the format's default recipe (fused-bf16 / fused-fp8); agreement with NumPy is checked on \
         the `exact` recipe (the same math as NumPy).
+
+        Then the verify-throughput row: `verify --cpu-model --suite smoke` (--verify-suite) in this process, pipelined, \
+        once with an empty reference cache and once with the cache that run filled (cases/s of each). \
+        --verify-only measures that row alone.
         """)
 
     @Option(help: "Models: 35b, 397b (comma-separated).")
@@ -44,6 +48,12 @@ struct Bench: ParsableCommand {
     @Option(help: "Python interpreter for --numpy.")
     var python: String = "python3"
 
+    @Option(help: "The suite of the verify-throughput row (verify --cpu-model on it, cold and warm reference cache).")
+    var verifySuite: String = "smoke"
+
+    @Flag(help: "Measure the verify-throughput row only (no reference table).")
+    var verifyOnly = false
+
     @OptionGroup var report: JSONOutputOption
 
     @OptionGroup var blas: BLASOptions
@@ -62,6 +72,13 @@ struct Bench: ParsableCommand {
         }
         let executable = CommandLine.arguments[0].contains("/") ? URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL.path
                                                                 : Bundle.main.executablePath ?? CommandLine.arguments[0]
+        if verifyOnly {
+            let v = try failing("bench") { try ReferenceBenchmark.verifyThroughput(suite: verifySuite, scratch: NSTemporaryDirectory()) }
+            print("moecheck bench: OpenBLAS threads \(BLAS.threads)")
+            print(v.line)
+            try report.write(v)
+            return
+        }
         let plan = ReferenceBenchmark.Plan(
             shapes: try ReferenceBenchmark.shapes(models: models, formats: formats, tp: tp),
             tokens: try ReferenceBenchmark.tokenCounts(tokens), rounds: `repeat`,
@@ -72,9 +89,13 @@ struct Bench: ParsableCommand {
         print("moecheck bench: OpenBLAS threads \(threads) (Swift and NumPy), \(`repeat`) round(s), medians; cache \(plan.cacheDirectory)")
         let (rows, numpyBLAS) = try plan.run(note: note)
         print(ReferenceBenchmark.table(rows, threads: threads, numpyBLAS: numpyBLAS))
+        let verify = try failing("bench") { try ReferenceBenchmark.verifyThroughput(suite: verifySuite, scratch: NSTemporaryDirectory()) }
+        print(verify.line)
         if let json = report.json {
-            try report.write(ReferenceBenchmark.Report(threads: threads, rounds: `repeat`, numpyBLAS: numpyBLAS, fastGEMM: FastGEMM.name,
-                                                       host: ProcessInfo.processInfo.hostName, rows: rows))
+            var r = ReferenceBenchmark.Report(threads: threads, rounds: `repeat`, numpyBLAS: numpyBLAS, fastGEMM: FastGEMM.name,
+                                              host: ProcessInfo.processInfo.hostName, rows: rows)
+            r.verify = verify
+            try report.write(r)
             print("wrote \(json)")
         }
     }

@@ -21,6 +21,10 @@ struct Fuzz: ParsableCommand {
         --json FILE writes the summary, every case's report (failures only once a campaign passes \
         \(FuzzCampaign.allReportsLimit) cases: reportsIncluded says which), the shrink results and their reproducers. \
         Exit code 1 on any failure.
+
+        The next case is generated and its reference computed (or read from the reference cache: --cache, --no-cache) \
+        while the kernel runs the current one (--no-pipeline: one after the other); memory holds at most two cases' \
+        references, and --seconds / --cases are checked when the next case is generated.
         """)
 
     @OptionGroup var kernel: KernelOptions
@@ -57,6 +61,8 @@ struct Fuzz: ParsableCommand {
 
     @OptionGroup var blas: BLASOptions
 
+    @OptionGroup var references: ReferenceCacheOptions
+
     func validate() throws {
         if kernel.cpuModel && cpuSelfcheck { throw ValidationError("--cpu-model and --cpu-selfcheck exclude each other") }
         if kernel.fault != nil && cpuSelfcheck { throw ValidationError("--fault needs --cpu-model or --kernels") }
@@ -89,7 +95,9 @@ struct Fuzz: ParsableCommand {
     func run() throws {
         blas.apply()
         let (kernel, base, allExperts, command) = try makeKernel()
-        let verifier = CaseVerifier(kernel: kernel, rigorousOnly: tier.rigorousOnly)
+        var verifier = CaseVerifier(kernel: kernel, rigorousOnly: tier.rigorousOnly)
+        let cache = references.open("fuzz")
+        verifier.cache = cache
         if let replay {
             let vc = try FuzzReplay.decode(replay)
             print("fuzz: replay on \(kernel.name) (\(kernel.device)): \(vc)")
@@ -107,6 +115,7 @@ struct Fuzz: ParsableCommand {
         var campaign = FuzzCampaign(generator: generator, verifier: verifier, shard: sh,
                                     maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
         campaign.shrinkBudget = shrinkAttempts
+        campaign.pipelined = !references.noPipeline
         if noShrink { campaign.maxShrinks = 0 }
         let budget = seconds.map { String(format: "%.0f s", $0) } ?? "\(campaign.maxCases ?? 0) cases"
         print("fuzz: \(kernel.name) on \(kernel.device), seed \(seed), shard \(sh), \(budget), caps T≤\(lim.maxTokens) E≤\(lim.maxExperts) " +
@@ -149,6 +158,7 @@ struct Fuzz: ParsableCommand {
         try report.write(summary, escapingSlashes: false)
         print(summary.line)
         print(summary.timeSplit)
+        if let cache { print("fuzz: " + cache.counters.line(directory: cache.root.path)) }
         print("\(summary.passed) passed, \(summary.failed) failed")
         if summary.failed > 0 { throw ExitCode(1) }
     }

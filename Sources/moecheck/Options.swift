@@ -90,6 +90,34 @@ struct KernelOptions: ParsableArguments {
     }
 }
 
+/// `--cache DIR --no-cache --cache-max-bytes --no-pipeline`: how `verify` and `fuzz` get references.
+struct ReferenceCacheOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The reference cache: results of the float64 oracle keyed by everything they depend on (case content, recipe, options, this build), reused by later runs and shards. Default: $XDG_CACHE_HOME/moecheck, else ~/.cache/moecheck.", valueName: "DIR"))
+    var cache: String?
+
+    @Flag(help: "Compute every reference; read and write no cache.")
+    var noCache = false
+
+    @Option(help: ArgumentHelp("Size cap of the reference cache (K, M, G suffixes: powers of 1024); least recently used entries are removed past it.", valueName: "SIZE"))
+    var cacheMaxBytes: String = "2G"
+
+    @Flag(help: "Compute each case's reference just before its kernel runs. Default: while the kernel runs case n, a second thread computes the reference of case n+1 (at most one case ahead: memory holds two cases' references).")
+    var noPipeline = false
+
+    func validate() throws {
+        if parseByteSize(cacheMaxBytes) == nil { throw ValidationError("--cache-max-bytes: '\(cacheMaxBytes)' is not a size (e.g. 2G, 500M, 1000000)") }
+        if noCache && cache != nil { throw ValidationError("--cache and --no-cache exclude each other") }
+    }
+
+    /// The cache, or nil with --no-cache or where it cannot be used (a warning on stderr then).
+    func open(_ command: String) -> ReferenceCache? {
+        if noCache { return nil }
+        return ReferenceCache.open(directory: cache ?? ReferenceCache.defaultDirectory, maxBytes: parseByteSize(cacheMaxBytes) ?? ReferenceCache.defaultMaxBytes) {
+            note("\(command): \($0)")
+        }
+    }
+}
+
 /// `--rigorous-only`: judge with the per-element bound alone.
 struct TierOptions: ParsableArguments {
     @Flag(help: "Judge with the rigorous per-element bound only: the statistical tier (precision: error RMS and per-expert scale tests, docs/error-bounds.md) is still computed and reported, but does not fail a case.")

@@ -11,6 +11,11 @@ struct Verify: ParsableCommand {
         (teacher-forced with the reference's routing), and the whole layer twice on buffers poisoned with NaN and 0xD5. \
         Suites: \(Catalogue.suites.joined(separator: ", ")). Exit code 1 on any failure. Without a kernel library the GPU \
         comparison is skipped (exit 0), unless one was asked for with --kernels or MOECHECK_KERNELS.
+
+        References come from the reference cache when it holds them (--cache, default $XDG_CACHE_HOME/moecheck or \
+        ~/.cache/moecheck; --no-cache) and are computed one case ahead of the kernel on a second thread (--no-pipeline: \
+        just before it); memory holds at most two cases' references. The last lines give cases/s, where the time went \
+        (reference, kernel, judging, waiting for the reference) and the cache's hits and misses.
         """)
 
     @OptionGroup var kernel: KernelOptions
@@ -36,6 +41,8 @@ struct Verify: ParsableCommand {
     var hostWeights = false
 
     @OptionGroup var tier: TierOptions
+
+    @OptionGroup var references: ReferenceCacheOptions
 
     @OptionGroup var blas: BLASOptions
 
@@ -88,13 +95,17 @@ struct Verify: ParsableCommand {
         var about = "\(k.name) on \(k.device), \(source), \(runnable.count) cases, OpenBLAS threads \(BLAS.threads)"
         if let py = k as? PythonKernel { about += "; \(py.libraryVersions)\(py.hasRoute ? "" : "; no route(): whole layer judged forward-only")" }
         if let forced { about += "; recipe \(forced.name) (given)" }
+        let cache = references.open("verify")
+        about += "; " + (cache.map { "reference cache \($0.root.path)" } ?? "no reference cache")
         print("verify: " + about)
-        let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced) { r in
+        let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced, cache: cache,
+                                       pipelined: !references.noPipeline) { r in
             print(r.line)
             fflush(stdout)
         }
         try report.write(summary.reports)
         print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds) + summary.timeSplit)
+        if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
         if let py = k as? PythonKernel, py.restarts > 0 { print("verify: the adapter's worker was restarted \(py.restarts) time(s)") }
         print(summary.countLine)
         if summary.failed > 0 { throw ExitCode(1) }
@@ -105,9 +116,11 @@ struct Verify: ParsableCommand {
     /// summaries at the end.
     func runSeveral(_ kernels: [KernelUnderTest], _ cases: [VerifyCase], source: String, recipe forced: Recipe?) throws {
         let memo = ReferenceMemo()
+        let cache = references.open("verify")
         let verifiers = kernels.map { k -> CaseVerifier in
             var v = CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }, rigorousOnly: tier.rigorousOnly)
             v.memo = memo
+            v.cache = cache
             return v
         }
         let runnable = kernels.map { Set(CaseSelection.runnable(cases, on: $0).run.map(\.name)) }
@@ -137,7 +150,8 @@ struct Verify: ParsableCommand {
             print("  [\(i + 1)] \(summary.countLine)")
             failed += summary.failed
         }
-        print("verify: \(memo.hits) reference(s) shared between kernels")
+        print("verify: \(memo.hits) reference(s) shared between kernels (several kernels: references are not pipelined)")
+        if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
         let total = reports.reduce(0) { $0 + $1.count }
         let skipped = reports.reduce(0) { $0 + $1.filter { $0.skipped != nil }.count }
         print("\(total - failed - skipped) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : ""))

@@ -55,6 +55,10 @@ enum MoECheckTool {
 
     static var isAvailable: Bool { executable != nil }
 
+    /// `XDG_CACHE_HOME` of every run (the default reference cache lives under it): one scratch
+    /// directory for all test runs, kept small by the cache's own size cap.
+    static let cacheHome = FileManager.default.temporaryDirectory.appendingPathComponent("moecheck-tests-xdg-cache")
+
     private static func isDirectory(_ path: String) -> Bool {
         var d: ObjCBool = false
         return FileManager.default.fileExists(atPath: path, isDirectory: &d) && d.boolValue
@@ -82,6 +86,8 @@ enum MoECheckTool {
         }
         var env = ProcessInfo.processInfo.environment
         env["MOECHECK_BLAS_THREADS"] = "1"
+        // the reference cache goes to this test process's scratch directory, never ~/.cache
+        env["XDG_CACHE_HOME"] = cacheHome.path
         for (k, v) in environment { env[k] = v }
         p.environment = env
         if let directory { p.currentDirectoryURL = directory }
