@@ -146,11 +146,17 @@ extern "C" moe_status moe_set_fault(const char* name) {
 /* ---- identity -------------------------------------------------------------------------- */
 extern "C" int32_t moe_abi_version(void) { return MOE_ABI_VERSION; }
 
+#ifdef MOE_IMPL_MMA
+#  define MOE_IMPL_NAME "matrix-core tiles"
+#else
+#  define MOE_IMPL_NAME "fp32-fma tiles"
+#endif
+
 extern "C" const char* moe_library_name(void) {
 #ifdef MOE_FAULTS
-    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", fp32-fma tiles, FAULTS)";
+    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", " MOE_IMPL_NAME ", FAULTS)";
 #else
-    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", fp32-fma tiles)";
+    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", " MOE_IMPL_NAME ")";
 #endif
 }
 
