@@ -144,57 +144,83 @@ __device__ __forceinline__ void mma_zero(MmaAcc& d) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Shared-memory staging. rowp[r] points at row r's first element (NULL: a row of zeros); the  */
-/* K columns [k0, k0+64) are copied, zero past K. vec: 16-byte loads allowed (K a multiple of  */
-/* 8 (bf16) or 16 (fp8) and 16-byte-aligned bases, checked on the host).                       */
+/* Staging, in two halves so that the next stage's global loads are in flight while the       */
+/* current stage is on the matrix cores: fetch (global -> registers) and store (registers ->  */
+/* shared, fp8 decoded to bf16 here). rowp[r] points at row r's first element (NULL: a row of  */
+/* zeros); the K columns [k0, k0+64) are fetched, zero past K. vec: 16-byte loads allowed (K a */
+/* multiple of 8 (bf16) or 16 (fp8) and 16-byte-aligned bases, checked on the host).           */
 /* ------------------------------------------------------------------------------------------ */
+template <int NR> struct MmaChunks {                       /* 16-byte chunks per thread */
+    static constexpr int BF16 = NR * (MMA_BK / 8) / MMA_THREADS;
+    static constexpr int FP8 = NR * (MMA_BK / 16) / MMA_THREADS;
+};
+
 template <int NR>
-__device__ __forceinline__ void mma_stage_bf16(uint16_t (*S)[MMA_LDS], const uint16_t* const* rowp,
-                                               int64_t k0, int64_t K, bool vec) {
+__device__ __forceinline__ void mma_fetch_bf16(uint4* v, const uint16_t* const* rowp, int64_t k0, int64_t K, bool vec) {
     constexpr int CH = MMA_BK / 8;
 #pragma unroll
-    for (int it = 0; it < (NR * CH) / MMA_THREADS; ++it) {
+    for (int it = 0; it < MmaChunks<NR>::BF16; ++it) {
         const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 8;
         const uint16_t* p = rowp[r];
         const int64_t gk = k0 + c;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        v[it] = make_uint4(0u, 0u, 0u, 0u);
         if (p != nullptr && gk < K) {
             if (vec) {
-                v = *(const uint4*)(p + gk);
+                v[it] = *(const uint4*)(p + gk);
             } else {
                 uint32_t w[4] = {0u, 0u, 0u, 0u};
                 for (int j = 0; j < 8; ++j)
                     if (gk + j < K) w[j >> 1] |= (uint32_t)p[gk + j] << (16 * (j & 1));
-                v = make_uint4(w[0], w[1], w[2], w[3]);
+                v[it] = make_uint4(w[0], w[1], w[2], w[3]);
             }
         }
-        *(uint4*)&S[r][c] = v;
     }
 }
 
 template <int NR>
-__device__ __forceinline__ void mma_stage_fp8(uint16_t (*S)[MMA_LDS], const uint8_t* const* rowp,
-                                              int64_t k0, int64_t K, bool vec,
-                                              const uint16_t* __restrict__ lut) {
+__device__ __forceinline__ void mma_store_bf16(uint16_t (*S)[MMA_LDS], const uint4* v) {
+    constexpr int CH = MMA_BK / 8;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::BF16; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it;
+        *(uint4*)&S[i / CH][(i % CH) * 8] = v[it];
+    }
+}
+
+/* fp8: 16 raw codes per chunk; bytes past K are 0 (never read as a product: A is 0 there too) */
+template <int NR>
+__device__ __forceinline__ void mma_fetch_fp8(uint4* v, const uint8_t* const* rowp, int64_t k0, int64_t K, bool vec) {
     constexpr int CH = MMA_BK / 16;
 #pragma unroll
-    for (int it = 0; it < (NR * CH) / MMA_THREADS; ++it) {
+    for (int it = 0; it < MmaChunks<NR>::FP8; ++it) {
         const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 16;
         const uint8_t* p = rowp[r];
         const int64_t gk = k0 + c;
-        uint32_t w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+        v[it] = make_uint4(0u, 0u, 0u, 0u);
         if (p != nullptr && gk < K) {
             if (vec) {
-                const uint4 q = *(const uint4*)(p + gk);
-                const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-                for (int j = 0; j < 16; ++j)
-                    w[j >> 1] |= (uint32_t)lut[(qw[j >> 2] >> (8 * (j & 3))) & 0xFFu] << (16 * (j & 1));
+                v[it] = *(const uint4*)(p + gk);
             } else {
+                uint32_t w[4] = {0u, 0u, 0u, 0u};
                 for (int j = 0; j < 16; ++j)
-                    if (gk + j < K) w[j >> 1] |= (uint32_t)lut[p[gk + j]] << (16 * (j & 1));
+                    if (gk + j < K) w[j >> 2] |= (uint32_t)p[gk + j] << (8 * (j & 3));
+                v[it] = make_uint4(w[0], w[1], w[2], w[3]);
             }
         }
+    }
+}
+
+template <int NR>
+__device__ __forceinline__ void mma_store_fp8(uint16_t (*S)[MMA_LDS], const uint4* v, const uint16_t* __restrict__ lut) {
+    constexpr int CH = MMA_BK / 16;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::FP8; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 16;
+        const uint32_t qw[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
+        uint32_t w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            w[j >> 1] |= (uint32_t)lut[(qw[j >> 2] >> (8 * (j & 3))) & 0xFFu] << (16 * (j & 1));
         *(uint4*)&S[r][c] = make_uint4(w[0], w[1], w[2], w[3]);
         *(uint4*)&S[r][c + 8] = make_uint4(w[4], w[5], w[6], w[7]);
     }
@@ -293,11 +319,19 @@ moe_router_mma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict
     }
     MmaAcc acc;
     mma_zero(acc);
+    uint4 ra[MmaChunks<MMA_BM>::BF16], rb[MmaChunks<MMA_BN>::BF16];
+    __syncthreads(); /* aRow / bRow */
+    mma_fetch_bf16<MMA_BM>(ra, aRow, 0, H, vec != 0);
+    mma_fetch_bf16<MMA_BN>(rb, bRow, 0, H, vec != 0);
     for (int64_t k0 = 0; k0 < H; k0 += MMA_BK) {
+        __syncthreads(); /* the previous stage's fragments have been read */
+        mma_store_bf16<MMA_BM>(sm.u.t.A, ra);
+        mma_store_bf16<MMA_BN>(sm.u.t.B, rb);
         __syncthreads();
-        mma_stage_bf16<MMA_BM>(sm.u.t.A, aRow, k0, H, vec != 0);
-        mma_stage_bf16<MMA_BN>(sm.u.t.B, bRow, k0, H, vec != 0);
-        __syncthreads();
+        if (k0 + MMA_BK < H) { /* next stage's loads in flight during this stage's MMAs */
+            mma_fetch_bf16<MMA_BM>(ra, aRow, k0 + MMA_BK, H, vec != 0);
+            mma_fetch_bf16<MMA_BN>(rb, bRow, k0 + MMA_BK, H, vec != 0);
+        }
         mma_k32(sm, 0, acc, false);
         mma_k32(sm, 32, acc, false);
     }
@@ -472,9 +506,32 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a
     MmaAcc acc, part;
     mma_zero(acc);
     mma_zero(part);
-    for (int64_t kbi = 0; kbi < kb_end - kb_begin; ++kbi) {
-        const int64_t kb = rev ? kb_end - 1 - kbi : kb_begin + kbi;
-        if (FP8) {
+    /* Stages q = 0 .. nq-1: (128-K block, 64-wide half) in processing order (reversed for the
+     * benign reverse-accumulation fault); halves at or past K are skipped. */
+    constexpr int SUBS = MOE_QGROUP / MMA_BK;
+    const int64_t nq = (kb_end - kb_begin) * SUBS;
+    auto q_kb = [&](int64_t q) { const int64_t kbi = q / SUBS; return rev ? kb_end - 1 - kbi : kb_begin + kbi; };
+    auto q_k0 = [&](int64_t q) {
+        const int sub = (int)(q % SUBS);
+        return q_kb(q) * MOE_QGROUP + (int64_t)(rev ? SUBS - 1 - sub : sub) * MMA_BK;
+    };
+    auto next_valid = [&](int64_t q) {
+        while (q < nq && q_k0(q) >= a.K) ++q;
+        return q;
+    };
+    constexpr int NB = FP8 ? MmaChunks<BN>::FP8 : MmaChunks<BN>::BF16;
+    uint4 ra[MmaChunks<BM>::BF16], rb[NB];
+    auto fetch = [&](int64_t k0) {
+        mma_fetch_bf16<BM>(ra, aRow, k0, a.K, vecA != 0);
+        if (FP8) mma_fetch_fp8<BN>(rb, (const uint8_t* const*)bRow, k0, a.K, vecB != 0);
+        else mma_fetch_bf16<BN>(rb, (const uint16_t* const*)bRow, k0, a.K, vecB != 0);
+    };
+    int64_t qn = next_valid(0);
+    if (qn < nq) fetch(q_k0(qn));
+    for (int64_t q = 0; q < nq; ++q) {
+        const int64_t kb = q_kb(q);
+        const int sub = (int)(q % SUBS);
+        if (FP8 && sub == 0) {
             __syncthreads(); /* the previous block's promotion has read sAsc / sBsc */
             if (tid < BM) {
                 int64_t kba = kb;
@@ -493,14 +550,14 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a
                 sBsc[c] = bRow[c] != nullptr ? a.B_scale[((int64_t)e * a.nNB + srow) * a.nKB + kb] : 0.0f;
             }
         }
-        for (int sub = 0; sub < MOE_QGROUP / MMA_BK; ++sub) {
-            const int64_t k0 = kb * MOE_QGROUP + (int64_t)(rev ? MOE_QGROUP / MMA_BK - 1 - sub : sub) * MMA_BK;
-            if (k0 >= a.K) continue; /* uniform across the block */
-            __syncthreads();         /* the previous stage's fragments have been read */
-            mma_stage_bf16<BM>(sm.u.t.A, aRow, k0, a.K, vecA != 0);
-            if (FP8) mma_stage_fp8<BN>(sm.u.t.B, (const uint8_t* const*)bRow, k0, a.K, vecB != 0, lut);
-            else mma_stage_bf16<BN>(sm.u.t.B, (const uint16_t* const*)bRow, k0, a.K, vecB != 0);
+        if (q == qn) { /* uniform: this stage's data is in ra / rb */
+            __syncthreads(); /* the previous stage's fragments have been read */
+            mma_store_bf16<BM>(sm.u.t.A, ra);
+            if (FP8) mma_store_fp8<BN>(sm.u.t.B, rb, lut);
+            else mma_store_bf16<BN>(sm.u.t.B, rb);
             __syncthreads();
+            qn = next_valid(q + 1);
+            if (qn < nq) fetch(q_k0(qn)); /* in flight during this stage's MMAs */
             MmaAcc& dst = FP8 ? part : acc;
             for (int h = 0; h < MMA_BK / 32; ++h) {
                 mma_k32(sm, 32 * (rev ? MMA_BK / 32 - 1 - h : h), dst, rev);
@@ -511,7 +568,7 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a
                 }
             }
         }
-        if (FP8) { /* promotion of the 128-K block partial, fp32 */
+        if (FP8 && sub == SUBS - 1) { /* promotion of the 128-K block partial, fp32 */
 #pragma unroll
             for (int i = 0; i < 16; ++i) {
                 const float s = sAsc[mma_acc_row(i)] * sBsc[mma_acc_col(i)];
