@@ -32,6 +32,14 @@
  * fp8      decode e4m3fn bias 7, NaN 0x7F/0xFF, no inf; e4m3fnuz bias 8, NaN 0x80 only, no -0;
  *          subnormals. Encode RNE with saturation to +-FP8_MAX; fnuz never yields 0x80.
  * bf16     (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
+ *
+ * IMPL=mma (moe_kernels_mma.hip) keeps every rounding point above. It differs in (a) summation
+ * order (router dots and expert GEMMs in matrix-core tiles and warp trees; the softmax sum is a
+ * warp tree, not ascending) and (b) the fp32 accumulation inside the matrix core, which is not
+ * IEEE fp32 FMA (NVIDIA: aligned, truncated multi-operand adds, round-toward-zero; Kernels/README
+ * "Recipe under IMPL=mma" says what the reference would need to model it). fp8 products are
+ * formed in bf16 (exact) and accumulated per 128-K block in fp32 on the matrix core, then
+ * scaled and promoted in fp32 registers exactly as written above.
  */
 #include "moe_portability.h"
 #include "moe_device.h"
@@ -146,11 +154,17 @@ extern "C" moe_status moe_set_fault(const char* name) {
 /* ---- identity -------------------------------------------------------------------------- */
 extern "C" int32_t moe_abi_version(void) { return MOE_ABI_VERSION; }
 
+#ifdef MOE_IMPL_MMA
+#  define MOE_IMPL_NAME "matrix-core tiles"
+#else
+#  define MOE_IMPL_NAME "fp32-fma tiles"
+#endif
+
 extern "C" const char* moe_library_name(void) {
 #ifdef MOE_FAULTS
-    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", fp32-fma tiles, FAULTS)";
+    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", " MOE_IMPL_NAME ", FAULTS)";
 #else
-    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", fp32-fma tiles)";
+    return "moecheck-kernels 0.1 (" MOE_PLATFORM_NAME ", " MOE_IMPL_NAME ")";
 #endif
 }
 

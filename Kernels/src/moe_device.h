@@ -101,4 +101,9 @@ __device__ __forceinline__ float moe_fp8_decode(uint32_t c, bool fnuz) {
     return s ? -v : v;
 }
 
+/* ordering of routed experts: larger p first, ties to the lower index (fault: higher index) */
+__device__ __forceinline__ bool moe_before(float p1, int e1, float p2, int e2, bool tie_high) {
+    return p1 > p2 || (p1 == p2 && (tie_high ? e1 > e2 : e1 < e2));
+}
+
 #endif /* MOE_DEVICE_H */

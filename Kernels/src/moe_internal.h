@@ -30,6 +30,14 @@ struct MoeGemmArgs {
     float* out_f32;           /* stage 1 split > 1: workspace [pairs, 2I]; stage 2: y [pairs, H] */
 };
 
+/* 1-D grid for grid-stride loops (host) */
+static inline unsigned moe_grid1d(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    if (b < 1) b = 1;
+    if (b > 65535 * 8) b = 65535 * 8;
+    return (unsigned)b;
+}
+
 void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int64_t T, int64_t H,
                               int32_t E, int32_t fuse, float* logits, float* gate, int32_t fault);
 void moe_launch_topk(const float* logits, const float* gate, int64_t T, int32_t E, int32_t K,

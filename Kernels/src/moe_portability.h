@@ -13,6 +13,8 @@
 #ifndef MOE_PORTABILITY_H
 #define MOE_PORTABILITY_H
 
+#include <stdint.h>
+
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
 #  include <hip/hip_runtime.h>
 #  define MOE_PLATFORM_NAME "hip-amd"
@@ -57,6 +59,61 @@ static inline hipError_t hipEventElapsedTime(float* ms, hipEvent_t a, hipEvent_t
 }
 #else
 #  error "moe_portability.h: compile with hipcc (AMD) or nvcc (NVIDIA)"
+#endif
+
+/* ---- warp-level primitives ----------------------------------------------------------------
+ * MOE_WARP_SIZE: lanes that execute in lock step (32 on NVIDIA, 64 on the gfx9 CDNA parts we
+ * target). moe_shfl_xor: butterfly exchange among all lanes of the warp. */
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+#  define MOE_WARP_SIZE 64
+__device__ __forceinline__ float moe_shfl_xor(float v, int m) { return __shfl_xor(v, m, 64); }
+__device__ __forceinline__ int moe_shfl_xor(int v, int m) { return __shfl_xor(v, m, 64); }
+#else
+#  define MOE_WARP_SIZE 32
+__device__ __forceinline__ float moe_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ int moe_shfl_xor(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+#endif
+
+/* ---- matrix-core instructions (IMPL=mma) ---------------------------------------------------
+ * One wrapper per instruction, each inside an #if naming its target; the fragment layouts that
+ * feed them are written down where they are used (moe_kernels_mma.hip). Both take bf16 inputs
+ * and accumulate in fp32; products of two bf16 values are exact in fp32.
+ *
+ * NVIDIA sm_80+ (sm_90 here): mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, one warp:
+ *   D[16x8] = A[16x16] * B[16x8] + C; a: 4 x .b32 (8 bf16), b: 2 x .b32 (4 bf16), c/d: 4 f32.
+ * AMD gfx90a / gfx94x (CDNA2/3): v_mfma_f32_32x32x8bf16_1k, one wave64:
+ *   D[32x32] = A[32x8] * B[8x32] + C; a, b: 4 bf16 per lane, c/d: 16 f32 per lane. */
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+typedef float moe_floatx16 __attribute__((ext_vector_type(16)));
+typedef short moe_shortx4 __attribute__((ext_vector_type(4)));
+__device__ __forceinline__ moe_floatx16 moe_mfma_32x32x8_bf16(moe_shortx4 a, moe_shortx4 b, moe_floatx16 c) {
+#  if defined(__HIP_DEVICE_COMPILE__)
+#    if defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) || defined(__gfx950__)
+    return __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(a, b, c, 0, 0, 0);
+#    else
+#      error "IMPL=mma on AMD needs MFMA bf16_1k (gfx90a, gfx940, gfx941, gfx942, gfx950)"
+#    endif
+#  else
+    (void)a; (void)b;
+    return c; /* host pass: never called */
+#  endif
+}
+#else
+__device__ __forceinline__ void moe_mma_16x8x16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#  if defined(__CUDA_ARCH__)
+#    if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#    else
+#      error "IMPL=mma on NVIDIA needs sm_80 or newer (mma.sync m16n8k16 bf16)"
+#    endif
+#  else
+    (void)d; (void)a; (void)b; /* host pass: never called */
+#  endif
+}
 #endif
 
 #endif /* MOE_PORTABILITY_H */

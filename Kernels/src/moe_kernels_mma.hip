@@ -1,0 +1,662 @@
+/*
+ * moe_kernels_mma.hip — IMPL=mma: the router, top-k and the expert GEMMs of libmoekernels on
+ * matrix cores (NVIDIA mma.sync m16n8k16 bf16, AMD MFMA v_mfma_f32_32x32x8bf16_1k).
+ * Alignment, quantization, the split-K SwiGLU pass, the combine and the test data are the
+ * shared kernels of moe_kernels_common.hip; the host API and the recipe are in moe_api.hip.
+ *
+ * STATUS: compiled for sm_90 (nvcc 13.0) and gfx90a/gfx940 (hipcc, clang 15); not yet run on
+ * any GPU when written. The AMD path has never run anywhere (no AMD GPU available).
+ *
+ * FP8 choice: the fp8 weight codes are decoded to bf16 (through a 256-entry table) while they
+ * are stored into shared memory, and the quantized activations already arrive as the bf16 bits
+ * of their fp8 values (moe_quant_kernel). Every e4m3fn / e4m3fnuz value is exact in bf16 and the
+ * product of two of them (4-bit significands) is exact in fp32, so a bf16 mma computes the very
+ * same products as an fp8 mma would. We do NOT use the fp8 mma (m16n8k32 e4m3 on sm_89+): Hopper
+ * accumulates fp8 products in a reduced-precision (~14-bit) sum (DeepSeek-V3 report 3.3.2,
+ * FACTS.md 8), which would be a different recipe; the bf16 path accumulates in fp32 (see the
+ * matrix-core note in moe_api.hip) and treats e4m3fnuz codes, whose values differ from e4m3fn
+ * (bias 8, NaN 0x80), through the same table with no instruction-level format dependence.
+ *
+ * Tile (both platforms): 32 rows (one align block, one expert) x 128 output columns per
+ * 256-thread workgroup, K staged through shared memory 64 at a time (two stages per 128-wide
+ * fp8 scale block). FP8: each 128-K block's partial sum is accumulated from zero on the matrix
+ * core in fp32 and then promoted: acc += (x_scale[row,kb] * w_scale[col-block,kb]) * partial,
+ * as DeepGEMM / aiter do. Split-K (fp8 stage 1): blockIdx.z owns a contiguous range of 128-K
+ * blocks and atomically adds its fp32 gate/up partials into the zeroed workspace; the shared
+ * moe_swiglu_kernel finishes. The epilogue goes through an fp32 tile in shared memory, so the
+ * SwiGLU pairing, the split-K atomics and every fault are plain per-element code shared by
+ * both platforms.
+ */
+#include "moe_device.h"
+#include "moe_internal.h"
+
+#define MMA_BM 32            /* rows per tile: one align block */
+#define MMA_BN 128           /* output columns per tile (stage 1: 64 gate + 64 up) */
+#define MMA_BK 64            /* K per shared-memory stage */
+#define MMA_LDS (MMA_BK + 8) /* bf16 row stride: +16 bytes keeps the fragment loads conflict-free */
+#define MMA_LDC (MMA_BN + 4) /* fp32 epilogue tile row stride */
+#define MMA_THREADS 256
+
+static_assert(MMA_BM == MOE_BLOCK_M, "a GEMM tile is one align block");
+static_assert(MOE_QGROUP % MMA_BK == 0 && MMA_BK % 32 == 0, "K stages tile the 128 scale block");
+
+struct alignas(16) MmaSmem {
+    union {
+        struct {
+            uint16_t A[MMA_BM][MMA_LDS]; /* A[row][k]: activations (bf16 bits) */
+            uint16_t B[MMA_BN][MMA_LDS]; /* B[col][k]: weight rows (bf16 bits, fp8 decoded) */
+        } t;
+        float C[MMA_BM][MMA_LDC];        /* epilogue: the fp32 tile */
+    } u;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Matrix-core tile: 256 threads compute C[32][128] += A[32][k..k+32] * B[128][k..k+32]^T.     */
+/* MmaAcc holds a thread's 16 fp32 accumulators; mma_acc_row / mma_acc_col give the tile      */
+/* coordinates of accumulator i. Only this section is vendor specific.                        */
+/* ------------------------------------------------------------------------------------------ */
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+/*
+ * AMD v_mfma_f32_32x32x8bf16_1k, wave64; 4 waves, wave w owns columns [32w, 32w+32), all 32 rows.
+ * Operand layouts (AMD Matrix Instruction Calculator for CDNA2/CDNA3, "v_mfma_f32_32x32x8bf16_1k";
+ * the same numbers are in composable_kernel's xdlops_gemm.hpp mfma_type<mfma_f32_32x32x8bf16_1k>:
+ * k_per_blk 4, num_input_blks 2, group_size 4, num_groups_per_blk 4, num_threads_per_blk 32):
+ *   A[i][k] (32x8):  lane = i + 32*(k/4), element k%4 of the lane's 4 bf16
+ *   B[k][j] (8x32):  lane = j + 32*(k/4), element k%4
+ *   D[i][j] (32x32): lane = j + 32*((i/4)%2), register 4*(i/8) + i%4
+ * so lane l, register r holds D[8*(r/4) + 4*(l/32) + r%4][l%32].
+ */
+struct MmaAcc { moe_floatx16 v; };
+
+__device__ __forceinline__ int mma_acc_row(int r) {
+    const int lane = threadIdx.x & 63;
+    return 8 * (r >> 2) + 4 * (lane >> 5) + (r & 3);
+}
+__device__ __forceinline__ int mma_acc_col(int r) {
+    (void)r;
+    return 32 * (threadIdx.x >> 6) + (threadIdx.x & 31);
+}
+/* K columns [koff, koff+32) of the staged tile, in 4 MFMA steps of 8 (reversed on request). */
+__device__ __forceinline__ void mma_k32(const MmaSmem& s, int koff, MmaAcc& d, bool reverse) {
+    const int lane = threadIdx.x & 63, wave = threadIdx.x >> 6;
+    const int i = lane & 31, kq = 4 * (lane >> 5);
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+        const int kk = koff + 8 * (reverse ? 3 - step : step);
+        const moe_shortx4 a = *(const moe_shortx4*)&s.u.t.A[i][kk + kq];
+        const moe_shortx4 b = *(const moe_shortx4*)&s.u.t.B[32 * wave + i][kk + kq];
+        d.v = moe_mfma_32x32x8_bf16(a, b, d.v);
+    }
+}
+#else
+/*
+ * NVIDIA mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32; 8 warps, warp w owns rows
+ * [16*(w&1), +16) and columns [32*(w>>1), +32) as four n8 tiles. Fragment layouts from the PTX ISA,
+ * section "Matrix Fragments for mma.m16n8k16 with floating point type" (9.7.14.5.8 in ISA 8.x),
+ * with groupID = lane>>2, tig = lane%4:
+ *   A (16x16, 4 x .b32 = a0..a7, low half first): a0,a1: (groupID,   2*tig + 0/1)
+ *                                                  a2,a3: (groupID+8, 2*tig + 0/1)
+ *                                                  a4,a5: (groupID,   2*tig + 8 + 0/1)
+ *                                                  a6,a7: (groupID+8, 2*tig + 8 + 0/1)
+ *   B (16x8, 2 x .b32 = b0..b3):  b0,b1: (k = 2*tig + 0/1, n = groupID); b2,b3: k + 8
+ *   C/D (16x8, 4 f32):            c0,c1: (groupID, 2*tig + 0/1); c2,c3: (groupID+8, same)
+ * A is stored row-major [row][k] and B as [n][k] (k contiguous, ".col"), so every .b32 above is
+ * one aligned 32-bit shared-memory load of two consecutive k.
+ * Accumulator i = 4*ntile + c.
+ */
+struct MmaAcc { float v[16]; };
+
+__device__ __forceinline__ int mma_acc_row(int i) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    return 16 * (warp & 1) + (lane >> 2) + 8 * ((i & 3) >> 1);
+}
+__device__ __forceinline__ int mma_acc_col(int i) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    return 32 * (warp >> 1) + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+}
+/* K columns [koff, koff+32) of the staged tile, in 2 mma steps of 16 (reversed on request). */
+__device__ __forceinline__ void mma_k32(const MmaSmem& s, int koff, MmaAcc& d, bool reverse) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int r0 = 16 * (warp & 1) + g, c0 = 32 * (warp >> 1) + g;
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+        const int kk = koff + 16 * (reverse ? 1 - step : step) + 2 * tig;
+        uint32_t a[4];
+        a[0] = *(const uint32_t*)&s.u.t.A[r0][kk];
+        a[1] = *(const uint32_t*)&s.u.t.A[r0 + 8][kk];
+        a[2] = *(const uint32_t*)&s.u.t.A[r0][kk + 8];
+        a[3] = *(const uint32_t*)&s.u.t.A[r0 + 8][kk + 8];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            uint32_t b[2];
+            b[0] = *(const uint32_t*)&s.u.t.B[c0 + 8 * nt][kk];
+            b[1] = *(const uint32_t*)&s.u.t.B[c0 + 8 * nt][kk + 8];
+            moe_mma_16x8x16_bf16(&d.v[4 * nt], a, b);
+        }
+    }
+}
+#endif
+
+__device__ __forceinline__ void mma_zero(MmaAcc& d) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) d.v[i] = 0.0f;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Staging, in two halves so that the next stage's global loads are in flight while the       */
+/* current stage is on the matrix cores: fetch (global -> registers) and store (registers ->  */
+/* shared, fp8 decoded to bf16 here). rowp[r] points at row r's first element (NULL: a row of  */
+/* zeros); the K columns [k0, k0+64) are fetched, zero past K. vec: 16-byte loads allowed (K a */
+/* multiple of 8 (bf16) or 16 (fp8) and 16-byte-aligned bases, checked on the host).           */
+/* ------------------------------------------------------------------------------------------ */
+template <int NR> struct MmaChunks {                       /* 16-byte chunks per thread */
+    static constexpr int BF16 = NR * (MMA_BK / 8) / MMA_THREADS;
+    static constexpr int FP8 = NR * (MMA_BK / 16) / MMA_THREADS;
+};
+
+template <int NR>
+__device__ __forceinline__ void mma_fetch_bf16(uint4* v, const uint16_t* const* rowp, int64_t k0, int64_t K, bool vec) {
+    constexpr int CH = MMA_BK / 8;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::BF16; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 8;
+        const uint16_t* p = rowp[r];
+        const int64_t gk = k0 + c;
+        v[it] = make_uint4(0u, 0u, 0u, 0u);
+        if (p != nullptr && gk < K) {
+            if (vec) {
+                v[it] = *(const uint4*)(p + gk);
+            } else {
+                uint32_t w[4] = {0u, 0u, 0u, 0u};
+                for (int j = 0; j < 8; ++j)
+                    if (gk + j < K) w[j >> 1] |= (uint32_t)p[gk + j] << (16 * (j & 1));
+                v[it] = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+    }
+}
+
+template <int NR>
+__device__ __forceinline__ void mma_store_bf16(uint16_t (*S)[MMA_LDS], const uint4* v) {
+    constexpr int CH = MMA_BK / 8;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::BF16; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it;
+        *(uint4*)&S[i / CH][(i % CH) * 8] = v[it];
+    }
+}
+
+/* fp8: 16 raw codes per chunk; bytes past K are 0 (never read as a product: A is 0 there too) */
+template <int NR>
+__device__ __forceinline__ void mma_fetch_fp8(uint4* v, const uint8_t* const* rowp, int64_t k0, int64_t K, bool vec) {
+    constexpr int CH = MMA_BK / 16;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::FP8; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 16;
+        const uint8_t* p = rowp[r];
+        const int64_t gk = k0 + c;
+        v[it] = make_uint4(0u, 0u, 0u, 0u);
+        if (p != nullptr && gk < K) {
+            if (vec) {
+                v[it] = *(const uint4*)(p + gk);
+            } else {
+                uint32_t w[4] = {0u, 0u, 0u, 0u};
+                for (int j = 0; j < 16; ++j)
+                    if (gk + j < K) w[j >> 2] |= (uint32_t)p[gk + j] << (8 * (j & 3));
+                v[it] = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+    }
+}
+
+template <int NR>
+__device__ __forceinline__ void mma_store_fp8(uint16_t (*S)[MMA_LDS], const uint4* v, const uint16_t* __restrict__ lut) {
+    constexpr int CH = MMA_BK / 16;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::FP8; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 16;
+        const uint32_t qw[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
+        uint32_t w[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            w[j >> 1] |= (uint32_t)lut[(qw[j >> 2] >> (8 * (j & 3))) & 0xFFu] << (16 * (j & 1));
+        *(uint4*)&S[r][c] = make_uint4(w[0], w[1], w[2], w[3]);
+        *(uint4*)&S[r][c + 8] = make_uint4(w[4], w[5], w[6], w[7]);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Router                                                                                      */
+/* logits = bf16(fp32 sum x*Wg); shared gate g = bf16(sigmoid(bf16(fp32 sum x*ws))).           */
+/* T <= MOE_ROUTER_GEMV_MAX_T: one warp per (router row, 8 tokens), 16-byte loads, warp tree   */
+/* reduction. Larger T: a dense matrix-core GEMM, 32 tokens x 128 rows per workgroup.          */
+/* Row E of the router is the shared gate ws when fuse_shared.                                 */
+/* ------------------------------------------------------------------------------------------ */
+#define MOE_ROUTER_GEMV_MAX_T 32
+#define MOE_ROUTER_GEMV_TOKENS 8
+
+__device__ __forceinline__ void moe_router_store(int64_t t, int64_t e, int32_t E, int64_t rows, float acc,
+                                                 float* __restrict__ logits, float* __restrict__ gate,
+                                                 int32_t fault) {
+    if (e < E) {
+        logits[t * E + e] = moe_round_bf16(acc);
+    } else if (e < rows) {
+        float d = moe_round_bf16(acc);
+        float g = 1.0f / (1.0f + expf(-d));
+        if (fault == MOE_FAULT_SHARED_GATE_NO_SIGMOID) g = d;
+        if (fault != MOE_FAULT_BENIGN_FP32_SHARED_GATE) g = moe_round_bf16(g);
+        gate[t] = g;
+    }
+}
+
+__device__ __forceinline__ void moe_bf16x8_to_f(uint4 v, float f[8]) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        f[2 * j] = __uint_as_float(w[j] << 16);
+        f[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
+    }
+}
+
+__global__ void __launch_bounds__(256)
+moe_router_gemv_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ wg,
+                       const uint16_t* __restrict__ ws, int64_t T, int64_t H, int32_t E, int32_t fuse,
+                       float* __restrict__ logits, float* __restrict__ gate, int32_t fault, int32_t vec) {
+    constexpr int W = MOE_WARP_SIZE, NTOK = MOE_ROUTER_GEMV_TOKENS;
+    const int warp = threadIdx.x / W, lane = threadIdx.x % W;
+    const int64_t rows = (int64_t)E + (fuse ? 1 : 0);
+    const int64_t row = (int64_t)blockIdx.x * (256 / W) + warp;
+    if (row >= rows) return; /* no block-wide synchronization below */
+    const uint16_t* w = row < E ? wg + row * H : ws;
+    const int64_t t0 = (int64_t)blockIdx.y * NTOK;
+    const int nt = (int)(T - t0 < NTOK ? T - t0 : NTOK);
+    float acc[NTOK];
+#pragma unroll
+    for (int i = 0; i < NTOK; ++i) acc[i] = 0.0f;
+    if (vec) {
+        for (int64_t h = (int64_t)lane * 8; h < H; h += (int64_t)W * 8) {
+            float wf[8], xf[8];
+            moe_bf16x8_to_f(*(const uint4*)(w + h), wf);
+#pragma unroll
+            for (int i = 0; i < NTOK; ++i) {
+                if (i < nt) {
+                    moe_bf16x8_to_f(*(const uint4*)(x + (t0 + i) * H + h), xf);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[i] = fmaf(xf[j], wf[j], acc[i]);
+                }
+            }
+        }
+    } else {
+        for (int64_t h = lane; h < H; h += W) {
+            const float wf = moe_bf16_to_f(w[h]);
+#pragma unroll
+            for (int i = 0; i < NTOK; ++i)
+                if (i < nt) acc[i] = fmaf(moe_bf16_to_f(x[(t0 + i) * H + h]), wf, acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NTOK; ++i)
+        for (int m = W / 2; m > 0; m >>= 1) acc[i] += moe_shfl_xor(acc[i], m);
+    if (lane == 0)
+        for (int i = 0; i < nt; ++i) moe_router_store(t0 + i, row, E, rows, acc[i], logits, gate, fault);
+}
+
+__global__ void __launch_bounds__(MMA_THREADS)
+moe_router_mma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ wg,
+                      const uint16_t* __restrict__ ws, int64_t T, int64_t H, int32_t E, int32_t fuse,
+                      float* __restrict__ logits, float* __restrict__ gate, int32_t fault, int32_t vec) {
+    __shared__ MmaSmem sm;
+    __shared__ const uint16_t* aRow[MMA_BM];
+    __shared__ const uint16_t* bRow[MMA_BN];
+    const int tid = threadIdx.x;
+    const int64_t t0 = (int64_t)blockIdx.x * MMA_BM, e0 = (int64_t)blockIdx.y * MMA_BN;
+    const int64_t rows = (int64_t)E + (fuse ? 1 : 0);
+    if (tid < MMA_BM) aRow[tid] = t0 + tid < T ? x + (t0 + tid) * H : nullptr;
+    if (tid < MMA_BN) {
+        const int64_t e = e0 + tid;
+        bRow[tid] = e < E ? wg + e * H : (e < rows ? ws : nullptr);
+    }
+    MmaAcc acc;
+    mma_zero(acc);
+    uint4 ra[MmaChunks<MMA_BM>::BF16], rb[MmaChunks<MMA_BN>::BF16];
+    __syncthreads(); /* aRow / bRow */
+    mma_fetch_bf16<MMA_BM>(ra, aRow, 0, H, vec != 0);
+    mma_fetch_bf16<MMA_BN>(rb, bRow, 0, H, vec != 0);
+    for (int64_t k0 = 0; k0 < H; k0 += MMA_BK) {
+        __syncthreads(); /* the previous stage's fragments have been read */
+        mma_store_bf16<MMA_BM>(sm.u.t.A, ra);
+        mma_store_bf16<MMA_BN>(sm.u.t.B, rb);
+        __syncthreads();
+        if (k0 + MMA_BK < H) { /* next stage's loads in flight during this stage's MMAs */
+            mma_fetch_bf16<MMA_BM>(ra, aRow, k0 + MMA_BK, H, vec != 0);
+            mma_fetch_bf16<MMA_BN>(rb, bRow, k0 + MMA_BK, H, vec != 0);
+        }
+        mma_k32(sm, 0, acc, false);
+        mma_k32(sm, 32, acc, false);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 16; ++i) sm.u.C[mma_acc_row(i)][mma_acc_col(i)] = acc.v[i];
+    __syncthreads();
+    for (int idx = tid; idx < MMA_BM * MMA_BN; idx += MMA_THREADS) {
+        const int r = idx / MMA_BN, c = idx % MMA_BN;
+        if (t0 + r < T) moe_router_store(t0 + r, e0 + c, E, rows, sm.u.C[r][c], logits, gate, fault);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Top-K: one warp per token. Each lane holds the probabilities of experts lane + W*j; softmax */
+/* max and sum are warp tree reductions (fp32; the sum's order is the tree's, not ascending);   */
+/* K rounds of a warp arg-max under moe_before (larger p, exact ties to the lower index). The   */
+/* renormalization sums the selected weights in slot order and divides, as the IMPL=fma kernel. */
+/* ------------------------------------------------------------------------------------------ */
+#define MOE_TOPK_PER_LANE ((MOE_MAX_EXPERTS + 1 + MOE_WARP_SIZE - 1) / MOE_WARP_SIZE)
+static_assert(MOE_TOPK_PER_LANE <= 32, "a lane's taken-mask is one 32-bit word");
+
+__global__ void __launch_bounds__(256)
+moe_topk_warp_kernel(const float* __restrict__ logits, const float* __restrict__ gate, int64_t T,
+                     int32_t E, int32_t K, int32_t renorm, int32_t fuse, int32_t* __restrict__ ids,
+                     float* __restrict__ weights, int32_t fault) {
+    constexpr int W = MOE_WARP_SIZE, PER = MOE_TOPK_PER_LANE;
+    const int warp = threadIdx.x / W, lane = threadIdx.x % W;
+    const int64_t t = (int64_t)blockIdx.x * (256 / W) + warp;
+    if (t >= T) return; /* no block-wide synchronization below */
+    const int S = K + (fuse ? 1 : 0);
+    const float* l = logits + t * E;
+    int32_t* id = ids + t * S;
+    float* w = weights + t * S;
+    const bool tie_high = fault == MOE_FAULT_BENIGN_TIE_ORDER_HIGH;
+
+    float p[PER];
+    float mx = -__uint_as_float(0x7F800000u);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const int e = lane + W * j;
+        p[j] = e < E ? l[e] : 0.0f;
+        if (e < E) mx = fmaxf(mx, p[j]);
+    }
+    for (int m = W / 2; m > 0; m >>= 1) mx = fmaxf(mx, moe_shfl_xor(mx, m));
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+        if (lane + W * j < E) sum += expf(p[j] - mx);
+    for (int m = W / 2; m > 0; m >>= 1) sum += moe_shfl_xor(sum, m);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        float pe = expf(p[j] - mx) / sum;
+        if (pe != pe) pe = -1.0f;
+        p[j] = pe;
+    }
+
+    uint32_t taken = 0u;
+    float denom = 0.0f; /* sum of the selected weights in slot order, identical in every lane */
+    for (int s = 0; s < K; ++s) {
+        float bp = 0.0f;
+        int be = -1;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int e = lane + W * j;
+            if (e < E && !((taken >> j) & 1u) && (be < 0 || moe_before(p[j], e, bp, be, tie_high))) {
+                bp = p[j];
+                be = e;
+            }
+        }
+        for (int m = W / 2; m > 0; m >>= 1) {
+            const float op = moe_shfl_xor(bp, m);
+            const int oe = moe_shfl_xor(be, m);
+            if (oe >= 0 && (be < 0 || moe_before(op, oe, bp, be, tie_high))) { bp = op; be = oe; }
+        }
+        if (be < 0) { be = 0; bp = 0.0f; } /* unreachable for K <= E */
+        if (be % W == lane) taken |= 1u << (be / W);
+        if (lane == 0) { id[s] = be; w[s] = bp; }
+        denom += bp;
+    }
+    if (lane != 0) return;
+    float g = fuse ? gate[t] : 0.0f;
+    if (renorm && fault != MOE_FAULT_RENORMALIZE_IGNORED) {
+        if (fuse && fault == MOE_FAULT_SHARED_IN_RENORMALIZATION) {
+            denom += g;
+            g = g / denom;
+        }
+        for (int s = 0; s < K; ++s) w[s] = w[s] / denom;
+    }
+    if (fuse) {
+        id[K] = (fault == MOE_FAULT_SHARED_ID_E_MINUS_1) ? E - 1 : E;
+        w[K] = (fault == MOE_FAULT_SHARED_SLOT_DROPPED) ? 0.0f : g;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Grouped GEMM over expert blocks on matrix cores (stage 1 and stage 2).                      */
+/* Workgroup: one 32-row align block (one expert) x 128 output columns; blockIdx.z = split.    */
+/* Stage 1 columns: [gate n0..n0+63 | up n0..n0+63].                                           */
+/* ------------------------------------------------------------------------------------------ */
+template <bool FP8, bool STAGE1>
+__global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a, int32_t vecA, int32_t vecB) {
+    constexpr int BM = MMA_BM, BN = MMA_BN;
+    __shared__ MmaSmem sm;
+    __shared__ const uint16_t* aRow[BM];
+    __shared__ const void* bRow[BN];
+    __shared__ int64_t rowA[BM];
+    __shared__ int32_t rowPair[BM];
+    __shared__ float sAsc[BM];
+    __shared__ float sBsc[BN];
+    __shared__ uint16_t lut[256];
+    __shared__ int anyInvalid;
+
+    const int tid = threadIdx.x;
+    const int64_t blk = blockIdx.x;
+    const bool pad_fault = !STAGE1 && a.fault == MOE_FAULT_PADDING_EXPERT_ZERO;
+    if (!pad_fault && blk * BM >= (int64_t)(*a.padded_count)) return;
+    const int32_t e = a.block_experts[blk];
+    if (e < 0 || e >= a.n_experts) return;
+    const int64_t n0 = (int64_t)blockIdx.y * (STAGE1 ? BN / 2 : BN);
+    const int64_t nIB = (a.N + MOE_QGROUP - 1) / MOE_QGROUP; /* stage 1: gate scale rows */
+
+    if (tid == 0) anyInvalid = 0;
+    __syncthreads();
+    if (tid < BM) {
+        const int32_t pr = a.sorted[blk * BM + tid];
+        const bool valid = pr >= 0 && (int64_t)pr < a.pairs;
+        rowPair[tid] = valid ? pr : -1;
+        const int64_t ra = valid ? (STAGE1 ? (int64_t)pr / a.S : (int64_t)pr) : -1;
+        rowA[tid] = ra;
+        aRow[tid] = valid ? a.A + ra * a.K : nullptr;
+        if (!valid) atomicAdd(&anyInvalid, 1);
+    }
+    if (tid < BN) {
+        const int c = tid;
+        int64_t brow;
+        bool valid;
+        if (STAGE1) {
+            const int64_t j = n0 + (c & 63);
+            valid = j < a.N;
+            brow = (c < 64) ? j : a.N + j;
+        } else {
+            brow = n0 + c;
+            valid = brow < a.N;
+        }
+        const int64_t o = ((int64_t)e * a.b_rows + brow) * a.K;
+        bRow[c] = !valid ? nullptr
+                         : (FP8 ? (const void*)((const uint8_t*)a.B + o) : (const void*)((const uint16_t*)a.B + o));
+    }
+    if (FP8) lut[tid] = moe_f_to_bf16(moe_fp8_decode((uint32_t)tid, a.fnuz_decode != 0));
+    __syncthreads();
+
+    /* fault: the last, partially filled block of an expert's run is skipped (rows stay 0) */
+    if (!STAGE1 && a.fault == MOE_FAULT_LAST_PARTIAL_M_TILE_SKIPPED && anyInvalid) {
+        for (int idx = tid; idx < BM * BN; idx += MMA_THREADS) {
+            const int r = idx / BN, c = idx % BN;
+            const int64_t h = n0 + c;
+            if (rowPair[r] >= 0 && h < a.N) a.out_f32[(int64_t)rowPair[r] * a.N + h] = 0.0f;
+        }
+        return;
+    }
+
+    /* K-block range of this split */
+    int64_t kb_begin = 0, kb_end = a.nKB;
+    if (a.split > 1) {
+        kb_begin = (int64_t)blockIdx.z * a.nKB / a.split;
+        kb_end = ((int64_t)blockIdx.z + 1) * a.nKB / a.split;
+    }
+    const bool rev = a.reverse != 0;
+    const bool low = FP8 && a.fault == MOE_FAULT_FP8_ACCUMULATION_14BIT;
+
+    MmaAcc acc, part;
+    mma_zero(acc);
+    mma_zero(part);
+    /* Stages q = 0 .. nq-1: (128-K block, 64-wide half) in processing order (reversed for the
+     * benign reverse-accumulation fault); halves at or past K are skipped. */
+    constexpr int SUBS = MOE_QGROUP / MMA_BK;
+    const int64_t nq = (kb_end - kb_begin) * SUBS;
+    auto q_kb = [&](int64_t q) { const int64_t kbi = q / SUBS; return rev ? kb_end - 1 - kbi : kb_begin + kbi; };
+    auto q_k0 = [&](int64_t q) {
+        const int sub = (int)(q % SUBS);
+        return q_kb(q) * MOE_QGROUP + (int64_t)(rev ? SUBS - 1 - sub : sub) * MMA_BK;
+    };
+    auto next_valid = [&](int64_t q) {
+        while (q < nq && q_k0(q) >= a.K) ++q;
+        return q;
+    };
+    constexpr int NB = FP8 ? MmaChunks<BN>::FP8 : MmaChunks<BN>::BF16;
+    uint4 ra[MmaChunks<BM>::BF16], rb[NB];
+    auto fetch = [&](int64_t k0) {
+        mma_fetch_bf16<BM>(ra, aRow, k0, a.K, vecA != 0);
+        if (FP8) mma_fetch_fp8<BN>(rb, (const uint8_t* const*)bRow, k0, a.K, vecB != 0);
+        else mma_fetch_bf16<BN>(rb, (const uint16_t* const*)bRow, k0, a.K, vecB != 0);
+    };
+    int64_t qn = next_valid(0);
+    if (qn < nq) fetch(q_k0(qn));
+    for (int64_t q = 0; q < nq; ++q) {
+        const int64_t kb = q_kb(q);
+        const int sub = (int)(q % SUBS);
+        if (FP8 && sub == 0) {
+            __syncthreads(); /* the previous block's promotion has read sAsc / sBsc */
+            if (tid < BM) {
+                int64_t kba = kb;
+                if (STAGE1 && a.fault == MOE_FAULT_WRONG_KBLOCK_SCALE) kba = (kb + 1) % a.nKB;
+                sAsc[tid] = rowA[tid] >= 0 ? a.A_scale[rowA[tid] * a.nKB + kba] : 0.0f;
+            }
+            if (tid < BN) {
+                const int c = tid;
+                int64_t srow;
+                if (STAGE1) {
+                    const int64_t j = n0 + (c & 63);
+                    srow = (c < 64) ? j / MOE_QGROUP : nIB + j / MOE_QGROUP;
+                } else {
+                    srow = (n0 + c) / MOE_QGROUP;
+                }
+                sBsc[c] = bRow[c] != nullptr ? a.B_scale[((int64_t)e * a.nNB + srow) * a.nKB + kb] : 0.0f;
+            }
+        }
+        if (q == qn) { /* uniform: this stage's data is in ra / rb */
+            __syncthreads(); /* the previous stage's fragments have been read */
+            mma_store_bf16<BM>(sm.u.t.A, ra);
+            if (FP8) mma_store_fp8<BN>(sm.u.t.B, rb, lut);
+            else mma_store_bf16<BN>(sm.u.t.B, rb);
+            __syncthreads();
+            qn = next_valid(q + 1);
+            if (qn < nq) fetch(q_k0(qn)); /* in flight during this stage's MMAs */
+            MmaAcc& dst = FP8 ? part : acc;
+            for (int h = 0; h < MMA_BK / 32; ++h) {
+                mma_k32(sm, 32 * (rev ? MMA_BK / 32 - 1 - h : h), dst, rev);
+                /* fault: the fp8 running sums kept in ~14 significant bits (rounded every 32 K) */
+                if (low) {
+#pragma unroll
+                    for (int i = 0; i < 16; ++i) part.v[i] = moe_round14(part.v[i]);
+                }
+            }
+        }
+        if (FP8 && sub == SUBS - 1) { /* promotion of the 128-K block partial, fp32 */
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const float s = sAsc[mma_acc_row(i)] * sBsc[mma_acc_col(i)];
+                acc.v[i] += s * part.v[i];
+                if (low) acc.v[i] = moe_round14(acc.v[i]);
+                part.v[i] = 0.0f;
+            }
+        }
+    }
+
+    /* epilogue through the fp32 tile in shared memory */
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 16; ++i) sm.u.C[mma_acc_row(i)][mma_acc_col(i)] = acc.v[i];
+    __syncthreads();
+    if (STAGE1) {
+        for (int idx = tid; idx < BM * (BN / 2); idx += MMA_THREADS) {
+            const int r = idx / (BN / 2), jj = idx % (BN / 2);
+            const int32_t pr = rowPair[r];
+            const int64_t j = n0 + jj;
+            if (pr < 0 || j >= a.N) continue;
+            float gt = sm.u.C[r][jj], up = sm.u.C[r][BN / 2 + jj];
+            if (a.split > 1) {
+                if (a.fault == MOE_FAULT_SPLITK_BF16_PARTIALS) {
+                    gt = moe_round_bf16(gt); up = moe_round_bf16(up);
+                } else if (a.fault == MOE_FAULT_SPLITK_FP16_PARTIALS) {
+                    gt = moe_fp16_round(gt); up = moe_fp16_round(up);
+                }
+                float* ws = a.out_f32 + (int64_t)pr * 2 * a.N;
+                atomicAdd(ws + j, gt);
+                atomicAdd(ws + a.N + j, up);
+            } else {
+                float silu = gt / (1.0f + expf(-gt));
+                if (a.fault == MOE_FAULT_INTERMEDIATE_ROUNDED_TWICE) silu = moe_round_bf16(silu);
+                a.out_bf16[(int64_t)pr * a.N + j] = moe_f_to_bf16(silu * up);
+            }
+        }
+    } else {
+        /* fault: the lowest used expert (block 0's) computes its output x (1 + 2^-6) */
+        const float scale = (a.fault == MOE_FAULT_EXPERT_SCALED_1P2M6 && e == a.block_experts[0]) ? 1.015625f : 1.0f;
+        for (int idx = tid; idx < BM * BN; idx += MMA_THREADS) {
+            const int r = idx / BN, c = idx % BN;
+            const int32_t pr = rowPair[r];
+            const int64_t h = n0 + c;
+            if (pr < 0 || h >= a.N) continue;
+            const float v = sm.u.C[r][c] * scale;
+            if (pad_fault) atomicAdd(a.out_f32 + (int64_t)pr * a.N + h, v);
+            else a.out_f32[(int64_t)pr * a.N + h] = v;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* launchers (host)                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+static bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
+
+void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int64_t T, int64_t H,
+                              int32_t E, int32_t fuse, float* logits, float* gate, int32_t fault) {
+    const int32_t vec = H % 8 == 0 && aligned16(x) && aligned16(wg) && (!fuse || aligned16(ws));
+    const int64_t rows = (int64_t)E + fuse;
+    if (T <= MOE_ROUTER_GEMV_MAX_T) {
+        const int warps = 256 / MOE_WARP_SIZE;
+        dim3 grid((unsigned)((rows + warps - 1) / warps),
+                  (unsigned)((T + MOE_ROUTER_GEMV_TOKENS - 1) / MOE_ROUTER_GEMV_TOKENS));
+        moe_router_gemv_kernel<<<grid, 256>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws, T,
+                                              H, E, fuse, logits, gate, fault, vec);
+    } else {
+        dim3 grid((unsigned)((T + MMA_BM - 1) / MMA_BM), (unsigned)((rows + MMA_BN - 1) / MMA_BN));
+        moe_router_mma_kernel<<<grid, MMA_THREADS>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws,
+                                                     T, H, E, fuse, logits, gate, fault, vec);
+    }
+}
+
+void moe_launch_topk(const float* logits, const float* gate, int64_t T, int32_t E, int32_t K,
+                     int32_t renorm, int32_t fuse, int32_t* ids, float* weights, int32_t fault) {
+    const int per_block = 256 / MOE_WARP_SIZE;
+    moe_topk_warp_kernel<<<(unsigned)((T + per_block - 1) / per_block), 256>>>(logits, gate, T, E, K, renorm,
+                                                                              fuse, ids, weights, fault);
+}
+
+void moe_launch_gemm(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblocks) {
+    const int64_t ncols = stage1 ? MMA_BN / 2 : MMA_BN;
+    dim3 grid((unsigned)nblocks, (unsigned)((a.N + ncols - 1) / ncols), (unsigned)(a.split > 1 ? a.split : 1));
+    const int32_t vecA = a.K % 8 == 0 && aligned16(a.A);
+    const int32_t vecB = a.K % (fp8 ? 16 : 8) == 0 && aligned16(a.B);
+    if (fp8 && stage1) moe_mma_gemm_kernel<true, true><<<grid, MMA_THREADS>>>(a, vecA, vecB);
+    else if (fp8) moe_mma_gemm_kernel<true, false><<<grid, MMA_THREADS>>>(a, vecA, vecB);
+    else if (stage1) moe_mma_gemm_kernel<false, true><<<grid, MMA_THREADS>>>(a, vecA, vecB);
+    else moe_mma_gemm_kernel<false, false><<<grid, MMA_THREADS>>>(a, vecA, vecB);
+}
