@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README; .ci/run calls it): installs what is missing, compiles the AMD kernel
-# build (hipcc, gfx90a + gfx940) and checks the C header, runs the CI fuzz self-check and the CPU
+# builds (hipcc, gfx90a + gfx940; the FMA and the matrix-core IMPL) and checks the C header, runs the CI fuzz self-check and the CPU
 # fault matrix, then the Swift test suites in release. Ends with the test runner's summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,7 @@ export MOECHECK_BLAS_THREADS=${MOECHECK_BLAS_THREADS:-2}
 echo "== kernels: C99 header check and AMD build (compiled only: no AMD GPU here)"
 make -C Kernels header-check
 make -C Kernels PLATFORM=amd FAULTS=1 -j2
+make -C Kernels PLATFORM=amd IMPL=mma FAULTS=1 -j2
 echo "== swift build (release)"
 swift build -c release
 echo "== fuzz: float32 reference against the float64 oracle's bounds"

@@ -140,6 +140,19 @@ struct PythonAdapterTests {
         }
     }
 
+    @Test("an adapter's Unsupported skips the case (not a failure) with its reason; a catalogue counts it apart")
+    func unsupportedSkips() throws {
+        let k = try PythonKernel(adapter: fixture("unsupported"), caseTimeout: 30)
+        let v = CaseVerifier(kernel: k)
+        let skipped = v.verify(cases[1])   // Is != I
+        #expect(skipped.skipped?.contains("fusable layers only") == true, "\(skipped.line)")
+        #expect(skipped.passed && skipped.error == nil && skipped.line.hasPrefix("SKIP py-unfusable-T5"))
+        let ran = v.verify(cases[0])
+        #expect(ran.passed && ran.skipped == nil, "\(ran.line)")
+        let summary = CatalogueRunSummary(reports: [skipped, ran], seconds: 1)
+        #expect(summary.countLine == "1 passed, 0 failed, 1 skipped")
+    }
+
     @Test("NaN output is a failed case (non-finite counted), not an error")
     func nanOutput() throws {
         let k = try PythonKernel(adapter: fixture("nan_output"), caseTimeout: 30)
