@@ -135,6 +135,10 @@ public final class MoEReferenceEngine {
     /// exp(l − max) below 2^-126 (l − max < −87.3) may be flushed to 0 by an fp32 softmax.
     public static let fp32UnderflowLogitGap = -87.0
 
+    /// Below this gate value an fp32 `silu(g) = g/(1 + exp(−g))` may be 0 (exp(−g) overflows
+    /// fp32 past g ≈ −88.7; the result is below fp32's smallest normal well before that).
+    public static let fp32SiluVanishingGate = -80.0
+
     @inline(__always)
     public static func mayUnderflow(_ logitHigh: Double, max maxLow: Double) -> Bool {
         logitHigh - maxLow < fp32UnderflowLogitGap

@@ -43,7 +43,7 @@ struct ExpertPart {
 /// 1×128 group's scale-change factor `[n, groups]`.
 struct ProjectionInput {
     var rows: [(Int, Int)]
-    var inputVariance: [Float]
+    var inputVariance: [Double]   // Double: variances of values near fp32's range end (≈1e-37) square below Float's
     var inputTie: [Float]
     var input: [Float]
     var groupFactors: [Double]
@@ -167,7 +167,7 @@ extension MoEReferenceEngine {
             part.rowTieNorm = (0..<n).map { r in (0..<Ie).reduce(0.0) { $0 + actTie[r * Ie + $1] * colNorm2[$1].squareRoot() } }
         }
         if stats && options.keepContributions {
-            part.projection = ProjectionInput(rows: rows, inputVariance: actVariance.map { Float($0) }, inputTie: actTie.map { Float($0) },
+            part.projection = ProjectionInput(rows: rows, inputVariance: actVariance, inputTie: actTie.map { Float($0) },
                                               input: inputs.requantizer == nil ? [] : act.map { Float($0) },
                                               groupFactors: groupFactors, groups: inputs.requantizer == nil ? 0 : (Ie + 127) / 128)
         }
@@ -208,11 +208,17 @@ extension MoEReferenceEngine {
                 (up, ub) = Self.roundInterval(up, ub, recipe.gateUp)
                 var s = g * Self.sigmoid(g)
                 var sb = 1.1 * gb + trans * Swift.abs(s)
+                // An fp32 silu of a gate below about −87 gives 0: x/(1+exp(−x)) with exp(−x) past
+                // fp32's range, or a result in fp32's subnormal range flushed (measured: HF
+                // transformers' silu on CPU and CUDA returns −0 at g = −92.5, where silu ≈ −6e−39).
+                let mayVanish = u >= 0x1p-24 && (g - gb < Self.fp32SiluVanishingGate || Swift.abs(s) + sb < 0x1p-126)
+                if mayVanish { sb = Swift.max(sb, Swift.abs(s) * (1 + 0x1p-20) + 0x1p-126) }
                 var vs = 0.0
                 if stats {
                     let sg = Self.sigmoid(g)
                     let d = sg * (1 + g * (1 - sg))
                     vs = StatisticalModel.roundingVariance(s, sigma: (d * d * vg).squareRoot() + trans * Swift.abs(s), recipe.activation)
+                    if mayVanish { vs = Swift.max(vs, s * s + 0x1p-252) }
                 }
                 (s, sb) = Self.roundInterval(s, sb, recipe.activation)
                 var h = s * up

@@ -66,7 +66,7 @@ extension MoEReferenceEngine {
                         var v = 0.0, b = 0.0
                         for i in 0..<Ie {
                             let pu = Double(proj[u * Ie + i])
-                            v += Double(p.inputVariance[r * Ie + i]) * pu * pu
+                            v += p.inputVariance[r * Ie + i] * pu * pu
                             b += Double(p.inputTie[r * Ie + i]) * Swift.abs(pu)
                         }
                         bias[t * D + j] += Swift.abs(w) * b

@@ -81,3 +81,34 @@ struct OrderedCombineTests {
         #expect(pFar < 1e-5)
     }
 }
+
+@Suite("fp32 silu of very negative gates")
+struct SiluVanishingTests {
+    /// Measured on the H200 and on CPU (fuzz seed 7, case 1518, shrunk): a gate of −92.5 makes
+    /// HF's silu −0 in fp32 (exp(92.5) overflows), so expert 109's whole contribution to token 5
+    /// is 0 where the float64 silu gives ≈ −6e−39 and outputs ≈ 1e−37. Both tiers must accept it.
+    @Test("an expert whose gate is below −87 may contribute 0: the bound covers it, and the statistical variance of that contribution does not vanish in Float")
+    func vanishingSiluIsCovered() throws {
+        let json = #"{"config": {"experts": 110, "family": "qwen3_next", "hidden": 346, "intermediate": 1, "renormalize": true, "sharedIntermediate": 0, "topK": 1}, "format": "bf16", "inputs": "coherent", "routing": "uniform", "scales": "counter", "seed": 50620829847273, "tokens": 6}"#
+        let spec = try JSONDecoder().decode(SyntheticSpec.self, from: Data(json.utf8))
+        let layer = try SyntheticLayer(spec)
+        let x = layer.inputs(), H = spec.config.hidden
+        for recipe in [Recipe.hfEagerBF16, .hfBF16, .fusedBF16] {
+            let r = try runReference(layer, x, tokens: spec.tokens, recipe: recipe, options: ReferenceOptions(keepContributions: true))
+            let t = 5
+            #expect(r.topkIds[t * r.slots] == 109, "\(recipe.name): token 5's expert is \(r.topkIds[t * r.slots])")
+            var tiny = 0
+            for h in 0..<H where r.output[t * H + h] != 0 {
+                tiny += 1
+                #expect(r.bound[t * H + h] >= Swift.abs(r.output[t * H + h]),
+                        "\(recipe.name): column \(h): a kernel's 0 is outside ±\(r.bound[t * H + h]) of \(r.output[t * H + h])")
+            }
+            #expect(tiny > 0, "\(recipe.name): token 5's outputs are all 0 (the case no longer exercises the vanishing silu)")
+            // the statistical tier: the variance along that contribution covers losing all of it
+            let st = try #require(r.statistics), contrib = try #require(st.contributions), dv = try #require(st.directionVariance)
+            var c2 = 0.0
+            for h in 0..<H { let c = Double(contrib[(t * st.slots) * H + h]); c2 += c * c }
+            #expect(dv[t * (st.slots + 1) + 1] >= 0.5 * c2 * c2, "\(recipe.name): variance along the contribution \(dv[t * (st.slots + 1) + 1]) against (Σc²)² = \(c2 * c2)")
+        }
+    }
+}
