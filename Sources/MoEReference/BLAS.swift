@@ -83,6 +83,15 @@ public enum BLAS {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(k), 0, c, Int32(n))
     }
 
+    /// `C[m,n] = A[m, k0..<k0+k] · B[n, k0..<k0+k]ᵀ` in float32: a column block of A (row length
+    /// `lda`) against the same columns of B (row length `ldb`).
+    static func sgemmABtBlock(_ a: UnsafePointer<Float>, lda: Int, _ b: UnsafePointer<Float>, ldb: Int, _ c: UnsafeMutablePointer<Float>,
+                              m: Int, n: Int, k0: Int, k: Int) {
+        guard m > 0, n > 0 else { return }
+        if k == 0 { c.update(repeating: 0, count: m * n); return }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(m), Int32(n), Int32(k), 1, a + k0, Int32(lda), b + k0, Int32(ldb), 0, c, Int32(n))
+    }
+
     /// `C[m,n] = A[m,k] · B[k,n]` in float32, all row-major (the statistical model's projections).
     static func sgemmAB(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>, m: Int, n: Int, k: Int) {
         guard m > 0, n > 0 else { return }

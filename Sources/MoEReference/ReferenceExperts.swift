@@ -253,10 +253,29 @@ extension MoEReferenceEngine {
         var correlated = [Double](repeating: 0, count: n * H)
         boundGemm(actVariance.map { Float($0) }, squared, &correlated, m: n, n: H, k: Ie)
         if !groupFactors.isEmpty {
+            // A group's scale moving by r moves every dequantized value of the group by r·a_i: along
+            // output h that is r·Σ_{i∈g} a_i·W2[h,i], the group's signed partial dot product (not
+            // Σ|a||W2| over every group: that was up to I/128·√128 times too wide per element).
+            // float32 partial products, their error bounded by (k+8)·2⁻²³·Σ|a||W2|.
             let groups = groupFactors.count / Swift.max(n, 1)
-            for r in 0..<n {
-                let fmax = groupFactors[(r * groups)..<((r + 1) * groups)].max() ?? 0
-                for h in 0..<H { correlated[r * H + h] += fmax * absDot[r * H + h] * absDot[r * H + h] }
+            let af = Self.floats(act) { $0 }
+            let wf = w2.f32.isEmpty ? Self.floats(w2.f64) { $0 } : w2.f32
+            var part = [Float](repeating: 0, count: n * H)
+            for g in 0..<groups {
+                let k0 = g * 128, k = Swift.min(128, Ie - k0)
+                guard k > 0 else { break }
+                af.withUnsafeBufferPointer { ap in wf.withUnsafeBufferPointer { wp in part.withUnsafeMutableBufferPointer { cp in
+                    BLAS.sgemmABtBlock(ap.baseAddress!, lda: Ie, wp.baseAddress!, ldb: Ie, cp.baseAddress!, m: n, n: H, k0: k0, k: k)
+                } } }
+                let slack = Double(k + 8) * 0x1p-23
+                for r in 0..<n {
+                    let f = groupFactors[r * groups + g]
+                    guard f > 0 else { continue }
+                    for h in 0..<H {
+                        let d = Swift.abs(Double(part[r * H + h])) + slack * absDot[r * H + h]
+                        correlated[r * H + h] += f * d * d
+                    }
+                }
             }
         }
         let f = StatisticalModel.accumulationSigmaFactor(terms: Ie + 2 * ((Ie + 127) / 128) + 4, unitRoundoff: u)
