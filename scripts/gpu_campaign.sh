@@ -15,7 +15,8 @@
 #   PROCS (shards, default nproc/2), THREADS (OpenBLAS threads per shard, default 2),
 #   SEED (fuzz seed, default 1), SUITE (default all), EXTRA (more arguments for both commands),
 #   FUZZ_EXTRA (more arguments for fuzz, e.g. --max-cost 1e8), VERIFY_SECONDS (a shard of the
-#   catalogue is stopped after this long; default 3600).
+#   catalogue is stopped after this long; default 3600), SHRINK_SECONDS (a fuzz shard is stopped
+#   this long after FUZZ_SECONDS, shrinking included; default 60: a device call's deadline holds).
 # Prints each phase's totals (cases, passed, failed, wall time) and the first failure lines.
 set -uo pipefail
 kernel=${1:?usage: gpu_campaign.sh KERNEL OUTDIR [FUZZ_CASES] [FUZZ_SECONDS]}
@@ -69,7 +70,7 @@ if [ "$fuzz_cases" -gt 0 ]; then
     tag=fuzz; [ ${#kernels[@]} -gt 1 ] && tag=fuzz-$(basename "$k" .py)
     start=$(date +%s)
     for ((i = 0; i < procs; i++)); do
-      "$bin" fuzz "${one[@]}" --seed "$seed" --shard "$i/$procs" --cases "$per" --seconds "$fuzz_seconds" \
+      timeout "$(( fuzz_seconds + ${SHRINK_SECONDS:-60} ))" "$bin" fuzz "${one[@]}" --seed "$seed" --shard "$i/$procs" --cases "$per" --seconds "$fuzz_seconds" \
         --blas-threads "$threads" --json "$out/$tag-$i.json" ${EXTRA:-} ${FUZZ_EXTRA:-} > "$out/$tag-$i.log" 2>&1 &
     done
     wait
