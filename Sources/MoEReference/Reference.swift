@@ -170,22 +170,20 @@ public final class MoEReferenceEngine {
             if let f = recipe.output.format {
                 // the kernel's output about round(o): flips of the final rounding under its noise
                 let routerElement = routerElementVariance(router, combined, tokens: T)
+                func routerShare(_ i: Int) -> Double { routerElement.map { $0[i] } ?? routerVariance[i / c.hidden] }
                 if let st = combined.ordered, st.stats {
                     // the last rounding of the kernel's own accumulation is the output's: its input
                     // and noise were kept; the routing weights' variance joins here. Ties are the
                     // kernel's own (the same rounding of the same sum), not a systematic error.
                     flip = (0..<(T * c.hidden)).map { i in
-                        let routerShare = routerElement.map { $0[i] } ?? routerVariance[i / c.hidden]
-                        return StatisticalModel.orderedRounding(st.lastInput[i], variance: st.lastVariance[i] + routerShare,
-                                                                probability: st.lastFlip[i], f).variance
+                        StatisticalModel.orderedRounding(st.lastInput[i], variance: st.lastVariance[i] + routerShare(i),
+                                                         probability: st.lastFlip[i], f).variance
                     }
                     tie = [Double](repeating: 0, count: T * c.hidden)
                     combined.elementVariance = [Double](repeating: 0, count: T * c.hidden)
                 } else {
                     flip = (0..<(T * c.hidden)).map { i in
-                        let t = i / c.hidden
-                        let routerShare = routerElement.map { $0[i] } ?? routerVariance[t]
-                        let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare).squareRoot()
+                        let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare(i)).squareRoot()
                         return StatisticalModel.roundingVariance(combined.out[i], sigma: sigma, recipe.output)
                     }
                     tie = combined.out.map { StatisticalModel.tieBias($0, f) }
@@ -291,7 +289,9 @@ public final class MoEReferenceEngine {
             slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0), tieNorm: [Double](repeating: 0, count: stats ? T : 0),
             correlatedVariance: [Double](repeating: 0, count: stats ? T * H : 0),
             contributions: keepContributions ? [Float](repeating: 0, count: T * slotsAll * H) : nil)
-        if recipe.combine.simulatesOrder { acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds) }
+        if recipe.combine.simulatesOrder {
+            acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds, mode: recipe.combine)
+        }
         let rowsOf = inputs.rowsOf
         let touched = (0...E).filter { !rowsOf[$0].isEmpty }
         let workers = Swift.max(1, BLAS.threads)
@@ -362,7 +362,7 @@ public final class MoEReferenceEngine {
         let mode = recipe.combine
         // flips of a contribution are known where it is a rounded grid value (else: may always differ)
         let discrete = weighted.format != nil && weighted != .bf16OrFP32
-        var ordered = acc.ordered ?? OrderedCombineState(tokens: 0, hidden: 0, stats: false)
+        var ordered = acc.ordered ?? OrderedCombineState(tokens: 0, hidden: 0, stats: false, mode: mode)
         let isOrdered = acc.ordered != nil
         acc.ordered = nil
         defer { if isOrdered { acc.ordered = ordered } }
@@ -688,7 +688,7 @@ private func withPointer<E, R>(_ a: inout [E]?, _ body: (UnsafeMutablePointer<E>
     return a!.withUnsafeMutableBufferPointer { body($0.baseAddress) }
 }
 
-private func withPointer<E, R>(_ a: inout [E], _ body: (UnsafeMutablePointer<E>?) -> R) -> R {
+func withPointer<E, R>(_ a: inout [E], _ body: (UnsafeMutablePointer<E>?) -> R) -> R {
     a.isEmpty ? body(nil) : a.withUnsafeMutableBufferPointer { body($0.baseAddress) }
 }
 

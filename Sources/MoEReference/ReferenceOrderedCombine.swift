@@ -24,14 +24,15 @@ struct OrderedCombineState {
     /// Whether the statistical part is kept (false: values and bounds only).
     let stats: Bool
 
-    init(tokens T: Int, hidden H: Int, stats: Bool) {
+    init(tokens T: Int, hidden H: Int, stats: Bool, mode: CombineMode) {
         let n = stats ? T * H : 0
         flip = [Double](repeating: 0, count: n)
         lastInput = [Double](repeating: 0, count: n)
         lastVariance = [Double](repeating: 0, count: n)
         lastFlip = [Double](repeating: 0, count: n)
-        routedAbs = [Double](repeating: 0, count: n)
-        routedStep = [Double](repeating: .infinity, count: n)
+        let routed = mode == .fp32RoutedBF16Shared ? n : 0   // the exactness test of the routed fp32 sum only
+        routedAbs = [Double](repeating: 0, count: routed)
+        routedStep = [Double](repeating: .infinity, count: routed)
         added = [Int](repeating: 0, count: T)
         self.stats = stats
     }
@@ -45,10 +46,8 @@ struct OrderedCombinePointers {
 
 extension OrderedCombineState {
     mutating func withPointers(_ body: (OrderedCombinePointers) -> Void) {
-        func p(_ a: inout [Double], _ f: (UnsafeMutablePointer<Double>?) -> Void) {
-            if a.isEmpty { f(nil) } else { a.withUnsafeMutableBufferPointer { f($0.baseAddress) } }
-        }
-        p(&flip) { fl in p(&lastInput) { li in p(&lastVariance) { lv in p(&lastFlip) { lf in p(&routedAbs) { ra in p(&routedStep) { rs in
+        withPointer(&flip) { fl in withPointer(&lastInput) { li in withPointer(&lastVariance) { lv in withPointer(&lastFlip) { lf in
+        withPointer(&routedAbs) { ra in withPointer(&routedStep) { rs in
             added.withUnsafeMutableBufferPointer { ad in
                 body(OrderedCombinePointers(flip: fl, lastInput: li, lastVariance: lv, lastFlip: lf, routedAbs: ra, routedStep: rs, added: ad.baseAddress!))
             }

@@ -237,16 +237,17 @@ public struct CaseVerifier {
     func prepare(_ vc: VerifyCase, reference given: Result<PreparedReference, Error>? = nil) throws -> Prepared {
         var prepared: PreparedReference
         var seconds: Double
+        let key = given == nil && memo != nil ? memoKey(vc) : nil
         if let given {
             prepared = try given.get()
             seconds = prepared.seconds
-        } else if let memo, let hit = memo.lookup(memoKey(vc)) {
+        } else if let memo, let key, let hit = memo.lookup(key) {
             prepared = hit.prepared
             seconds = 0
         } else {
             prepared = try prepareReference(vc, recipe: recipe(for:))
             seconds = prepared.seconds
-            if let memo { memo.entry = ReferenceMemo.Entry(key: memoKey(vc), prepared: prepared) }
+            if let memo, let key { memo.entry = ReferenceMemo.Entry(key: key, prepared: prepared) }
         }
         let ref = prepared.reference
         let run = try kernel.run(vc, layer: prepared.layer, referenceIds: ref.topkIds, referenceWeights: ref.topkWeights.map { Float($0) })

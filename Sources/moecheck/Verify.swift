@@ -143,18 +143,15 @@ struct Verify: ParsableCommand {
             }
         }
         try report.write(reports.flatMap { $0 })
-        var failed = 0
         for (i, k) in kernels.enumerated() {
             let summary = CatalogueRunSummary(reports: reports[i], seconds: seconds[i])
             print(String(format: "verify: [%d] %@ on %@, %.1f s", i + 1, k.name, k.device, seconds[i]) + summary.timeSplit)
             print("  [\(i + 1)] \(summary.countLine)")
-            failed += summary.failed
         }
         print("verify: \(memo.hits) reference(s) shared between kernels (several kernels: references are not pipelined)")
         if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
-        let total = reports.reduce(0) { $0 + $1.count }
-        let skipped = reports.reduce(0) { $0 + $1.filter { $0.skipped != nil }.count }
-        print("\(total - failed - skipped) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : ""))
-        if failed > 0 { throw ExitCode(1) }
+        let all = CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: seconds.reduce(0, +))
+        print(all.countLine)
+        if all.failed > 0 { throw ExitCode(1) }
     }
 }
