@@ -331,7 +331,17 @@ struct ReferencePipelineTests {
         for run in [pipelined, cold] {
             #expect(try run.reports.map { try verdictJSON($0, rigorousOnly: true) } == serial.reports.map { try verdictJSON($0, rigorousOnly: true) })
         }
-        #expect(try warm.reports.map { try verdictJSON($0) } == cold.reports.map { try verdictJSON($0) }, "the cached references judge differently")
+        // A cached reference is the stored bits: judged whole. A teacher-forced rerun is never
+        // cached and recomputed at the current global OpenBLAS thread count, which other suites
+        // change while this one runs (its statistical numbers then differ in the last bits:
+        // seen once in a clean-clone CI run, smoke-inputs-large-*, 2 teacher-forced tokens each).
+        let whole = cold.reports.indices.filter { cold.reports[$0].teacherForcedTokens == 0 }
+        #expect(!whole.isEmpty && whole.count < cold.reports.count, "the cases should hold reports with and without teacher forcing")
+        for i in cold.reports.indices {
+            let rigorousOnly = !whole.contains(i)
+            #expect(try verdictJSON(warm.reports[i], rigorousOnly: rigorousOnly) == verdictJSON(cold.reports[i], rigorousOnly: rigorousOnly),
+                    "\(cold.reports[i].name): the cached reference judges differently")
+        }
         #expect(pipelined.reports.allSatisfy { $0.waitSeconds != nil } && serial.reports.allSatisfy { $0.waitSeconds == nil })
         #expect(warm.reports.allSatisfy { $0.referenceCached == true } && cold.reports.allSatisfy { $0.referenceCached == false })
         #expect(pipelined.timeSplit.contains("waiting for the reference") && !serial.timeSplit.contains("waiting"))
