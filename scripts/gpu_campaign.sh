@@ -16,7 +16,8 @@
 #   SEED (fuzz seed, default 1), SUITE (default all), EXTRA (more arguments for both commands),
 #   FUZZ_EXTRA (more arguments for fuzz, e.g. --max-cost 1e8), VERIFY_SECONDS (a shard of the
 #   catalogue is stopped after this long; default 3600), SHRINK_SECONDS (a fuzz shard is stopped
-#   this long after FUZZ_SECONDS, shrinking included; default 60: a device call's deadline holds).
+#   this long after FUZZ_SECONDS, shrinking included; default 60: a device call's deadline holds),
+#   VERIFY (0 skips the catalogue; default 1).
 # Prints each phase's totals (cases, passed, failed, wall time) and the first failure lines.
 set -uo pipefail
 kernel=${1:?usage: gpu_campaign.sh KERNEL OUTDIR [FUZZ_CASES] [FUZZ_SECONDS]}
@@ -53,6 +54,7 @@ totals() {  # phase: sums "N passed, M failed" over the shards' last count lines
   grep -hE '^(\[[0-9]+\] )?FAIL' "$out"/$phase-*.log | head -5 | cut -c1-300 | sed 's/^/  /'
 }
 
+if [ "${VERIFY:-1}" != 0 ]; then
 start=$(date +%s)
 for ((i = 0; i < procs; i++)); do
   timeout "${VERIFY_SECONDS:-3600}" "$bin" verify "${sel[@]}" --suite "$suite" --shard "$i/$procs" --blas-threads "$threads" \
@@ -62,6 +64,7 @@ wait
 echo "$name verify --suite $suite: $procs shards × $threads threads, $(( $(date +%s) - start )) s wall"
 grep -h 'time split\|cases/s' "$out"/verify-*.log | head -"$procs" | sed 's/^/  /'
 totals verify
+fi
 
 if [ "$fuzz_cases" -gt 0 ]; then
   per=$(( (fuzz_cases + procs - 1) / procs ))
