@@ -275,15 +275,34 @@ moe_router_gemv_kernel(const uint16_t* __restrict__ x, const uint16_t* __restric
 #pragma unroll
     for (int i = 0; i < NTOK; ++i) acc[i] = 0.0f;
     if (vec) {
-        for (int64_t h = (int64_t)lane * 8; h < H; h += (int64_t)W * 8) {
-            float wf[8], xf[8];
-            moe_bf16x8_to_f(*(const uint4*)(w + h), wf);
+        /* RB 16-byte router chunks per lane in flight before any arithmetic (a decode router
+         * row is H/256 chunks per lane; one dependent load per iteration was latency bound) */
+        constexpr int RB = 4;
+        for (int64_t hb = (int64_t)lane * 8; hb < H; hb += (int64_t)W * 8 * RB) {
+            uint4 wv[RB];
+#pragma unroll
+            for (int u = 0; u < RB; ++u) {
+                const int64_t h = hb + (int64_t)u * W * 8;
+                wv[u] = h < H ? *(const uint4*)(w + h) : make_uint4(0u, 0u, 0u, 0u);
+            }
 #pragma unroll
             for (int i = 0; i < NTOK; ++i) {
                 if (i < nt) {
-                    moe_bf16x8_to_f(*(const uint4*)(x + (t0 + i) * H + h), xf);
+                    uint4 xv[RB];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[i] = fmaf(xf[j], wf[j], acc[i]);
+                    for (int u = 0; u < RB; ++u) {
+                        const int64_t h = hb + (int64_t)u * W * 8;
+                        xv[u] = h < H ? *(const uint4*)(x + (t0 + i) * H + h) : make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int u = 0; u < RB; ++u) {
+                        if (hb + (int64_t)u * W * 8 >= H) break;
+                        float wf[8], xf[8];
+                        moe_bf16x8_to_f(wv[u], wf);
+                        moe_bf16x8_to_f(xv[u], xf);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[i] = fmaf(xf[j], wf[j], acc[i]);
+                    }
                 }
             }
         }

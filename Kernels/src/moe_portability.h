@@ -76,10 +76,12 @@ static inline hipError_t moe_multiprocessor_count(int device, int* n) {
 #  define MOE_WARP_SIZE 64
 __device__ __forceinline__ float moe_shfl_xor(float v, int m) { return __shfl_xor(v, m, 64); }
 __device__ __forceinline__ int moe_shfl_xor(int v, int m) { return __shfl_xor(v, m, 64); }
+__device__ __forceinline__ int moe_shfl_up(int v, int d) { return __shfl_up(v, (unsigned)d, 64); }
 #else
 #  define MOE_WARP_SIZE 32
 __device__ __forceinline__ float moe_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 __device__ __forceinline__ int moe_shfl_xor(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ int moe_shfl_up(int v, int d) { return __shfl_up_sync(0xffffffffu, v, (unsigned)d); }
 #endif
 
 /* ---- matrix-core instructions (IMPL=mma) ---------------------------------------------------
