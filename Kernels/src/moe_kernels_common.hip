@@ -8,53 +8,115 @@
 #include "moe_internal.h"
 
 /* ------------------------------------------------------------------------------------------ */
-/* Align: one block. Count pairs per expert, prefix sum of block-padded counts, scatter.       */
+/* Align: one 1024-thread block. Count pairs per expert (8 loads in flight per thread; NVIDIA:  */
+/* warp-aggregated shared atomics via __match_any_sync), block-wide exclusive scan of the        */
+/* block-padded counts (warp shuffles), block_experts by binary search in the offsets, scatter   */
+/* (aggregated the same way: one atomic per (warp, expert), ranks by popcount).                  */
 /* ------------------------------------------------------------------------------------------ */
-__global__ void __launch_bounds__(1024)
+#define MOE_ALIGN_THREADS 1024
+#define MOE_ALIGN_UNROLL 8
+static_assert(MOE_MAX_EXPERTS + 1 <= MOE_ALIGN_THREADS, "one scan element per thread");
+
+/* adds 1 to counter[e] for every lane's e >= 0; returns each lane's old value + its rank among
+ * the lanes of the same e (i.e. a distinct slot per lane). Whole warp must call it. */
+__device__ __forceinline__ int32_t moe_align_claim(int32_t* counter, int32_t e) {
+#if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int lane = threadIdx.x & 31;
+    const int leader = __ffs(peers) - 1;
+    int32_t base = 0;
+    if (e >= 0 && lane == leader) base = atomicAdd(&counter[e], __popc(peers));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    return base + __popc(peers & ((1u << lane) - 1u));
+#else
+    return e >= 0 ? atomicAdd(&counter[e], 1) : 0;
+#endif
+}
+
+__global__ void __launch_bounds__(MOE_ALIGN_THREADS)
 moe_align_kernel(const int32_t* __restrict__ ids, int64_t pairs, int32_t E1, int64_t capacity,
                  int32_t* __restrict__ sorted, int32_t* __restrict__ block_experts,
                  int32_t* __restrict__ padded_count, int32_t fault) {
+    constexpr int W = MOE_WARP_SIZE, NW = MOE_ALIGN_THREADS / MOE_WARP_SIZE, U = MOE_ALIGN_UNROLL;
     __shared__ int32_t cnt[MOE_MAX_EXPERTS + 1];
-    __shared__ int32_t off[MOE_MAX_EXPERTS + 1];
-    __shared__ int32_t total;
-    const int tid = threadIdx.x, nt = blockDim.x;
+    __shared__ int32_t off[MOE_MAX_EXPERTS + 2];
+    __shared__ int32_t wsum[NW];
+    const int tid = threadIdx.x, nt = MOE_ALIGN_THREADS;
+    const int lane = tid % W, wid = tid / W;
     const int BM = MOE_BLOCK_M;
     for (int e = tid; e < E1; e += nt) cnt[e] = 0;
     __syncthreads();
-    for (int64_t p = tid; p < pairs; p += nt) {
-        int32_t e = ids[p];
-        if (e >= 0 && e < E1) atomicAdd(&cnt[e], 1);
-    }
-    __syncthreads();
-    if (tid == 0) {
-        int32_t run = 0;
-        for (int e = 0; e < E1; ++e) {
-            off[e] = run;
-            run += (cnt[e] + BM - 1) / BM * BM;
+    /* count (the loop bound is uniform, so every lane of a warp reaches moe_align_claim) */
+    for (int64_t p0 = 0; p0 < pairs; p0 += (int64_t)U * nt) {
+        int32_t ev[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            const int64_t p = p0 + (int64_t)k * nt + tid;
+            const int32_t e = p < pairs ? ids[p] : -1;
+            ev[k] = (e >= 0 && e < E1) ? e : -1;
         }
-        total = run;
-        *padded_count = run;
+#pragma unroll
+        for (int k = 0; k < U; ++k) (void)moe_align_claim(cnt, ev[k]);
     }
     __syncthreads();
+    /* exclusive scan of the padded counts, one expert per thread */
+    const int32_t v = tid < E1 ? (cnt[tid] + BM - 1) / BM * BM : 0;
+    int32_t x = v;
+    for (int d = 1; d < W; d <<= 1) {
+        const int32_t y = moe_shfl_up(x, d);
+        if (lane >= d) x += y;
+    }
+    if (lane == W - 1) wsum[wid] = x;
+    __syncthreads();
+    if (wid == 0) {
+        int32_t s = lane < NW ? wsum[lane] : 0;
+        for (int d = 1; d < W; d <<= 1) {
+            const int32_t y = moe_shfl_up(s, d);
+            if (lane >= d) s += y;
+        }
+        if (lane < NW) wsum[lane] = s; /* inclusive warp totals */
+    }
+    __syncthreads();
+    const int32_t excl = x - v + (wid > 0 ? wsum[wid - 1] : 0);
+    if (tid < E1) off[tid] = excl;
+    if (tid == E1 - 1) {
+        off[E1] = excl + v;
+        *padded_count = excl + v;
+    }
+    __syncthreads();
+    const int32_t total = off[E1];
     const bool pad_fault = fault == MOE_FAULT_PADDING_EXPERT_ZERO;
     for (int64_t i = tid; i < capacity; i += nt)
         sorted[i] = (i >= total && pad_fault) ? 0 : (int32_t)pairs;
     const int64_t nblocks = capacity / BM;
-    for (int64_t b = (int64_t)total / BM + tid; b < nblocks; b += nt)
-        block_experts[b] = pad_fault ? 0 : -1;
-    for (int e = tid; e < E1; e += nt) {
-        int32_t nb = (cnt[e] + BM - 1) / BM;
-        for (int32_t b = 0; b < nb; ++b) block_experts[off[e] / BM + b] = e;
+    for (int64_t b = tid; b < nblocks; b += nt) {
+        if (b * BM < total) {
+            int lo = 0, hi = E1 - 1; /* largest e with off[e] <= b*BM (its run holds the block) */
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if ((int64_t)off[mid] <= b * BM) lo = mid;
+                else hi = mid - 1;
+            }
+            block_experts[b] = lo;
+        } else {
+            block_experts[b] = pad_fault ? 0 : -1;
+        }
     }
-    __syncthreads();
     /* cursors: reuse cnt as the running position */
     for (int e = tid; e < E1; e += nt) cnt[e] = off[e];
-    __syncthreads();
-    for (int64_t p = tid; p < pairs; p += nt) {
-        int32_t e = ids[p];
-        if (e >= 0 && e < E1) {
-            int32_t pos = atomicAdd(&cnt[e], 1);
-            sorted[pos] = (int32_t)p;
+    __syncthreads(); /* also orders the sentinel fill above before the scatter below */
+    for (int64_t p0 = 0; p0 < pairs; p0 += (int64_t)U * nt) {
+        int32_t ev[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            const int64_t p = p0 + (int64_t)k * nt + tid;
+            const int32_t e = p < pairs ? ids[p] : -1;
+            ev[k] = (e >= 0 && e < E1) ? e : -1;
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            const int32_t pos = moe_align_claim(cnt, ev[k]);
+            if (ev[k] >= 0) sorted[pos] = (int32_t)(p0 + (int64_t)k * nt + tid);
         }
     }
 }
@@ -148,7 +210,7 @@ __global__ void moe_fill_kernel(void* dst, int32_t kind, int64_t count, uint64_t
 /* ------------------------------------------------------------------------------------------ */
 void moe_launch_align(const int32_t* ids, int64_t pairs, int32_t E1, int64_t capacity,
                       int32_t* sorted, int32_t* block_experts, int32_t* padded, int32_t fault) {
-    moe_align_kernel<<<1, 1024>>>(ids, pairs, E1, capacity, sorted, block_experts, padded, fault);
+    moe_align_kernel<<<1, MOE_ALIGN_THREADS>>>(ids, pairs, E1, capacity, sorted, block_experts, padded, fault);
 }
 
 void moe_launch_quant(const void* in, int64_t rows, int64_t cols, int32_t fnuz, uint16_t* q,

@@ -30,6 +30,8 @@
 #include "moe_device.h"
 #include "moe_internal.h"
 
+#include <string.h>
+
 #define MMA_BM 32            /* rows per tile: one align block */
 #define MMA_BN 128           /* output columns per tile (stage 1: 64 gate + 64 up) */
 #define MMA_BK 64            /* K per shared-memory stage */
@@ -275,15 +277,34 @@ moe_router_gemv_kernel(const uint16_t* __restrict__ x, const uint16_t* __restric
 #pragma unroll
     for (int i = 0; i < NTOK; ++i) acc[i] = 0.0f;
     if (vec) {
-        for (int64_t h = (int64_t)lane * 8; h < H; h += (int64_t)W * 8) {
-            float wf[8], xf[8];
-            moe_bf16x8_to_f(*(const uint4*)(w + h), wf);
+        /* RB 16-byte router chunks per lane in flight before any arithmetic (a decode router
+         * row is H/256 chunks per lane; one dependent load per iteration was latency bound) */
+        constexpr int RB = 4;
+        for (int64_t hb = (int64_t)lane * 8; hb < H; hb += (int64_t)W * 8 * RB) {
+            uint4 wv[RB];
+#pragma unroll
+            for (int u = 0; u < RB; ++u) {
+                const int64_t h = hb + (int64_t)u * W * 8;
+                wv[u] = h < H ? *(const uint4*)(w + h) : make_uint4(0u, 0u, 0u, 0u);
+            }
 #pragma unroll
             for (int i = 0; i < NTOK; ++i) {
                 if (i < nt) {
-                    moe_bf16x8_to_f(*(const uint4*)(x + (t0 + i) * H + h), xf);
+                    uint4 xv[RB];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[i] = fmaf(xf[j], wf[j], acc[i]);
+                    for (int u = 0; u < RB; ++u) {
+                        const int64_t h = hb + (int64_t)u * W * 8;
+                        xv[u] = h < H ? *(const uint4*)(x + (t0 + i) * H + h) : make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int u = 0; u < RB; ++u) {
+                        if (hb + (int64_t)u * W * 8 >= H) break;
+                        float wf[8], xf[8];
+                        moe_bf16x8_to_f(wv[u], wf);
+                        moe_bf16x8_to_f(xv[u], xf);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[i] = fmaf(xf[j], wf[j], acc[i]);
+                    }
                 }
             }
         }
@@ -622,6 +643,484 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* NVIDIA (sm_80+) pipelined grouped GEMM ("gemm2"), used whenever K is a multiple of 8 (bf16)  */
+/* or 16 (fp8) and the operands are 16-byte aligned (else moe_mma_gemm_kernel above).          */
+/*                                                                                              */
+/* - A multi-stage cp.async ring in dynamic shared memory (K = 64 per stage, row stride 144 B:  */
+/*   conflict-free ldmatrix); every global load is a 16-byte cp.async whose src-size is 0 for   */
+/*   rows outside the tile (sentinel pairs, columns >= N) and for K >= K (zero fill).           */
+/* - Fragments through ldmatrix.x4 (A: one m16k16 tile, B: two n8k16 tiles per instruction).    */
+/* - Tiles per shape (G2Cfg): 64 rows = two align blocks of the same expert (the pairing starts */
+/*   at the expert's first block; an odd last block runs with the second row half idle) x 128   */
+/*   columns for prefill; 32 x 128 for medium T; 32 x 32 with 4 warps for decode (many CTAs     */
+/*   stream the weights). One CTA may walk several consecutive N tiles (persistent in N) when   */
+/*   K is short, the ring running on across tile boundaries.                                    */
+/* - Stage 1 B rows are interleaved in groups of 8: tile column group 2i = gate j, 2i+1 = up j  */
+/*   of the same 8 columns, so a thread holds gate and up of its columns in registers and the   */
+/*   epilogue (SwiGLU, split-K atomics, every fault) runs from registers.                       */
+/* - FP8: raw codes ride the ring; each stage is decoded once through the 256-entry table into  */
+/*   a bf16 tile; 128-K partials and their promotion exactly as moe_mma_gemm_kernel (same       */
+/*   k16 order, so both kernels give the same bits).                                            */
+/* ------------------------------------------------------------------------------------------ */
+#if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
+#define G2_BK 64
+#define G2_LDS (G2_BK + 8) /* bf16 elements per shared row: 144 bytes */
+
+template <int BM_, int BN_, int WM_, int WN_, int STAGES_, int MINB_> struct G2Cfg {
+    static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, STAGES = STAGES_;
+    static constexpr int MINB = MINB_;                            /* CTAs per SM we ask registers for */
+    static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN, WARPS = WARPS_M * WARPS_N;
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int FM = WM / 16, FN = WN / 8;
+    static constexpr int MT = BM / MOE_BLOCK_M;                   /* align blocks per tile */
+    static constexpr int A_BYTES = BM * G2_LDS * 2;
+    static constexpr int B_BYTES = BN * G2_LDS * 2;               /* bf16 stage / decoded fp8 tile */
+    static constexpr int B8_BYTES = BN * G2_BK;                   /* raw fp8 stage */
+    static constexpr int ITA = BM * (G2_BK / 8) / THREADS;        /* 16-byte chunks per thread */
+    static constexpr int ITB16 = BN * (G2_BK / 8) / THREADS;
+    static constexpr int ITB8 = BN * (G2_BK / 16) / THREADS;
+    static constexpr size_t smem(bool fp8) {
+        return fp8 ? (size_t)STAGES * (A_BYTES + B8_BYTES) + B_BYTES : (size_t)STAGES * (A_BYTES + B_BYTES);
+    }
+    static_assert(BM % MOE_BLOCK_M == 0 && MT <= 2, "a tile is one or two align blocks");
+    static_assert(MOE_BLOCK_M % WM == 0 && WM % 16 == 0, "a warp's rows lie in one align block");
+    static_assert(FN % 2 == 0, "B fragments come in pairs (ldmatrix.x4; gate/up pairs)");
+    static_assert(THREADS >= BM && THREADS >= 64, "row setup: one thread per row; flags by threads 0..3, 32..33");
+    static_assert(ITA >= 1 && ITB16 >= 1 && ITB8 >= 1, "chunk split");
+    static_assert(ITA * THREADS == BM * 8 && ITB16 * THREADS == BN * 8 && ITB8 * THREADS == BN * 4, "chunk split");
+};
+typedef G2Cfg<64, 128, 32, 32, 3, 2> G2Prefill; /* 8 warps 2x4, warp 32x32; 81 KB (bf16) */
+typedef G2Cfg<32, 128, 16, 32, 4, 2> G2Medium;  /* 8 warps 2x4, warp 16x32; 90 KB (bf16) */
+typedef G2Cfg<32, 32, 16, 16, 4, 4> G2Decode;   /* 4 warps 2x2, warp 16x16; 36 KB (bf16) */
+
+/* Tile column c (B shared row) -> weight row of expert e, or -1 outside N. Stage 1: column     */
+/* group F = c/8 holds gate (F even) or up (F odd) of j = n0 + (F/2)*8 + c%8.                   */
+template <int BN, bool STAGE1>
+__device__ __forceinline__ int64_t g2_brow(int64_t nt, int c, int64_t N) {
+    if (STAGE1) {
+        const int F = c >> 3;
+        const int64_t j = nt * (BN / 2) + (int64_t)(F >> 1) * 8 + (c & 7);
+        if (j >= N) return -1;
+        return (F & 1) ? N + j : j;
+    } else {
+        const int64_t n = nt * BN + c;
+        return n < N ? n : -1;
+    }
+}
+
+/* ROUTER mode: a dense GEMM x[T,H] . [Wg; ws]^T, rows = tokens (no align), epilogue = the     */
+/* router's rounding (moe_router_store); a.A = x, a.B = Wg, a.K = H, a.N = E + fuse.           */
+struct G2Router {
+    const uint16_t* ws; /* shared-gate row (router row E), NULL without fuse */
+    int64_t T;
+    int32_t E;
+    float* logits;
+    float* gate;
+};
+
+template <class C, bool FP8, bool STAGE1, bool ROUTER = false>
+__global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmArgs a, int32_t nl, G2Router ro) {
+    constexpr int BM = C::BM, BN = C::BN, NT = C::THREADS, ST = C::STAGES, FM = C::FM, FN = C::FN, MT = C::MT;
+    extern __shared__ __align__(16) unsigned char g2_smem[];
+    __shared__ int32_t rowPair[BM];
+    __shared__ int64_t rowA[BM];
+    __shared__ int32_t blkInvalid[MT];
+    __shared__ int32_t grpValid[BM / 16];
+    __shared__ uint16_t lut[256];
+    __shared__ int32_t sLead[2];
+
+    uint16_t* sA = (uint16_t*)g2_smem;                                /* [ST][BM][G2_LDS] */
+    unsigned char* sB = g2_smem + (size_t)ST * C::A_BYTES;            /* [ST][BN][G2_LDS] or [ST][BN][64] */
+    uint16_t* sBc = (uint16_t*)(sB + (size_t)ST * C::B8_BYTES);       /* fp8: decoded [BN][G2_LDS] */
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
+    const int g = lane >> 2, tig = lane & 3;
+    const int64_t blk = blockIdx.x;
+    const bool pad_fault = !ROUTER && !STAGE1 && a.fault == MOE_FAULT_PADDING_EXPERT_ZERO;
+    const int64_t padded = ROUTER ? 0 : *a.padded_count;
+    if (!ROUTER && !pad_fault && blk * MOE_BLOCK_M >= padded) return;
+    const int32_t e = ROUTER ? 0 : a.block_experts[blk];
+    if (!ROUTER && (e < 0 || e >= a.n_experts)) return;
+    const int64_t pblocks = padded / MOE_BLOCK_M;
+
+    /* 64-row tiles: block b leads iff it is an even block of its expert's run (found by a      */
+    /* 32-way search in the ascending block_experts); it takes b+1 when b+1 is the same expert. */
+    int nsub = ROUTER ? MT : 1;
+    if (MT == 2 && !ROUTER) {
+        if (warp == 0) {
+            int lead = 1, partner = 0;
+            if (blk < pblocks) {
+                int64_t lo = 0, hi = blk; /* block_experts[hi] == e; first index of e in [lo, hi] */
+                while (lo < hi) {
+                    const int64_t span = hi - lo;
+                    const int64_t pos = lo + (span * lane) / 32;
+                    const bool lt = a.block_experts[pos] < e;
+                    const int L = __popc(__ballot_sync(0xffffffffu, lt));
+                    if (L == 0) break;
+                    const int64_t last = lo + (span * (L - 1)) / 32;
+                    if (L < 32) hi = lo + (span * L) / 32;
+                    lo = last + 1;
+                }
+                lead = ((blk - lo) & 1) == 0;
+                partner = lead && blk + 1 < pblocks && a.block_experts[blk + 1] == e;
+            }
+            if (lane == 0) { sLead[0] = lead; sLead[1] = partner; }
+        }
+        __syncthreads();
+        if (!sLead[0]) return; /* uniform: the previous even block owns this one */
+        nsub = 1 + sLead[1];
+    }
+
+    if (tid < BM) {
+        int32_t pr = -1;
+        if (ROUTER) {
+            if (blk * BM + tid < ro.T) pr = (int32_t)(blk * BM + tid); /* T < 2^31 (pair index limit) */
+        } else if (tid / MOE_BLOCK_M < nsub) {
+            const int32_t v = a.sorted[blk * MOE_BLOCK_M + tid];
+            if (v >= 0 && (int64_t)v < a.pairs) pr = v;
+        }
+        rowPair[tid] = pr;
+        rowA[tid] = pr >= 0 ? ((STAGE1 && !ROUTER) ? (int64_t)pr / a.S : (int64_t)pr) : -1;
+    }
+    if (FP8)
+        for (int i = tid; i < 256; i += NT) lut[i] = moe_f_to_bf16(moe_fp8_decode((uint32_t)i, a.fnuz_decode != 0));
+    __syncthreads();
+    if (tid < BM / 16) {
+        int any = 0;
+        for (int r = 0; r < 16; ++r) any |= rowPair[16 * tid + r] >= 0;
+        grpValid[tid] = any;
+    } else if (tid >= 32 && tid < 32 + MT) {
+        const int sb = tid - 32;
+        int inv = 0; /* the align block has a sentinel / invalid entry (last_partial fault) */
+        for (int r = 0; r < MOE_BLOCK_M; ++r) inv |= rowPair[MOE_BLOCK_M * sb + r] < 0;
+        blkInvalid[sb] = sb < nsub ? inv : 0;
+    }
+
+    /* per-thread A chunk sources (fixed for the whole CTA) */
+    const uint16_t* aSrc[C::ITA];
+#pragma unroll
+    for (int i = 0; i < C::ITA; ++i) {
+        const int r = (tid + NT * i) >> 3;
+        const int64_t ra = rowA[r];
+        aSrc[i] = ra >= 0 ? a.A + ra * a.K : nullptr;
+    }
+
+    /* K-block range of this split, and the 64-wide steps in processing order */
+    int64_t kb_begin = 0, kb_end = a.nKB;
+    if (a.split > 1) {
+        kb_begin = (int64_t)blockIdx.z * a.nKB / a.split;
+        kb_end = ((int64_t)blockIdx.z + 1) * a.nKB / a.split;
+    }
+    const bool rev = a.reverse != 0;
+    const bool low = FP8 && a.fault == MOE_FAULT_FP8_ACCUMULATION_14BIT;
+    const bool skip_last = kb_end == a.nKB && (a.nKB - 1) * MOE_QGROUP + G2_BK >= a.K; /* 2nd half past K */
+    const int64_t nsteps = (kb_end - kb_begin) * 2 - (skip_last ? 1 : 0);
+    const int64_t ntiles = STAGE1 ? (a.N + BN / 2 - 1) / (BN / 2) : (a.N + BN - 1) / BN;
+    const int64_t nt0 = (int64_t)blockIdx.y * nl;
+    const int64_t nlh = ntiles - nt0 < nl ? ntiles - nt0 : nl;
+    const int64_t total = nlh * nsteps;
+    const int64_t nIB = (a.N + MOE_QGROUP - 1) / MOE_QGROUP;
+
+    /* step s -> (kb, k0, first / last step of its 128-K block), the order of the old kernel */
+    auto step_of = [&](int64_t s, int64_t& kb, int64_t& k0, bool& first, bool& last) {
+        int sub;
+        if (!rev) {
+            kb = kb_begin + s / 2;
+            sub = (int)(s % 2);
+            first = sub == 0;
+            last = sub == 1 || (skip_last && kb == a.nKB - 1);
+        } else {
+            const int64_t s2 = s + (skip_last ? 1 : 0);
+            kb = kb_end - 1 - s2 / 2;
+            const int pos = (int)(s2 % 2);
+            sub = 1 - pos;
+            first = pos == 0 || (skip_last && kb == a.nKB - 1);
+            last = pos == 1;
+        }
+        k0 = kb * MOE_QGROUP + (int64_t)sub * G2_BK;
+    };
+
+    auto load = [&](int64_t it, int slot) {
+        const int64_t lt = it / nsteps, s = it - lt * nsteps;
+        int64_t kb, k0;
+        bool f, l;
+        step_of(s, kb, k0, f, l);
+        const int64_t nt = nt0 + lt;
+        uint16_t* dA = sA + (size_t)slot * BM * G2_LDS;
+#pragma unroll
+        for (int i = 0; i < C::ITA; ++i) {
+            const int idx = tid + NT * i, r = idx >> 3, c = idx & 7;
+            const int64_t gk = k0 + 8 * c;
+            const bool ok = aSrc[i] != nullptr && gk < a.K;
+            moe_cp_async16(moe_smem_u32(dA + r * G2_LDS + 8 * c), ok ? (const void*)(aSrc[i] + gk) : (const void*)a.A,
+                           ok ? 16 : 0);
+        }
+        if (FP8) {
+            unsigned char* dB = sB + (size_t)slot * C::B8_BYTES;
+#pragma unroll
+            for (int i = 0; i < C::ITB8; ++i) {
+                const int idx = tid + NT * i, r = idx >> 2, c = idx & 3;
+                const int64_t gk = k0 + 16 * c;
+                const int64_t br = g2_brow<BN, STAGE1>(nt, r, a.N);
+                const bool ok = br >= 0 && gk < a.K;
+                const uint8_t* src = (const uint8_t*)a.B + ((int64_t)e * a.b_rows + (ok ? br : 0)) * a.K + (ok ? gk : 0);
+                moe_cp_async16(moe_smem_u32(dB + r * G2_BK + 16 * c), src, ok ? 16 : 0);
+            }
+        } else {
+            uint16_t* dB = (uint16_t*)(sB + (size_t)slot * C::B_BYTES);
+#pragma unroll
+            for (int i = 0; i < C::ITB16; ++i) {
+                const int idx = tid + NT * i, r = idx >> 3, c = idx & 7;
+                const int64_t gk = k0 + 8 * c;
+                const int64_t br = g2_brow<BN, STAGE1>(nt, r, a.N);
+                const bool ok = br >= 0 && gk < a.K;
+                const uint16_t* src = (const uint16_t*)a.B + ((int64_t)e * a.b_rows + (ok ? br : 0)) * a.K + (ok ? gk : 0);
+                if (ROUTER && ok && br >= ro.E) src = ro.ws + gk; /* row E: the shared gate */
+                moe_cp_async16(moe_smem_u32(dB + r * G2_LDS + 8 * c), src, ok ? 16 : 0);
+            }
+        }
+    };
+
+    float acc[FM][FN][4], part[FM][FN][4];
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) { acc[i][j][q] = 0.0f; part[i][j][q] = 0.0f; }
+    float asc[FM][2], bsc[FN];
+
+    /* warps whose rows are all invalid (decode, odd last block) skip the matrix-core work */
+    __syncthreads(); /* grpValid, blkInvalid */
+    bool wactive = false;
+#pragma unroll
+    for (int q = 0; q < C::WM / 16; ++q) wactive |= grpValid[wm * (C::WM / 16) + q] != 0;
+
+#pragma unroll
+    for (int p = 0; p < ST - 1; ++p) {
+        if (p < total) load(p, p);
+        moe_cp_async_commit();
+    }
+    for (int64_t it = 0; it < total; ++it) {
+        moe_cp_async_wait<ST - 2>();
+        __syncthreads(); /* stage `it` landed for every thread; everyone is done with stage it-1 */
+        {
+            const int64_t nx = it + ST - 1;
+            if (nx < total) load(nx, (int)(nx % ST));
+            moe_cp_async_commit();
+        }
+        const int slot = (int)(it % ST);
+        const int64_t lt = it / nsteps, s = it - lt * nsteps;
+        const int64_t nt = nt0 + lt;
+        int64_t kb, k0;
+        bool first, last;
+        step_of(s, kb, k0, first, last);
+        (void)k0;
+        const uint16_t* tA = sA + (size_t)slot * BM * G2_LDS;
+        const uint16_t* tB;
+        if (FP8) {
+            const unsigned char* raw = sB + (size_t)slot * C::B8_BYTES;
+#pragma unroll
+            for (int i = 0; i < C::ITB8; ++i) {
+                const int idx = tid + NT * i, r = idx >> 2, c = idx & 3;
+                const uint4 v = *(const uint4*)(raw + r * G2_BK + 16 * c);
+                const uint32_t qw[4] = {v.x, v.y, v.z, v.w};
+                uint32_t w[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    w[j] = (uint32_t)lut[(qw[j >> 1] >> (16 * (j & 1))) & 0xFFu] |
+                           ((uint32_t)lut[(qw[j >> 1] >> (16 * (j & 1) + 8)) & 0xFFu] << 16);
+                *(uint4*)(sBc + r * G2_LDS + 16 * c) = make_uint4(w[0], w[1], w[2], w[3]);
+                *(uint4*)(sBc + r * G2_LDS + 16 * c + 8) = make_uint4(w[4], w[5], w[6], w[7]);
+            }
+            if (first) { /* this 128-K block's scales, used at its promotion */
+#pragma unroll
+                for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int64_t ra = rowA[wm * C::WM + fm * 16 + g + 8 * h];
+                        int64_t kba = kb;
+                        if (STAGE1 && a.fault == MOE_FAULT_WRONG_KBLOCK_SCALE) kba = (kb + 1) % a.nKB;
+                        asc[fm][h] = ra >= 0 ? a.A_scale[ra * a.nKB + kba] : 0.0f;
+                    }
+#pragma unroll
+                for (int fn = 0; fn < FN; ++fn) {
+                    const int c = wn * C::WN + fn * 8 + 2 * tig;
+                    const int64_t br = g2_brow<BN, STAGE1>(nt, c, a.N);
+                    int64_t srow = 0;
+                    if (STAGE1) {
+                        const int64_t j = br >= a.N ? br - a.N : br;
+                        srow = br >= a.N ? nIB + j / MOE_QGROUP : j / MOE_QGROUP;
+                    } else {
+                        srow = br / MOE_QGROUP;
+                    }
+                    bsc[fn] = br >= 0 ? a.B_scale[((int64_t)e * a.nNB + srow) * a.nKB + kb] : 0.0f;
+                }
+            }
+            __syncthreads(); /* decoded tile complete */
+            tB = sBc;
+        } else {
+            tB = (const uint16_t*)(sB + (size_t)slot * C::B_BYTES);
+        }
+
+        if (wactive) {
+#pragma unroll
+            for (int kk = 0; kk < G2_BK / 16; ++kk) {
+                const int k16 = 16 * (rev ? G2_BK / 16 - 1 - kk : kk);
+                uint32_t af[FM][4], bfr[FN][2];
+#pragma unroll
+                for (int fm = 0; fm < FM; ++fm) {
+                    const int r = wm * C::WM + fm * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+                    moe_ldmatrix_x4(af[fm], moe_smem_u32(tA + r * G2_LDS + k16 + 8 * (lane >> 4)));
+                }
+#pragma unroll
+                for (int fp = 0; fp < FN / 2; ++fp) {
+                    const int c = wn * C::WN + fp * 16 + (lane & 7) + 8 * (lane >> 4);
+                    uint32_t r4[4];
+                    moe_ldmatrix_x4(r4, moe_smem_u32(tB + c * G2_LDS + k16 + 8 * ((lane >> 3) & 1)));
+                    bfr[2 * fp][0] = r4[0];
+                    bfr[2 * fp][1] = r4[1];
+                    bfr[2 * fp + 1][0] = r4[2];
+                    bfr[2 * fp + 1][1] = r4[3];
+                }
+#pragma unroll
+                for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                    for (int fn = 0; fn < FN; ++fn) moe_mma_16x8x16_bf16(FP8 ? part[fm][fn] : acc[fm][fn], af[fm], bfr[fn]);
+                /* fault: the fp8 running sums kept in ~14 significant bits (rounded every 32 K) */
+                if (low && (kk & 1)) {
+#pragma unroll
+                    for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                        for (int fn = 0; fn < FN; ++fn)
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) part[fm][fn][q] = moe_round14(part[fm][fn][q]);
+                }
+            }
+        }
+        if (FP8 && last) { /* promotion of the 128-K block partial, fp32 */
+#pragma unroll
+            for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                for (int fn = 0; fn < FN; ++fn)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const float sc = asc[fm][q >> 1] * bsc[fn];
+                        acc[fm][fn][q] += sc * part[fm][fn][q];
+                        if (low) acc[fm][fn][q] = moe_round14(acc[fm][fn][q]);
+                        part[fm][fn][q] = 0.0f;
+                    }
+        }
+        if (s != nsteps - 1) continue;
+
+        /* ---- epilogue of N tile nt, from registers ---- */
+        if (ROUTER) {
+#pragma unroll
+            for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int32_t t = rowPair[wm * C::WM + fm * 16 + g + 8 * h];
+                    if (t < 0) continue;
+#pragma unroll
+                    for (int fn = 0; fn < FN; ++fn)
+#pragma unroll
+                        for (int cc = 0; cc < 2; ++cc) {
+                            const int64_t r = nt * BN + wn * C::WN + fn * 8 + 2 * tig + cc;
+                            moe_router_store(t, r, ro.E, a.N, acc[fm][fn][2 * h + cc], ro.logits, ro.gate, a.fault);
+                        }
+                }
+        } else if (STAGE1) {
+#pragma unroll
+            for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int32_t pr = rowPair[wm * C::WM + fm * 16 + g + 8 * h];
+                    if (pr < 0) continue;
+#pragma unroll
+                    for (int fn = 0; fn < FN; fn += 2) {
+                        const int F = (wn * C::WN) / 8 + fn; /* even: gate group; fn+1: up */
+                        const int64_t j = nt * (BN / 2) + (int64_t)(F >> 1) * 8 + 2 * tig;
+                        if (j >= a.N) continue;
+                        float gt[2] = {acc[fm][fn][2 * h], acc[fm][fn][2 * h + 1]};
+                        float up[2] = {acc[fm][fn + 1][2 * h], acc[fm][fn + 1][2 * h + 1]};
+                        const int ncol = j + 1 < a.N ? 2 : 1;
+                        if (a.split > 1) {
+                            float* ws = a.out_f32 + (int64_t)pr * 2 * a.N;
+#pragma unroll
+                            for (int cc = 0; cc < 2; ++cc) {
+                                if (cc >= ncol) break;
+                                float gv = gt[cc], uv = up[cc];
+                                if (a.fault == MOE_FAULT_SPLITK_BF16_PARTIALS) {
+                                    gv = moe_round_bf16(gv); uv = moe_round_bf16(uv);
+                                } else if (a.fault == MOE_FAULT_SPLITK_FP16_PARTIALS) {
+                                    gv = moe_fp16_round(gv); uv = moe_fp16_round(uv);
+                                }
+                                atomicAdd(ws + j + cc, gv);
+                                atomicAdd(ws + a.N + j + cc, uv);
+                            }
+                        } else {
+                            uint16_t o[2] = {0, 0};
+#pragma unroll
+                            for (int cc = 0; cc < 2; ++cc) {
+                                if (cc >= ncol) break;
+                                float silu = gt[cc] / (1.0f + expf(-gt[cc]));
+                                if (a.fault == MOE_FAULT_INTERMEDIATE_ROUNDED_TWICE) silu = moe_round_bf16(silu);
+                                o[cc] = moe_f_to_bf16(silu * up[cc]);
+                            }
+                            uint16_t* dst = a.out_bf16 + (int64_t)pr * a.N + j;
+                            if (ncol == 2 && (a.N & 1) == 0) *(uint32_t*)dst = (uint32_t)o[0] | ((uint32_t)o[1] << 16);
+                            else {
+                                dst[0] = o[0];
+                                if (ncol == 2) dst[1] = o[1];
+                            }
+                        }
+                    }
+                }
+        } else {
+            /* fault: the lowest used expert (block 0's) computes its output x (1 + 2^-6) */
+            const float scale = (a.fault == MOE_FAULT_EXPERT_SCALED_1P2M6 && e == a.block_experts[0]) ? 1.015625f : 1.0f;
+            /* fault: the last, partially filled block of an expert's run is skipped (rows = 0) */
+            const bool skipped = a.fault == MOE_FAULT_LAST_PARTIAL_M_TILE_SKIPPED &&
+                                 blkInvalid[(wm * C::WM) / MOE_BLOCK_M] != 0;
+#pragma unroll
+            for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int32_t pr = rowPair[wm * C::WM + fm * 16 + g + 8 * h];
+                    if (pr < 0) continue;
+                    float* yrow = a.out_f32 + (int64_t)pr * a.N;
+#pragma unroll
+                    for (int fn = 0; fn < FN; ++fn) {
+                        const int64_t n = nt * BN + wn * C::WN + fn * 8 + 2 * tig;
+                        if (n >= a.N) continue;
+                        float v0 = skipped ? 0.0f : acc[fm][fn][2 * h] * scale;
+                        float v1 = skipped ? 0.0f : acc[fm][fn][2 * h + 1] * scale;
+                        const bool two = n + 1 < a.N;
+                        if (pad_fault) {
+                            atomicAdd(yrow + n, v0);
+                            if (two) atomicAdd(yrow + n + 1, v1);
+                        } else if (two && (a.N & 1) == 0) {
+                            *(float2*)(yrow + n) = make_float2(v0, v1);
+                        } else {
+                            yrow[n] = v0;
+                            if (two) yrow[n + 1] = v1;
+                        }
+                    }
+                }
+        }
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+            for (int j = 0; j < FN; ++j)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+    }
+    moe_cp_async_wait<0>(); /* nothing may be in flight at exit (only empty groups remain) */
+}
+#endif /* NVIDIA gemm2 */
+
+/* ------------------------------------------------------------------------------------------ */
 /* launchers (host)                                                                            */
 /* ------------------------------------------------------------------------------------------ */
 static bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
@@ -637,6 +1136,37 @@ void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int
         moe_router_gemv_kernel<<<grid, 256>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws, T,
                                               H, E, fuse, logits, gate, fault, vec);
     } else {
+#if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
+        if (vec) { /* the pipelined GEMM in router mode, 32 tokens x 128 router rows per CTA */
+            typedef G2Medium C;
+            static bool opted[64] = {false};
+            int dev = 0;
+            if (hipGetDevice(&dev) != hipSuccess || dev < 0 || dev >= 64) dev = 0;
+            if (!opted[dev]) {
+                (void)moe_func_max_dynamic_smem((const void*)moe_gemm2_kernel<C, false, false, true>, (int)C::smem(false));
+                opted[dev] = true;
+            }
+            MoeGemmArgs a;
+            memset(&a, 0, sizeof(a));
+            a.A = (const uint16_t*)x;
+            a.B = wg;
+            a.K = H;
+            a.N = rows;
+            a.nKB = (H + MOE_QGROUP - 1) / MOE_QGROUP;
+            a.b_rows = 0; /* row r of Wg at r*H (expert 0) */
+            a.split = 1;
+            a.fault = fault;
+            G2Router ro;
+            ro.ws = fuse ? (const uint16_t*)ws : nullptr;
+            ro.T = T;
+            ro.E = E;
+            ro.logits = logits;
+            ro.gate = gate;
+            dim3 g2grid((unsigned)((T + C::BM - 1) / C::BM), (unsigned)((rows + C::BN - 1) / C::BN));
+            moe_gemm2_kernel<C, false, false, true><<<g2grid, C::THREADS, C::smem(false)>>>(a, 1, ro);
+            return;
+        }
+#endif
         dim3 grid((unsigned)((T + MMA_BM - 1) / MMA_BM), (unsigned)((rows + MMA_BN - 1) / MMA_BN));
         moe_router_mma_kernel<<<grid, MMA_THREADS>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws,
                                                      T, H, E, fuse, logits, gate, fault, vec);
@@ -650,7 +1180,77 @@ void moe_launch_topk(const float* logits, const float* gate, int64_t T, int32_t 
                                                                               fuse, ids, weights, fault);
 }
 
+#if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
+static int g2_sm_count(void) {
+    static int cached[64] = {0};
+    int dev = 0;
+    if (hipGetDevice(&dev) != hipSuccess || dev < 0 || dev >= 64) return 132;
+    if (cached[dev] == 0) {
+        int n = 0;
+        if (moe_multiprocessor_count(dev, &n) != hipSuccess || n <= 0) n = 132;
+        cached[dev] = n;
+    }
+    return cached[dev];
+}
+
+/* Launch one gemm2 instantiation: opt in to its dynamic shared memory once per device. */
+template <class C, bool FP8, bool STAGE1>
+static void g2_launch(const MoeGemmArgs& a, int64_t nblocks, int sms) {
+    static bool opted[64] = {false};
+    int dev = 0;
+    if (hipGetDevice(&dev) != hipSuccess || dev < 0 || dev >= 64) dev = 0;
+    const size_t smem = C::smem(FP8);
+    if (!opted[dev]) {
+        (void)moe_func_max_dynamic_smem((const void*)moe_gemm2_kernel<C, FP8, STAGE1>, (int)smem);
+        opted[dev] = true;
+    }
+    const int64_t bn = STAGE1 ? C::BN / 2 : C::BN;
+    const int64_t ntiles = (a.N + bn - 1) / bn;
+    /* persistent in N when K is short: about 8 K-steps of 64 per CTA, while keeping >= 2 CTAs
+     * per SM (estimated from the pairs: tiles actually used, not the capacity) */
+    const int64_t ksteps = ((a.K + 63) / 64 + (a.split > 1 ? a.split - 1 : 0)) / (a.split > 1 ? a.split : 1);
+    const int64_t used = (C::MT == 2 ? a.pairs / 64 + a.n_experts : a.pairs / 32 + (a.pairs < a.n_experts ? a.pairs : a.n_experts));
+    int64_t nl = 1;
+    if (ksteps < 8) {
+        nl = (8 + ksteps - 1) / ksteps;
+        while (nl > 1 && used * ((ntiles + nl - 1) / nl) * (a.split > 1 ? a.split : 1) < 2 * (int64_t)sms) nl /= 2;
+        if (nl > ntiles) nl = ntiles;
+        if (nl < 1) nl = 1;
+    }
+    dim3 grid((unsigned)nblocks, (unsigned)((ntiles + nl - 1) / nl), (unsigned)(a.split > 1 ? a.split : 1));
+    G2Router ro;
+    memset(&ro, 0, sizeof(ro));
+    moe_gemm2_kernel<C, FP8, STAGE1><<<grid, C::THREADS, smem>>>(a, (int32_t)nl, ro);
+}
+
+template <class C>
+static void g2_dispatch(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblocks, int sms) {
+    if (fp8 && stage1) g2_launch<C, true, true>(a, nblocks, sms);
+    else if (fp8) g2_launch<C, true, false>(a, nblocks, sms);
+    else if (stage1) g2_launch<C, false, true>(a, nblocks, sms);
+    else g2_launch<C, false, false>(a, nblocks, sms);
+}
+#endif
+
 void moe_launch_gemm(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblocks) {
+#if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
+    /* The pipelined kernel needs 16-byte rows: K a multiple of 8 (bf16) / 16 (fp8 codes). The
+     * choice depends on the problem only (allocations are 256-byte aligned), so a forward and a
+     * staged run of the same problem always take the same kernel and tile. */
+    if (a.K % (fp8 ? 16 : 8) == 0 && aligned16(a.A) && aligned16(a.B)) {
+        const int sms = g2_sm_count();
+        const int64_t ncols = stage1 ? 2 * a.N : a.N;
+        const int64_t E1 = a.n_experts;
+        if (a.pairs >= 32 * E1) {
+            g2_dispatch<G2Prefill>(a, fp8, stage1, nblocks, sms);           /* >= one full block per expert */
+        } else {
+            const int64_t used = a.pairs / 32 + (a.pairs < E1 ? a.pairs : E1); /* align blocks in use (about) */
+            if (used * ((ncols + 127) / 128) >= 3 * (int64_t)sms) g2_dispatch<G2Medium>(a, fp8, stage1, nblocks, sms);
+            else g2_dispatch<G2Decode>(a, fp8, stage1, nblocks, sms);       /* decode: many narrow CTAs */
+        }
+        return;
+    }
+#endif
     const int64_t ncols = stage1 ? MMA_BN / 2 : MMA_BN;
     dim3 grid((unsigned)nblocks, (unsigned)((a.N + ncols - 1) / ncols), (unsigned)(a.split > 1 ? a.split : 1));
     const int32_t vecA = a.K % 8 == 0 && aligned16(a.A);

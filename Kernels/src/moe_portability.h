@@ -57,6 +57,14 @@ static inline hipError_t hipEventSynchronize(hipEvent_t e) { return cudaEventSyn
 static inline hipError_t hipEventElapsedTime(float* ms, hipEvent_t a, hipEvent_t b) {
     return cudaEventElapsedTime(ms, a, b);
 }
+static inline hipError_t hipGetDevice(int* d) { return cudaGetDevice(d); }
+/* Kernels with more than 48 KB of dynamic shared memory must opt in once per device. */
+static inline hipError_t moe_func_max_dynamic_smem(const void* func, int bytes) {
+    return cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+static inline hipError_t moe_multiprocessor_count(int device, int* n) {
+    return cudaDeviceGetAttribute(n, cudaDevAttrMultiProcessorCount, device);
+}
 #else
 #  error "moe_portability.h: compile with hipcc (AMD) or nvcc (NVIDIA)"
 #endif
@@ -68,10 +76,12 @@ static inline hipError_t hipEventElapsedTime(float* ms, hipEvent_t a, hipEvent_t
 #  define MOE_WARP_SIZE 64
 __device__ __forceinline__ float moe_shfl_xor(float v, int m) { return __shfl_xor(v, m, 64); }
 __device__ __forceinline__ int moe_shfl_xor(int v, int m) { return __shfl_xor(v, m, 64); }
+__device__ __forceinline__ int moe_shfl_up(int v, int d) { return __shfl_up(v, (unsigned)d, 64); }
 #else
 #  define MOE_WARP_SIZE 32
 __device__ __forceinline__ float moe_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 __device__ __forceinline__ int moe_shfl_xor(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ int moe_shfl_up(int v, int d) { return __shfl_up_sync(0xffffffffu, v, (unsigned)d); }
 #endif
 
 /* ---- matrix-core instructions (IMPL=mma) ---------------------------------------------------
@@ -112,6 +122,43 @@ __device__ __forceinline__ void moe_mma_16x8x16_bf16(float d[4], const uint32_t 
 #    endif
 #  else
     (void)d; (void)a; (void)b; /* host pass: never called */
+#  endif
+}
+
+/* ---- NVIDIA sm_80+ asynchronous copies and ldmatrix (IMPL=mma pipelined GEMM) ---------------
+ * cp.async.cg.shared.global [dst], [src], 16, src_size: copies src_size (0 or 16 here) bytes
+ *   from global memory and zero-fills the rest of the 16-byte shared-memory destination
+ *   (PTX ISA "cp.async"); src must be a valid global address even when src_size is 0.
+ * ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the shared address of row l%8 of 8x8
+ *   matrix l/8 (16 contiguous bytes); register i of lane t receives row t/4, elements
+ *   2*(t%4), 2*(t%4)+1 of matrix i (PTX ISA "ldmatrix"). */
+__device__ __forceinline__ uint32_t moe_smem_u32(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void moe_cp_async16(uint32_t dst, const void* src, int src_bytes) {
+#  if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#  else
+    (void)dst; (void)src; (void)src_bytes;
+#  endif
+}
+__device__ __forceinline__ void moe_cp_async_commit(void) {
+#  if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#  endif
+}
+template <int N> __device__ __forceinline__ void moe_cp_async_wait(void) {
+#  if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#  endif
+}
+__device__ __forceinline__ void moe_ldmatrix_x4(uint32_t r[4], uint32_t addr) {
+#  if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#  else
+    (void)addr; r[0] = r[1] = r[2] = r[3] = 0u;
 #  endif
 }
 #endif

@@ -133,6 +133,225 @@ def check_amd(As, Bs):
     return C, owners
 
 
+# ---- NVIDIA gemm2 (moe_gemm2_kernel): cp.async chunks, ldmatrix.x4 fragments, stage-1 -------
+# interleaving, K-step order, 64-row pairing. Transcribed from the kernel; ldmatrix modelled from
+# the PTX ISA ("ldmatrix"): lane l gives the address of row l%8 of matrix l//8 (8 contiguous b16),
+# register i of lane t receives row t//4, elements 2*(t%4), 2*(t%4)+1 of matrix i.
+G2_BK, G2_LDS = 64, 72
+G2_CFGS = {  # name: (BM, BN, WM, WN, threads)
+    "prefill 64x128": (64, 128, 32, 32, 256),
+    "medium 32x128": (32, 128, 16, 32, 256),
+    "decode 32x32": (32, 32, 16, 16, 128),
+}
+
+
+def ldmatrix_x4(smem, addrs):
+    """smem: flat array of b16; addrs[lane] = element offset of the row that lane supplies."""
+    mats = [[smem[addrs[8 * i + r]:addrs[8 * i + r] + 8] for r in range(8)] for i in range(4)]
+    return [[(mats[i][t // 4][2 * (t % 4)], mats[i][t // 4][2 * (t % 4) + 1]) for i in range(4)] for t in range(32)]
+
+
+def g2_check_tile(name, BM, BN, WM, WN, NT, rng):
+    WARPS_N = BN // WN
+    FM, FN = WM // 16, WN // 8
+    Ag = rng.integers(-8, 9, size=(BM, G2_BK)).astype(float)
+    Bg = rng.integers(-8, 9, size=(BN, G2_BK)).astype(float)
+    # cp.async placement (bf16): chunk idx -> row idx>>3, 8 elements at 8*(idx&7), smem row stride G2_LDS
+    sA = np.full(BM * G2_LDS, np.nan); sB = np.full(BN * G2_LDS, np.nan)
+    cntA = np.zeros((BM, G2_BK), int); cntB = np.zeros((BN, G2_BK), int)
+    for tid in range(NT):
+        for i in range(BM * 8 // NT):
+            idx = tid + NT * i; r, c = idx >> 3, idx & 7
+            sA[r * G2_LDS + 8 * c:r * G2_LDS + 8 * c + 8] = Ag[r, 8 * c:8 * c + 8]; cntA[r, 8 * c:8 * c + 8] += 1
+        for i in range(BN * 8 // NT):
+            idx = tid + NT * i; r, c = idx >> 3, idx & 7
+            sB[r * G2_LDS + 8 * c:r * G2_LDS + 8 * c + 8] = Bg[r, 8 * c:8 * c + 8]; cntB[r, 8 * c:8 * c + 8] += 1
+    # fp8 path: raw chunk idx -> row idx>>2, 16 codes at 16*(idx&3); decoded into the same place
+    cnt8 = np.zeros((BN, G2_BK), int)
+    for tid in range(NT):
+        for i in range(BN * 4 // NT):
+            idx = tid + NT * i; r, c = idx >> 2, idx & 3
+            cnt8[r, 16 * c:16 * c + 16] += 1
+    ok = (cntA == 1).all() and (cntB == 1).all() and (cnt8 == 1).all()
+    acc = {}
+    for warp in range(NT // 32):
+        wm, wn = warp // WARPS_N, warp % WARPS_N
+        a_ = [[[0.0] * 4 for _ in range(FN)] for _ in range(FM)]
+        accw = [[[[0.0] * 4 for _ in range(FN)] for _ in range(FM)] for _ in range(32)]
+        for kk in range(G2_BK // 16):
+            k16 = 16 * kk
+            af = []
+            for fm in range(FM):
+                addrs = [(wm * WM + fm * 16 + (l & 7) + 8 * ((l >> 3) & 1)) * G2_LDS + k16 + 8 * (l >> 4) for l in range(32)]
+                regs = ldmatrix_x4(sA, addrs)   # regs[lane][i] = (lo, hi)
+                af.append([[x for i in range(4) for x in regs[l][i]] for l in range(32)])  # a0..a7
+            bf = [None] * FN
+            for fp in range(FN // 2):
+                addrs = [(wn * WN + fp * 16 + (l & 7) + 8 * (l >> 4)) * G2_LDS + k16 + 8 * ((l >> 3) & 1) for l in range(32)]
+                regs = ldmatrix_x4(sB, addrs)
+                bf[2 * fp] = [[*regs[l][0], *regs[l][1]] for l in range(32)]       # b0..b3
+                bf[2 * fp + 1] = [[*regs[l][2], *regs[l][3]] for l in range(32)]
+            for fm in range(FM):
+                for fn in range(FN):
+                    creg = [accw[l][fm][fn] for l in range(32)]
+                    d = ptx_mma_m16n8k16(af[fm], bf[fn], creg)
+                    for l in range(32):
+                        accw[l][fm][fn] = d[l]
+        for l in range(32):
+            acc[(warp, l)] = accw[l]
+    C = np.full((BM, BN), np.nan); owners = np.zeros((BM, BN), int)
+    for (warp, l), v in acc.items():
+        wm, wn = warp // WARPS_N, warp % WARPS_N
+        g, tig = l >> 2, l & 3
+        for fm in range(FM):
+            for fn in range(FN):
+                for q in range(4):
+                    r = wm * WM + fm * 16 + g + 8 * (q >> 1)
+                    c = wn * WN + fn * 8 + 2 * tig + (q & 1)
+                    C[r, c] = v[fm][fn][q]; owners[r, c] += 1
+    good = ok and (owners == 1).all() and np.array_equal(C, Ag @ Bg.T)
+    print(f"nvidia gemm2 {name}: cp.async chunks cover A/B/fp8 once: {ok}; ldmatrix+mma tile == A @ B^T: "
+          f"{np.array_equal(C, Ag @ Bg.T)}, owners min {owners.min()} max {owners.max()}: {'ok' if good else 'FAIL'}")
+    return good
+
+
+def g2_brow(BN, stage1, nt, c, N):
+    if stage1:
+        F = c >> 3
+        j = nt * (BN // 2) + (F >> 1) * 8 + (c & 7)
+        if j >= N: return -1
+        return N + j if F & 1 else j
+    n = nt * BN + c
+    return n if n < N else -1
+
+
+def g2_check_stage1_pairing(name, BN, WN, NT, N):
+    """every gate row j and up row N+j land in one tile, and the epilogue's (fn, fn+1, q) of a
+    thread are gate j and up j with j = nt*(BN/2) + (F>>1)*8 + 2*tig + (q&1)."""
+    WARPS_N = BN // WN; FN = WN // 8
+    seen = {}
+    ok = True
+    ntiles = (N + BN // 2 - 1) // (BN // 2)
+    for nt in range(ntiles):
+        for warp_n in range(WARPS_N):
+            for l in range(4):  # lanes g = 0 (the other g hold other rows of the same columns)
+                tig = l & 3
+                for fn in range(0, FN, 2):
+                    F = (warp_n * WN) // 8 + fn
+                    for cc in range(2):
+                        j = nt * (BN // 2) + (F >> 1) * 8 + 2 * tig + cc
+                        cg = warp_n * WN + fn * 8 + 2 * tig + cc          # gate accumulator column
+                        cu = warp_n * WN + (fn + 1) * 8 + 2 * tig + cc    # up accumulator column
+                        rg, ru = g2_brow(BN, True, nt, cg, N), g2_brow(BN, True, nt, cu, N)
+                        if j < N:
+                            ok &= rg == j and ru == N + j
+                            seen[j] = seen.get(j, 0) + 1
+                        else:
+                            ok &= rg == -1 and ru == -1
+    ok &= sorted(seen) == list(range(N)) and all(v == 1 for v in seen.values())
+    print(f"nvidia gemm2 {name} stage-1 gate/up interleave, N={N}: {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def old_order(nKB, K, kb_begin, kb_end, rev):
+    """(k0, promote-after) sequence of moe_mma_gemm_kernel's q loop, skipped stages removed"""
+    out = []
+    nq = (kb_end - kb_begin) * 2
+    for q in range(nq):
+        kbi = q // 2
+        kb = kb_end - 1 - kbi if rev else kb_begin + kbi
+        sub = q % 2
+        k0 = kb * 128 + (1 - sub if rev else sub) * 64
+        if k0 < K:
+            out.append([k0, False])
+        if sub == 1 and out:
+            out[-1][1] = True
+    return [tuple(x) for x in out]
+
+
+def new_order(nKB, K, kb_begin, kb_end, rev):
+    skip_last = kb_end == nKB and (nKB - 1) * 128 + 64 >= K
+    nsteps = (kb_end - kb_begin) * 2 - (1 if skip_last else 0)
+    out = []
+    for s in range(nsteps):
+        if not rev:
+            kb = kb_begin + s // 2; sub = s % 2
+            first = sub == 0; last = sub == 1 or (skip_last and kb == nKB - 1)
+        else:
+            s2 = s + (1 if skip_last else 0)
+            kb = kb_end - 1 - s2 // 2; pos = s2 % 2; sub = 1 - pos
+            first = pos == 0 or (skip_last and kb == nKB - 1); last = pos == 1
+        out.append((kb * 128 + sub * 64, last, first, kb))
+    return out
+
+
+def g2_check_order():
+    ok = True
+    for K in list(range(16, 700, 16)) + [4096, 4096 + 16]:
+        nKB = (K + 127) // 128
+        for split in range(1, nKB + 1):
+            for z in range(split):
+                b, e = z * nKB // split, (z + 1) * nKB // split
+                for rev in (False, True):
+                    o, n = old_order(nKB, K, b, e, rev), new_order(nKB, K, b, e, rev)
+                    ok &= o == [(k0, last) for (k0, last, _, _) in n]
+                    # first/last bracket each 128-K block exactly once; every k0 < K
+                    kbs = [kb for (_, _, _, kb) in n]
+                    ok &= all(k0 < K for (k0, _, _, _) in n)
+                    ok &= sum(f for (_, _, f, _) in n) == e - b and sum(l for (_, l, _, _) in n) == e - b
+                    ok &= sorted(set(kbs)) == list(range(b, e))
+    print(f"nvidia gemm2 K-step order == moe_mma_gemm_kernel (K 16..4112, every split, reverse): {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def g2_first_of_run(be, blk):
+    """the kernel's 32-lane search: first index of be[blk] in the ascending prefix be[0..blk]"""
+    e = be[blk]; lo, hi = 0, blk
+    while lo < hi:
+        span = hi - lo
+        pos = [lo + (span * lane) // 32 for lane in range(32)]
+        lt = [be[p] < e for p in pos]
+        L = sum(lt)
+        assert lt == [True] * L + [False] * (32 - L)
+        if L == 0: break
+        last = lo + (span * (L - 1)) // 32
+        if L < 32: hi = lo + (span * L) // 32
+        lo = last + 1
+    return lo
+
+
+def g2_check_pairing(rng):
+    ok = True
+    for trial in range(300):
+        E1 = int(rng.integers(1, 600))
+        counts = rng.integers(0, 400 if trial % 3 else 40, size=E1)
+        nb = [(c + 31) // 32 for c in counts]
+        be = [e for e in range(E1) for _ in range(nb[e])]
+        if not be: continue
+        covered = [0] * len(be)
+        for blk in range(len(be)):
+            f = g2_first_of_run(be, blk)
+            ok &= f == be.index(be[blk])
+            if (blk - f) % 2 == 0:
+                covered[blk] += 1
+                if blk + 1 < len(be) and be[blk + 1] == be[blk]: covered[blk + 1] += 1
+        ok &= all(c == 1 for c in covered)
+    print(f"nvidia gemm2 64-row pairing (32-way search, every block covered once, 300 random alignments): {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def check_gemm2():
+    rng = np.random.default_rng(90)
+    ok = True
+    for name, (BM, BN, WM, WN, NT) in G2_CFGS.items():
+        ok &= g2_check_tile(name, BM, BN, WM, WN, NT, rng)
+        for N in (32, 96, 128, 136, 512):
+            ok &= g2_check_stage1_pairing(name, BN, WN, NT, N)
+    ok &= g2_check_order()
+    ok &= g2_check_pairing(rng)
+    return ok
+
+
 def main():
     rng = np.random.default_rng(13)
     As = rng.integers(-8, 9, size=(BM, KT)).astype(float)
@@ -147,6 +366,7 @@ def main():
               f"owners per element min {owners.min()} max {owners.max()}: {'ok' if good else 'FAIL'}")
     # stage-1 pairing: tile column c < 64 is gate j = c, c >= 64 is up j = c - 64 (both read
     # from the shared fp32 tile in the epilogue, so no register pairing is assumed)
+    ok &= check_gemm2()
     raise SystemExit(0 if ok else 1)
 
 
