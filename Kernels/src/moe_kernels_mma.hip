@@ -16,6 +16,10 @@
  * FACTS.md 8), which would be a different recipe; the bf16 path accumulates in fp32 (see the
  * matrix-core note in moe_api.hip) and treats e4m3fnuz codes, whose values differ from e4m3fn
  * (bias 8, NaN 0x80), through the same table with no instruction-level format dependence.
+ * Exception (branch amdfp8): on gfx940/941/942, whose fp8 MFMA takes e4m3fnuz, e4m3fnuz weights x
+ * fnuz-quantized activations run on v_mfma_f32_32x32x16_fp8_fp8 (mma_k32_fp8); per MMA-Sim its
+ * k16 sum is truncated fixed point then RNE to fp32, not exact (Kernels/README "FP8 MFMA on
+ * gfx94x"). Compiled by Debian's hipcc (clang 15) for gfx940, never run: no AMD GPU here.
  *
  * Tile (both platforms): 32 rows (one align block, one expert) x 128 output columns per
  * 256-thread workgroup, K staged through shared memory 64 at a time (two stages per 128-wide

@@ -113,8 +113,8 @@ __device__ __forceinline__ moe_floatx16 moe_mfma_32x32x8_bf16(moe_shortx4 a, moe
  *   D[32x32] = A[32x16] * B[16x32] + C; a, b: 8 fp8 bytes per lane (one 64-bit operand), c/d:
  *   16 f32 per lane. On these targets the instruction's fp8 is E4M3FNUZ (bias 8, NaN 0x80, no
  *   inf, no -0: ROCm HIP "FP8 numbers" reference, gfx940/941/942 support FNUZ only). gfx950
- *   (CDNA4) runs the same opcode on OCP e4m3fn, so it is NOT enabled there (and clang 15 does not
- *   know gfx950). Its accumulation is not an IEEE fp32 sum: see Kernels/README.md "FP8 MFMA".
+ *   (CDNA4) is NOT enabled: its fp8 is OCP e4m3fn as far as we know (not verified here), and
+ *   clang 15 does not know gfx950. Its accumulation is not an IEEE fp32 sum: see Kernels/README.md "FP8 MFMA".
  *   Compiled by Debian's hipcc (clang 15) for gfx940; never run (no AMD GPU here).
  * MOE_MFMA_FP8_FNUZ is 1 only in a device pass for those targets; callers test it so that the
  * wrapper is never reached elsewhere. */
