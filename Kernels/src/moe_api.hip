@@ -39,7 +39,10 @@
  * IEEE fp32 FMA (NVIDIA: aligned, truncated multi-operand adds, round-toward-zero; Kernels/README
  * "Recipe under IMPL=mma" says what the reference would need to model it). fp8 products are
  * formed in bf16 (exact) and accumulated per 128-K block in fp32 on the matrix core, then
- * scaled and promoted in fp32 registers exactly as written above.
+ * scaled and promoted in fp32 registers exactly as written above. On gfx940/941/942 e4m3fnuz
+ * weights run on the fp8 MFMA instead (same blocks and promotion; per MMA-Sim its k16 sum is
+ * truncated fixed point, then RNE to fp32: Kernels/README "FP8 MFMA on gfx94x"; compiled by
+ * Debian's hipcc (clang 15), never run: no AMD GPU).
  */
 #include "moe_portability.h"
 #include "moe_device.h"

@@ -38,6 +38,18 @@ static inline unsigned moe_grid1d(int64_t n, int threads) {
     return (unsigned)b;
 }
 
+/* Align blocks that can hold pairs: sum_e ceil(c_e / BM) <= floor(pairs / BM) + min(pairs, E')
+ * (host). Every block at or past it lies past padded_count, where the GEMMs return at once, so
+ * the grid stops there (at T = 1 the full capacity grid was ~30k CTAs that only exit). Stage 2
+ * under the padding_expert_zero fault computes blocks past padded_count: the full grid. */
+static inline int64_t moe_gemm_grid_blocks(const MoeGemmArgs& a, bool stage1, int64_t nblocks, int64_t bm,
+                                           int32_t pad_fault) {
+    if (!stage1 && a.fault == pad_fault) return nblocks;
+    const int64_t bound = a.pairs / bm + (a.pairs < a.n_experts ? a.pairs : a.n_experts);
+    const int64_t nb = bound < nblocks ? bound : nblocks;
+    return nb < 1 ? 1 : nb;
+}
+
 void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int64_t T, int64_t H,
                               int32_t E, int32_t fuse, float* logits, float* gate, int32_t fault);
 void moe_launch_topk(const float* logits, const float* gate, int64_t T, int32_t E, int32_t K,

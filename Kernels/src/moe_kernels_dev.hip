@@ -334,6 +334,7 @@ void moe_launch_topk(const float* logits, const float* gate, int64_t T, int32_t 
 }
 
 void moe_launch_gemm(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblocks) {
+    nblocks = moe_gemm_grid_blocks(a, stage1, nblocks, MOE_BLOCK_M, MOE_FAULT_PADDING_EXPERT_ZERO);
     const int64_t ncols = stage1 ? MOE_TILE_N / 2 : MOE_TILE_N;
     dim3 grid((unsigned)nblocks, (unsigned)((a.N + ncols - 1) / ncols),
               (unsigned)(a.split > 1 ? a.split : 1));

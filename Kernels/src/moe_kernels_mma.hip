@@ -16,6 +16,10 @@
  * FACTS.md 8), which would be a different recipe; the bf16 path accumulates in fp32 (see the
  * matrix-core note in moe_api.hip) and treats e4m3fnuz codes, whose values differ from e4m3fn
  * (bias 8, NaN 0x80), through the same table with no instruction-level format dependence.
+ * Exception (branch amdfp8): on gfx940/941/942, whose fp8 MFMA takes e4m3fnuz, e4m3fnuz weights x
+ * fnuz-quantized activations run on v_mfma_f32_32x32x16_fp8_fp8 (mma_k32_fp8); per MMA-Sim its
+ * k16 sum is truncated fixed point then RNE to fp32, not exact (Kernels/README "FP8 MFMA on
+ * gfx94x"). Compiled by Debian's hipcc (clang 15) for gfx940, never run: no AMD GPU here.
  *
  * Tile (both platforms): 32 rows (one align block, one expert) x 128 output columns per
  * 256-thread workgroup, K staged through shared memory 64 at a time (two stages per 128-wide
@@ -37,6 +41,7 @@
 #define MMA_BK 64            /* K per shared-memory stage */
 #define MMA_LDS (MMA_BK + 8) /* bf16 row stride: +16 bytes keeps the fragment loads conflict-free */
 #define MMA_LDC (MMA_BN + 4) /* fp32 epilogue tile row stride */
+#define MMA_LDS8 (MMA_BK + 8) /* AMD fp8-MFMA tiles: byte row stride (8-byte aligned fragment loads) */
 #define MMA_THREADS 256
 
 static_assert(MMA_BM == MOE_BLOCK_M, "a GEMM tile is one align block");
@@ -49,6 +54,12 @@ struct alignas(16) MmaSmem {
             uint16_t B[MMA_BN][MMA_LDS]; /* B[col][k]: weight rows (bf16 bits, fp8 decoded) */
         } t;
         float C[MMA_BM][MMA_LDC];        /* epilogue: the fp32 tile */
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+        struct {
+            uint8_t A[MMA_BM][MMA_LDS8]; /* A[row][k]: e4m3fnuz codes of the quantized activations */
+            uint8_t B[MMA_BN][MMA_LDS8]; /* B[col][k]: raw e4m3fnuz weight codes */
+        } f8;                            /* gfx94x fp8 MFMA path only */
+#endif
     } u;
 };
 
@@ -89,6 +100,43 @@ __device__ __forceinline__ void mma_k32(const MmaSmem& s, int koff, MmaAcc& d, b
         const moe_shortx4 b = *(const moe_shortx4*)&s.u.t.B[32 * wave + i][kk + kq];
         d.v = moe_mfma_32x32x8_bf16(a, b, d.v);
     }
+}
+
+/*
+ * gfx940/941/942 only (MOE_MFMA_FP8_FNUZ): v_mfma_f32_32x32x16_fp8_fp8 on e4m3fnuz codes, same
+ * wave/column split and the same D layout as above. Operand layouts (AMD Matrix Instruction
+ * Calculator for CDNA3, "v_mfma_f32_32x32x16_fp8_fp8"; composable_kernel xdlops_gemm.hpp
+ * mfma_type<mfma_f32_32x32x16f8f8>: k_per_blk 8, num_input_blks 2, num_threads_per_blk 32,
+ * is_k_reduction, i.e. the bf16_1k layout with 8 K per lane instead of 4):
+ *   A[i][k] (32x16): lane = i + 32*(k/8), byte k%8 of the lane's 64-bit operand (low byte first)
+ *   B[k][j] (16x32): lane = j + 32*(k/8), byte k%8
+ *   D[i][j] (32x32): as v_mfma_f32_32x32x8bf16_1k (mma_acc_row / mma_acc_col).
+ * K columns [koff, koff+32) of the staged fp8 tile in 2 MFMA steps of 16 (reversed on request).
+ * Compiled (clang 15, gfx940), never run: no AMD GPU here.
+ */
+__device__ __forceinline__ void mma_k32_fp8(const MmaSmem& s, int koff, MmaAcc& d, bool reverse) {
+    const int lane = threadIdx.x & 63, wave = threadIdx.x >> 6;
+    const int i = lane & 31, kq = 8 * (lane >> 5);
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+        const int kk = koff + 16 * (reverse ? 1 - step : step);
+        const long a = *(const long*)&s.u.f8.A[i][kk + kq];
+        const long b = *(const long*)&s.u.f8.B[32 * wave + i][kk + kq];
+        d.v = moe_mfma_32x32x16_fp8fnuz(a, b, d.v);
+    }
+}
+
+/* bf16 bits of an e4m3fnuz value -> its e4m3fnuz code, exactly (moe_quant_kernel stores every
+ * quantized activation as the bf16 bits of an fnuz value; each is exact in bf16). +-0 -> 0x00
+ * (fnuz has no -0: 0x80 is its NaN); NaN / inf / |v| >= 256 -> 0x80; |v| < 2^-10 (never an fnuz
+ * value, never produced) -> 0x00. Normal fnuz: exponent field e8 = bf16 exponent - 119 (1..15),
+ * mantissa = the top 3 of bf16's 7 bits; subnormal fnuz (bf16 exponent 117..119): m * 2^-10. */
+__device__ __forceinline__ uint32_t moe_bf16_to_fnuz(uint32_t h) {
+    const uint32_t sgn = (h >> 8) & 0x80u, e = (h >> 7) & 0xFFu, m = h & 0x7Fu;
+    if (e > 134u) return 0x80u;
+    if (e >= 120u) return sgn | ((e - 119u) << 3) | (m >> 4);
+    if (e >= 117u) return sgn | (((0x80u | m) << (e - 117u)) >> 7);
+    return 0u;
 }
 #else
 /*
@@ -227,6 +275,38 @@ __device__ __forceinline__ void mma_store_fp8(uint16_t (*S)[MMA_LDS], const uint
         *(uint4*)&S[r][c + 8] = make_uint4(w[4], w[5], w[6], w[7]);
     }
 }
+
+#if defined(MOE_MFMA_FP8_FNUZ) && MOE_MFMA_FP8_FNUZ
+/* gfx94x fp8-MFMA staging (e4m3fnuz weights only). A: each 8-bf16 chunk of quantized activations
+ * becomes 8 fnuz codes (one 8-byte store, exact: moe_bf16_to_fnuz). B: the 16 raw weight codes of
+ * a chunk are stored as they are (two 8-byte stores; no table). Zero-filled chunks (sentinel rows,
+ * columns >= N, K >= K) stay 0x00 = +0 in both. Byte order: code of k at byte k%8, low first. */
+template <int NR>
+__device__ __forceinline__ void mma_store_a_fnuz(uint8_t (*S)[MMA_LDS8], const uint4* v) {
+    constexpr int CH = MMA_BK / 8;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::BF16; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it;
+        const uint32_t w[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
+        uint32_t q[2] = {0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            q[j >> 2] |= moe_bf16_to_fnuz((w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu) << (8 * (j & 3));
+        *(uint2*)&S[i / CH][(i % CH) * 8] = make_uint2(q[0], q[1]);
+    }
+}
+
+template <int NR>
+__device__ __forceinline__ void mma_store_fp8_raw(uint8_t (*S)[MMA_LDS8], const uint4* v) {
+    constexpr int CH = MMA_BK / 16;
+#pragma unroll
+    for (int it = 0; it < MmaChunks<NR>::FP8; ++it) {
+        const int i = threadIdx.x + MMA_THREADS * it, r = i / CH, c = (i % CH) * 16;
+        *(uint2*)&S[r][c] = make_uint2(v[it].x, v[it].y);
+        *(uint2*)&S[r][c + 8] = make_uint2(v[it].z, v[it].w);
+    }
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Router                                                                                      */
@@ -375,11 +455,27 @@ moe_router_mma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict
 #define MOE_TOPK_PER_LANE ((MOE_MAX_EXPERTS + 1 + MOE_WARP_SIZE - 1) / MOE_WARP_SIZE)
 static_assert(MOE_TOPK_PER_LANE <= 32, "a lane's taken-mask is one 32-bit word");
 
+/* one level of the lane's arg-max tree: entry j takes j + H when that one comes first */
+template <int H>
+__device__ __forceinline__ void moe_topk_tree(float* tp, int* te, bool tie_high) {
+    if constexpr (H >= 1) {
+#pragma unroll
+        for (int j = 0; j < H; ++j)
+            if (te[j + H] >= 0 && (te[j] < 0 || moe_before(tp[j + H], te[j + H], tp[j], te[j], tie_high))) {
+                tp[j] = tp[j + H];
+                te[j] = te[j + H];
+            }
+        moe_topk_tree<H / 2>(tp, te, tie_high);
+    }
+}
+
+template <int PER>
 __global__ void __launch_bounds__(256)
 moe_topk_warp_kernel(const float* __restrict__ logits, const float* __restrict__ gate, int64_t T,
                      int32_t E, int32_t K, int32_t renorm, int32_t fuse, int32_t* __restrict__ ids,
                      float* __restrict__ weights, int32_t fault) {
-    constexpr int W = MOE_WARP_SIZE, PER = MOE_TOPK_PER_LANE;
+    constexpr int W = MOE_WARP_SIZE;
+    static_assert(PER >= 1 && PER <= MOE_TOPK_PER_LANE && (PER & (PER - 1)) == 0, "entries per lane");
     const int warp = threadIdx.x / W, lane = threadIdx.x % W;
     const int64_t t = (int64_t)blockIdx.x * (256 / W) + warp;
     if (t >= T) return; /* no block-wide synchronization below */
@@ -413,16 +509,20 @@ moe_topk_warp_kernel(const float* __restrict__ logits, const float* __restrict__
     uint32_t taken = 0u;
     float denom = 0.0f; /* sum of the selected weights in slot order, identical in every lane */
     for (int s = 0; s < K; ++s) {
-        float bp = 0.0f;
-        int be = -1;
+        /* the lane's best untaken entry by a pairwise tree (depth log2 PER instead of a chain of
+         * PER dependent selects); moe_before is a strict total order on (p, e) with distinct e
+         * and p never NaN, so the winner is the chain's winner */
+        float tp[PER];
+        int te[PER];
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
             const int e = lane + W * j;
-            if (e < E && !((taken >> j) & 1u) && (be < 0 || moe_before(p[j], e, bp, be, tie_high))) {
-                bp = p[j];
-                be = e;
-            }
+            tp[j] = p[j];
+            te[j] = (e < E && !((taken >> j) & 1u)) ? e : -1;
         }
+        moe_topk_tree<PER / 2>(tp, te, tie_high);
+        float bp = te[0] >= 0 ? tp[0] : 0.0f;
+        int be = te[0];
         for (int m = W / 2; m > 0; m >>= 1) {
             const float op = moe_shfl_xor(bp, m);
             const int oe = moe_shfl_xor(be, m);
@@ -523,6 +623,12 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a
     }
     const bool rev = a.reverse != 0;
     const bool low = FP8 && a.fault == MOE_FAULT_FP8_ACCUMULATION_14BIT;
+#if defined(MOE_MFMA_FP8_FNUZ) && MOE_MFMA_FP8_FNUZ
+    /* gfx94x: e4m3fnuz weights x fnuz-quantized activations on the fp8 MFMA (uniform per launch;
+     * fnuz_decode is 0 for e4m3fn weights and under the fnuz_as_fn fault, which keep the bf16
+     * decode path). Same stages, same 128-K partials and promotion, same fault hooks. */
+    const bool f8mma = FP8 && a.fnuz_decode != 0;
+#endif
 
     MmaAcc acc, part;
     mma_zero(acc);
@@ -573,14 +679,26 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_mma_gemm_kernel(MoeGemmArgs a
         }
         if (q == qn) { /* uniform: this stage's data is in ra / rb */
             __syncthreads(); /* the previous stage's fragments have been read */
-            mma_store_bf16<BM>(sm.u.t.A, ra);
-            if (FP8) mma_store_fp8<BN>(sm.u.t.B, rb, lut);
-            else mma_store_bf16<BN>(sm.u.t.B, rb);
+#if defined(MOE_MFMA_FP8_FNUZ) && MOE_MFMA_FP8_FNUZ
+            if (f8mma) {
+                mma_store_a_fnuz<BM>(sm.u.f8.A, ra);
+                mma_store_fp8_raw<BN>(sm.u.f8.B, rb);
+            } else
+#endif
+            {
+                mma_store_bf16<BM>(sm.u.t.A, ra);
+                if (FP8) mma_store_fp8<BN>(sm.u.t.B, rb, lut);
+                else mma_store_bf16<BN>(sm.u.t.B, rb);
+            }
             __syncthreads();
             qn = next_valid(q + 1);
             if (qn < nq) fetch(q_k0(qn)); /* in flight during this stage's MMAs */
             MmaAcc& dst = FP8 ? part : acc;
             for (int h = 0; h < MMA_BK / 32; ++h) {
+#if defined(MOE_MFMA_FP8_FNUZ) && MOE_MFMA_FP8_FNUZ
+                if (f8mma) mma_k32_fp8(sm, 32 * (rev ? MMA_BK / 32 - 1 - h : h), dst, rev);
+                else
+#endif
                 mma_k32(sm, 32 * (rev ? MMA_BK / 32 - 1 - h : h), dst, rev);
                 /* fault: the fp8 running sums kept in ~14 significant bits (rounded every 32 K) */
                 if (low) {
@@ -1136,37 +1254,9 @@ void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int
         moe_router_gemv_kernel<<<grid, 256>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws, T,
                                               H, E, fuse, logits, gate, fault, vec);
     } else {
-#if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
-        if (vec) { /* the pipelined GEMM in router mode, 32 tokens x 128 router rows per CTA */
-            typedef G2Medium C;
-            static bool opted[64] = {false};
-            int dev = 0;
-            if (hipGetDevice(&dev) != hipSuccess || dev < 0 || dev >= 64) dev = 0;
-            if (!opted[dev]) {
-                (void)moe_func_max_dynamic_smem((const void*)moe_gemm2_kernel<C, false, false, true>, (int)C::smem(false));
-                opted[dev] = true;
-            }
-            MoeGemmArgs a;
-            memset(&a, 0, sizeof(a));
-            a.A = (const uint16_t*)x;
-            a.B = wg;
-            a.K = H;
-            a.N = rows;
-            a.nKB = (H + MOE_QGROUP - 1) / MOE_QGROUP;
-            a.b_rows = 0; /* row r of Wg at r*H (expert 0) */
-            a.split = 1;
-            a.fault = fault;
-            G2Router ro;
-            ro.ws = fuse ? (const uint16_t*)ws : nullptr;
-            ro.T = T;
-            ro.E = E;
-            ro.logits = logits;
-            ro.gate = gate;
-            dim3 g2grid((unsigned)((T + C::BM - 1) / C::BM), (unsigned)((rows + C::BN - 1) / C::BN));
-            moe_gemm2_kernel<C, false, false, true><<<g2grid, C::THREADS, C::smem(false)>>>(a, 1, ro);
-            return;
-        }
-#endif
+        /* The pipelined GEMM's router mode (moe_gemm2_kernel<..., ROUTER = true>, 32 x 128 tiles)
+         * measured slower on the H200 than this kernel (397B T = 4096: router stage 0.301 vs
+         * 0.246 ms; T = 64: 0.100 vs 0.094 ms), so it is not dispatched. */
         dim3 grid((unsigned)((T + MMA_BM - 1) / MMA_BM), (unsigned)((rows + MMA_BN - 1) / MMA_BN));
         moe_router_mma_kernel<<<grid, MMA_THREADS>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws,
                                                      T, H, E, fuse, logits, gate, fault, vec);
@@ -1176,8 +1266,12 @@ void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int
 void moe_launch_topk(const float* logits, const float* gate, int64_t T, int32_t E, int32_t K,
                      int32_t renorm, int32_t fuse, int32_t* ids, float* weights, int32_t fault) {
     const int per_block = 256 / MOE_WARP_SIZE;
-    moe_topk_warp_kernel<<<(unsigned)((T + per_block - 1) / per_block), 256>>>(logits, gate, T, E, K, renorm,
-                                                                              fuse, ids, weights, fault);
+    const unsigned nb = (unsigned)((T + per_block - 1) / per_block);
+    /* entries per lane: the smallest power of two covering E (the loops past E were all masked) */
+    if (E <= 4 * MOE_WARP_SIZE) moe_topk_warp_kernel<4><<<nb, 256>>>(logits, gate, T, E, K, renorm, fuse, ids, weights, fault);
+    else if (E <= 8 * MOE_WARP_SIZE) moe_topk_warp_kernel<8><<<nb, 256>>>(logits, gate, T, E, K, renorm, fuse, ids, weights, fault);
+    else if (E <= 16 * MOE_WARP_SIZE) moe_topk_warp_kernel<16><<<nb, 256>>>(logits, gate, T, E, K, renorm, fuse, ids, weights, fault);
+    else moe_topk_warp_kernel<MOE_TOPK_PER_LANE><<<nb, 256>>>(logits, gate, T, E, K, renorm, fuse, ids, weights, fault);
 }
 
 #if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
@@ -1233,6 +1327,7 @@ static void g2_dispatch(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nbl
 #endif
 
 void moe_launch_gemm(const MoeGemmArgs& a, bool fp8, bool stage1, int64_t nblocks) {
+    nblocks = moe_gemm_grid_blocks(a, stage1, nblocks, MOE_BLOCK_M, MOE_FAULT_PADDING_EXPERT_ZERO);
 #if !(defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__))
     /* The pipelined kernel needs 16-byte rows: K a multiple of 8 (bf16) / 16 (fp8 codes). The
      * choice depends on the problem only (allocations are 256-byte aligned), so a forward and a

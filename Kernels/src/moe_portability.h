@@ -108,6 +108,32 @@ __device__ __forceinline__ moe_floatx16 moe_mfma_32x32x8_bf16(moe_shortx4 a, moe
     return c; /* host pass: never called */
 #  endif
 }
+
+/* AMD gfx940 / gfx941 / gfx942 (CDNA3) only: v_mfma_f32_32x32x16_fp8_fp8, one wave64:
+ *   D[32x32] = A[32x16] * B[16x32] + C; a, b: 8 fp8 bytes per lane (one 64-bit operand), c/d:
+ *   16 f32 per lane. On these targets the instruction's fp8 is E4M3FNUZ (bias 8, NaN 0x80, no
+ *   inf, no -0: ROCm HIP "FP8 numbers" reference, gfx940/941/942 support FNUZ only). gfx950
+ *   (CDNA4) is NOT enabled: its fp8 is OCP e4m3fn as far as we know (not verified here), and
+ *   clang 15 does not know gfx950. Its accumulation is not an IEEE fp32 sum: see Kernels/README.md "FP8 MFMA".
+ *   Compiled by Debian's hipcc (clang 15) for gfx940; never run (no AMD GPU here).
+ * MOE_MFMA_FP8_FNUZ is 1 only in a device pass for those targets; callers test it so that the
+ * wrapper is never reached elsewhere. */
+#if defined(__HIP_DEVICE_COMPILE__) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))
+#  define MOE_MFMA_FP8_FNUZ 1
+#else
+#  define MOE_MFMA_FP8_FNUZ 0
+#endif
+__device__ __forceinline__ moe_floatx16 moe_mfma_32x32x16_fp8fnuz(long a, long b, moe_floatx16 c) {
+#  if MOE_MFMA_FP8_FNUZ
+    return __builtin_amdgcn_mfma_f32_32x32x16_fp8_fp8(a, b, c, 0, 0, 0);
+#  else
+    (void)a; (void)b;
+#    if defined(__HIP_DEVICE_COMPILE__)
+    __builtin_trap(); /* unreachable: only called under MOE_MFMA_FP8_FNUZ */
+#    endif
+    return c;
+#  endif
+}
 #else
 __device__ __forceinline__ void moe_mma_16x8x16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
 #  if defined(__CUDA_ARCH__)

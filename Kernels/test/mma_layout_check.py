@@ -18,6 +18,11 @@ Sources of the modelled layouts:
   NVIDIA: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
   AMD:    AMD Matrix Instruction Calculator, v_mfma_f32_32x32x8bf16_1k (CDNA2/3); the same
           numbers as composable_kernel's mfma_type<MfmaInstr::mfma_f32_32x32x8bf16_1k>.
+  AMD fp8 (gfx94x): AMD Matrix Instruction Calculator, v_mfma_f32_32x32x16_fp8_fp8 (CDNA3);
+          composable_kernel's mfma_type<MfmaInstr::mfma_f32_32x32x16f8f8> (k_per_blk 8,
+          num_input_blks 2). The fp8 path also checks the LDS staging (byte placement of the
+          converted activation codes and the raw weight codes) and moe_bf16_to_fnuz on all 256
+          e4m3fnuz codes. The AMD code is compiled by hipcc (clang 15) and has never run: no AMD GPU.
 """
 import numpy as np
 
@@ -131,6 +136,110 @@ def check_amd(As, Bs):
             i, j = amd_acc_coord(wave, lane, r)
             C[i, j] = v[r]; owners[i, j] += 1
     return C, owners
+
+
+# ---- AMD gfx94x fp8 MFMA: kernel side (transcription of mma_k32_fp8) ------------------------
+def amd_fp8_kernel_regs(wave, lane, step):
+    i, kq = lane & 31, 8 * (lane >> 5)
+    kk = 16 * step
+    a = [(i, kk + kq + j) for j in range(8)]
+    b = [(32 * wave + i, kk + kq + j) for j in range(8)]
+    return a, b
+
+
+# ---- AMD: v_mfma_f32_32x32x16_fp8_fp8, from the calculator's layout -------------------------
+def mfma_32x32x16_fp8(areg, breg, creg):
+    """A[i][k]: lane i + 32*(k//8), byte k%8; B[k][j]: lane j + 32*(k//8), byte k%8;
+    D[i][j]: as v_mfma_f32_32x32x8bf16_1k."""
+    A = np.zeros((32, 16)); B = np.zeros((16, 32))
+    for i in range(32):
+        for k in range(16):
+            A[i, k] = areg[i + 32 * (k // 8)][k % 8]
+            B[k, i] = breg[i + 32 * (k // 8)][k % 8]
+    P = A @ B
+    out = [list(c) for c in creg]
+    for i in range(32):
+        for j in range(32):
+            out[j + 32 * ((i // 4) % 2)][4 * (i // 8) + i % 4] += P[i, j]
+    return out
+
+
+def check_amd_fp8(As, Bs):
+    acc = {(w, l): [0.0] * 16 for w in range(4) for l in range(64)}
+    for step in range(2):
+        for wave in range(4):
+            regs = [amd_fp8_kernel_regs(wave, lane, step) for lane in range(64)]
+            areg = [[As[r, k] for (r, k) in regs[l][0]] for l in range(64)]
+            breg = [[Bs[c, k] for (c, k) in regs[l][1]] for l in range(64)]
+            d = mfma_32x32x16_fp8(areg, breg, [acc[(wave, l)] for l in range(64)])
+            for l in range(64):
+                acc[(wave, l)] = d[l]
+    C = np.full((BM, BN), np.nan); owners = np.zeros((BM, BN), int)
+    for (wave, lane), v in acc.items():
+        for r in range(16):
+            i, j = amd_acc_coord(wave, lane, r)
+            C[i, j] = v[r]; owners[i, j] += 1
+    return C, owners
+
+
+# e4m3fnuz: bias 8, 0x80 NaN, no inf, no -0 (ROCm HIP "FP8 numbers"); the kernel's moe_fp8_decode
+def fnuz_value(c):
+    if c == 0x80:
+        return float("nan")
+    s = -1.0 if c & 0x80 else 1.0
+    e, m = (c >> 3) & 15, c & 7
+    return s * (m * 2.0 ** -10 if e == 0 else (1 + m / 8) * 2.0 ** (e - 8))
+
+
+def bf16_bits(v):
+    b = int(np.array([v], dtype=np.float32).view(np.uint32)[0])
+    assert b & 0xFFFF == 0, "not exact in bf16"
+    return b >> 16
+
+
+def bf16_to_fnuz(h):   # transcription of moe_bf16_to_fnuz
+    sgn, e, m = (h >> 8) & 0x80, (h >> 7) & 0xFF, h & 0x7F
+    if e > 134:
+        return 0x80
+    if e >= 120:
+        return sgn | ((e - 119) << 3) | (m >> 4)
+    if e >= 117:
+        return sgn | (((0x80 | m) << (e - 117)) >> 7)
+    return 0
+
+
+def check_fnuz_conversion():
+    bad = [c for c in range(256) if c != 0x80 and bf16_to_fnuz(bf16_bits(fnuz_value(c))) != c]
+    ok = not bad and bf16_to_fnuz(0x8000) == 0 and bf16_to_fnuz(0x7FC0) == 0x80 \
+        and bf16_to_fnuz(0x7F80) == 0x80 and bf16_to_fnuz(bf16_bits(256.0)) == 0x80
+    print(f"amd fp8: moe_bf16_to_fnuz on the 255 finite e4m3fnuz codes (+-0 -> 0x00, NaN/inf -> 0x80): "
+          f"{'ok' if ok else 'FAIL ' + str(bad[:8])}")
+    return ok
+
+
+def check_fp8_staging(rng):
+    """mma_store_a_fnuz / mma_store_fp8_raw: chunk i of a thread -> LDS row/col (stride MMA_LDS8);
+    every tile byte written once, with the code of (row, k)."""
+    BK, LDS8, NT = 64, 72, 256
+    ok = True
+    for name, rows, per in (("A (8 bf16 -> 8 codes)", BM, 8), ("B (16 raw codes)", BN, 16)):
+        codes = rng.integers(0, 256, size=(rows, BK))
+        lds = np.full((rows, LDS8), -1); writes = np.zeros((rows, LDS8), int)
+        CH = BK // per
+        for it in range(rows * CH // NT):
+            for t in range(NT):
+                i = t + NT * it
+                r, c = i // CH, (i % CH) * per       # the fetch's chunk: row, first k
+                chunk = [int(codes[r, c + j]) for j in range(per)]
+                # store: 8-byte pieces at S[i/CH][(i%CH)*per + 8*piece], byte j of piece = k offset j
+                for piece in range(per // 8):
+                    for j in range(8):
+                        rr, cc = i // CH, (i % CH) * per + 8 * piece + j
+                        lds[rr, cc] = chunk[8 * piece + j]; writes[rr, cc] += 1
+        good = (writes[:, :BK] == 1).all() and (writes[:, BK:] == 0).all() and np.array_equal(lds[:, :BK], codes)
+        print(f"amd fp8 staging {name}: {'ok' if good else 'FAIL'}")
+        ok &= good
+    return ok
 
 
 # ---- NVIDIA gemm2 (moe_gemm2_kernel): cp.async chunks, ldmatrix.x4 fragments, stage-1 -------
@@ -364,6 +473,18 @@ def main():
         ok &= good
         print(f"{name}: tile {'==' if np.array_equal(C, ref) else '!='} A @ B^T, "
               f"owners per element min {owners.min()} max {owners.max()}: {'ok' if good else 'FAIL'}")
+    # gfx94x fp8 MFMA on the same tile, with the values of e4m3fnuz codes (exact products)
+    fv = np.array([fnuz_value(c) for c in range(256)])
+    Ac = rng.integers(0, 256, size=(BM, KT)); Ac[Ac == 0x80] = 0
+    Bc = rng.integers(0, 256, size=(BN, KT)); Bc[Bc == 0x80] = 0
+    Af, Bf = fv[Ac], fv[Bc]
+    C, owners = check_amd_fp8(Af, Bf)
+    good = (owners == 1).all() and np.array_equal(C, Af @ Bf.T)
+    ok &= good
+    print(f"amd mfma 32x32x16 fp8_fp8 (gfx94x): tile {'==' if np.array_equal(C, Af @ Bf.T) else '!='} A @ B^T, "
+          f"owners per element min {owners.min()} max {owners.max()}: {'ok' if good else 'FAIL'}")
+    ok &= check_fnuz_conversion()
+    ok &= check_fp8_staging(rng)
     # stage-1 pairing: tile column c < 64 is gate j = c, c >= 64 is up j = c - 64 (both read
     # from the shared fp32 tile in the epilogue, so no register pairing is assumed)
     ok &= check_gemm2()

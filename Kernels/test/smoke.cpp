@@ -636,6 +636,9 @@ static void check_faults(void) {
         {"wrong_kblock_scale", {256, 320, 96, 8, 2, 1, 1, FN, 1}, true},
         {"splitk_bf16_partials", {256, 512, 128, 8, 2, 1, 1, FN, 4}, true},
         {"benign_reverse_accumulation", {256, 320, 96, 8, 2, 1, 1, FN, 1}, false},
+        // pairs >= 2048: the multi-block align carries padding_expert_zero
+        {"padding_expert_zero", {1024, 256, 128, 8, 2, 1, 1, BF, 1}, true},
+        {"last_partial_m_tile_skipped", {1024, 256, 128, 8, 2, 1, 1, BF, 1}, true},
     };
     for (auto& f : fs) {
         HostData d = make_data(f.c, 99);
@@ -689,6 +692,10 @@ int main(int argc, char** argv) {
     run_case(Case{256, 320, 96, 8, 2, 1, 1, MOE_WEIGHTS_BF16, 1}, seed++);
     run_case(Case{128, 640, 96, 8, 2, 1, 1, MOE_WEIGHTS_FP8_E4M3FN, 1}, seed++);
     run_case(Case{128, 640, 96, 8, 2, 1, 1, MOE_WEIGHTS_FP8_E4M3FNUZ, 2}, seed++);
+    // pairs >= 2048: the multi-block align (hist / scan / scatter launches): 5200 pairs in 3
+    // blocks, 2100 pairs in 2 blocks (chunk 1050, not a multiple of the 2048-pair stride)
+    run_case(Case{1300, 320, 96, 8, 3, 1, 1, MOE_WEIGHTS_BF16, 1}, seed++);
+    run_case(Case{700, 256, 128, 8, 2, 1, 1, MOE_WEIGHTS_FP8_E4M3FN, 2}, seed++);
     if (argc < 2 || strcmp(argv[1], "--no-timing") != 0) timing();
 #endif
     printf("%s: %d failure(s)\n", g_failures ? "SMOKE FAILED" : "SMOKE PASSED", g_failures);
