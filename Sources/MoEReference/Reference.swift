@@ -165,7 +165,8 @@ public final class MoEReferenceEngine {
         var statistics: ReferenceStatistics? = nil
         if statisticsEnabled {
             let routerVariance = routerTokenVariance(router, combined, tokens: T)
-            let direction = try directionVariance(combined, router: router, tokens: T)
+            // its GEMMs at the pinned thread count, in one phase (BLAS.withThreads)
+            let direction = try BLAS.withPinnedThreads { try directionVariance(combined, router: router, tokens: T) }
             var flip: [Double] = [], tie: [Double] = []
             if let f = recipe.output.format {
                 // the kernel's output about round(o): flips of the final rounding under its noise
@@ -298,9 +299,9 @@ public final class MoEReferenceEngine {
         let rowBudget = Swift.max(1, (1 << 24) / Swift.max(H, 1))
         var batchStart = 0
         var serialScratch = WeightScratch()
-        let savedThreads = BLAS.threads
-        if workers > 1 { BLAS.setThreads(1) }
-        defer { if workers > 1 { BLAS.setThreads(savedThreads) } }
+        // every expert GEMM runs single-threaded (with workers > 1 the experts run concurrently;
+        // with one worker the pinned count is 1 anyway)
+        try BLAS.withThreads(1) {
         while batchStart < touched.count {
             var batchEnd = batchStart, rowsInBatch = 0
             while batchEnd < touched.count && (batchEnd == batchStart || rowsInBatch + rowsOf[touched[batchEnd]].count <= rowBudget) {
@@ -340,6 +341,7 @@ public final class MoEReferenceEngine {
             combine(batch, parts.map { $0! }, into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers)
             for (bi, e) in batch.enumerated() { if let p = parts[bi]!.projection { acc.projections[e] = p } }
             batchStart = batchEnd
+        }
         }
         return acc
     }

@@ -144,9 +144,13 @@ public final class PreparedReference: @unchecked Sendable {
         self.reference = reference; self.seconds = seconds; self.cached = cached; self.engine = engine; self.inputs = inputs
     }
 
+    private let rerunLock = NSLock()
+
     /// The reference rerun with other routing (teacher forcing, mutations): never cached.
     func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
-        try ReferenceExecution.exclusive {
+        rerunLock.lock()
+        defer { rerunLock.unlock() }
+        return try ReferenceExecution.exclusive {
             if engine == nil { engine = try MoEReferenceEngine(layer: referenceLayer, recipe: reference.recipe, options: options) }
             if inputs == nil { inputs = storedInputs ? try layer.inputs() : try layer.kernelInputs() }
             return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing)
@@ -181,25 +185,54 @@ public struct CaseVerifier {
     /// Verifies one case. `reference`: its reference prepared beforehand (`ReferencePipeline`),
     /// after the kernel side `waited` seconds for it; nil: prepared here.
     public func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>? = nil, waited: Double? = nil) -> CaseReport {
+        judge(runKernel(vc, reference: reference, waited: waited))
+    }
+
+    /// A case whose kernel has run (or failed), waiting to be judged.
+    struct KernelDone: @unchecked Sendable {
+        let vc: VerifyCase
+        var report: CaseReport
+        /// nil where the reference or the kernel failed (`report` says how).
+        let prepared: Prepared?
+    }
+
+    /// The first half of `verify`: the reference (given, or prepared here) and the kernel's run,
+    /// on the caller's thread (the kernel's).
+    func runKernel(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, waited: Double?) -> KernelDone {
         var source: String? = nil
         if case let .file(path, _) = vc.source { source = path }
         var report = CaseReport(name: vc.name, spec: vc.spec, source: source, kernel: kernel.name, splitK: vc.splitK, fused: vc.fuseShared, recipe: "",
                                 passed: false, stages: [], ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0,
                                 referenceSeconds: 0, error: nil, sensitivity: nil)
         report.waitSeconds = waited
-        do {
-            try verify(vc, reference: reference, into: &report)
-        } catch PythonAdapterError.caseFailed(_, "unsupported", let message, _) {
+        var prepared: Prepared? = nil
+        do { prepared = try prepare(vc, reference: reference) } catch { Self.classify(error, into: &report) }
+        return KernelDone(vc: vc, report: report, prepared: prepared)
+    }
+
+    /// The second half of `verify`: the verdicts, on any thread (it touches the case's own
+    /// reference and kernel outputs only; a teacher-forced rerun runs the engine).
+    func judge(_ done: KernelDone) -> CaseReport {
+        var report = done.report
+        guard let p = done.prepared else { return report }
+        do { try verify(done.vc, prepared: p, into: &report) } catch { Self.classify(error, into: &report) }
+        return report
+    }
+
+    /// What a case's error makes of its report: a skip (outside the kernel's or the recipe's
+    /// contract) or an error.
+    static func classify(_ error: Error, into report: inout CaseReport) {
+        switch error {
+        case PythonAdapterError.caseFailed(_, "unsupported", let message, _):
             report.skipped = "unsupported by the kernel: \(message)"
             report.passed = true
-        } catch ReferenceError.unsupported(let message) {
+        case ReferenceError.unsupported(let message):
             report.skipped = "unsupported by the declared recipe: \(message)"
             report.passed = true
-        } catch {
+        default:
             report.error = "\(error)"
             report.passed = false
         }
-        return report
     }
 
     /// The kernel's declared recipe for `format`, adjusted.
@@ -299,8 +332,7 @@ public struct CaseVerifier {
         (ref.ambiguousTokens.map { !$0 }, ref.statistics.map { $0.ambiguousTokens.map { !$0 } })
     }
 
-    func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, into report: inout CaseReport) throws {
-        let p = try prepare(vc, reference: reference)
+    func verify(_ vc: VerifyCase, prepared p: Prepared, into report: inout CaseReport) throws {
         let judgeStart = Date()
         defer { report.judgeSeconds = Date().timeIntervalSince(judgeStart) }
         let ref = p.reference.reference, run = p.run
