@@ -314,11 +314,14 @@ public final class MoEReferenceEngine {
             touched.removeLast()
             let box = SharedExpertBox(), group = DispatchGroup()
             group.enter()
-            DispatchQueue.global().async {
+            // a thread of its own, not a queue's: it must start now, whatever else the process runs
+            let thread = Thread {
                 var scratch = WeightScratch()
                 box.result = Result { try self.processExpert(E, inputs, &scratch) }
                 group.leave()
             }
+            thread.stackSize = 1 << 23
+            thread.start()
             shared = (group, box)
         }
         defer { shared?.group.wait() }

@@ -46,9 +46,10 @@ public struct ReferencePipeline {
     }
 
     /// A rough upper estimate of the bytes one case holds while in flight: the reference's
-    /// `[T, H]` arrays (output, bound, variances, …), its contributions `[T, S+1, H]`, the
-    /// intermediate arrays `[T·S, I]`, the kernel's outputs and the layer's weights. 0 for a case
-    /// file (its size is not known without opening it; such cases are counted by `depth` alone).
+    /// `[T, H]` arrays (output, bound, variances, …, and the kernel's outputs), its contributions
+    /// `[T, S+1, H]`, the intermediate arrays `[T·S, I]`, the router's `[T, E]` arrays and one
+    /// bf16 copy of the layer's weights (the kernel's upload). 0 for a case file (its size is not
+    /// known without opening it; such cases are counted by `depth` alone).
     public static func footprint(_ vc: VerifyCase) -> Int {
         guard let spec = vc.spec else { return 0 }
         let c = spec.config, T = spec.tokens
@@ -56,7 +57,7 @@ public struct ReferencePipeline {
         let (th, o1) = T.multipliedReportingOverflow(by: c.hidden)
         if o1 { return Int.max / 4 }
         let reference = th * 8 * 14 + th * S * 4 + T * S * I * 8 * 5 + T * c.experts * 8 * 4
-        let weights = (c.experts + 1) * 3 * I * c.hidden * 8
+        let weights = (c.experts + 1) * 3 * I * c.hidden * 2
         return reference + weights
     }
 
