@@ -65,10 +65,18 @@ public enum SmallFloatFormat: String, CaseIterable, Sendable, CustomStringConver
     /// Spacing of representable values around `x` (the unit in the last place of `|x|`).
     @inlinable
     public func ulp(of x: Double) -> Double {
-        let a = Swift.abs(x)
-        let e = a == 0 ? minimumNormalExponent : Swift.max(Int(a.exponent), minimumNormalExponent)
-        return Double(sign: .plus, exponent: e - (significandBits - 1), significand: 1)
+        // the exponent from the bits (`Double.exponent` and `Double(sign:exponent:significand:)`
+        // are slow): zero and subnormal doubles lie below every format's smallest normal; ±inf
+        // and NaN give +inf, as the general formula does
+        let biased = Int((x.bitPattern >> 52) & 0x7FF)
+        if biased == 0x7FF { return .infinity }
+        let e = biased == 0 ? minimumNormalExponent : Swift.max(biased - 1023, minimumNormalExponent)
+        return Self.powerOfTwo(e - (significandBits - 1))
     }
+
+    /// 2^k for k in −1022…1023 (every quantum and scale of these formats).
+    @inlinable @inline(__always)
+    static func powerOfTwo(_ k: Int) -> Double { Double(bitPattern: UInt64(k + 1023) << 52) }
 
     /// Rounds `x` to the nearest value of this format, ties to even.
     ///
@@ -88,12 +96,14 @@ public enum SmallFloatFormat: String, CaseIterable, Sendable, CustomStringConver
         }
         if x == 0 { return hasNegativeZero ? x : 0 }
         let a = Swift.abs(x)
-        let e = Swift.max(Int(a.exponent), minimumNormalExponent)
-        let quantumExponent = e - (significandBits - 1)
+        // a is finite and non-zero: its exponent from the bits (subnormal doubles lie below every
+        // format's smallest normal)
+        let biased = Int(a.bitPattern >> 52)
+        let e = biased == 0 ? minimumNormalExponent : Swift.max(biased - 1023, minimumNormalExponent)
+        let quantumExponent = e - (significandBits - 1)   // −149…1020
         // Scaling by a power of two is exact for every exponent in these formats' range.
-        var r = (a * Double(sign: .plus, exponent: -quantumExponent, significand: 1))
-            .rounded(.toNearestOrEven)
-        r = r * Double(sign: .plus, exponent: quantumExponent, significand: 1)
+        var r = (a * Self.powerOfTwo(-quantumExponent)).rounded(.toNearestOrEven)
+        r = r * Self.powerOfTwo(quantumExponent)
         if r > maxFinite {
             if saturating { r = maxFinite } else { return hasInfinity ? (x < 0 ? -.infinity : .infinity) : .nan }
         }

@@ -3,19 +3,87 @@ import Foundation
 
 /// The OpenBLAS calls the reference makes; nothing else touches the C symbols.
 public enum BLAS {
-    /// Pins OpenBLAS's thread count (recorded in every output's metadata).
-    public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }
+    /// Pins OpenBLAS's thread count (recorded in every output's metadata). While engines run
+    /// BLAS calls (`withThreads`) the new count applies once they are done.
+    public static func setThreads(_ n: Int) {
+        phase.lock()
+        base = n
+        settings += 1
+        if holders == 0 { openblas_set_num_threads(Int32(n)) }
+        phase.unlock()
+    }
 
-    public static var threads: Int { Int(openblas_get_num_threads()) }
+    /// The pinned thread count (not the count OpenBLAS holds while an engine runs its experts one
+    /// thread each: that is `withThreads`'s business).
+    public static var threads: Int {
+        phase.lock()
+        defer { phase.unlock() }
+        return base
+    }
+
+    /// How many times `setThreads` was called in this process (tests: whether the count may have
+    /// changed while something ran).
+    public static var settingsMade: Int {
+        phase.lock()
+        defer { phase.unlock() }
+        return settings
+    }
+
+    // OpenBLAS's thread count is global, and its results depend on it (a multi-threaded sgemm
+    // may round differently from a single-threaded one). Engines running concurrently (the
+    // pipeline's cases in flight) therefore share it by phases: every BLAS call runs inside
+    // `withThreads(n)`, calls with the same n may overlap, a call with another n waits until
+    // they are done. So each call sees the count it sees when engines run one at a time, and
+    // results are the same bits either way.
+    private static let phase = NSCondition()
+    nonisolated(unsafe) private static var base = Int(openblas_get_num_threads())
+    nonisolated(unsafe) private static var mode = 0
+    nonisolated(unsafe) private static var holders = 0
+    nonisolated(unsafe) private static var waiting = 0
+    nonisolated(unsafe) private static var settings = 0
+
+    /// Runs `body` with OpenBLAS at `n` threads, beside other bodies of the same `n` (newcomers
+    /// queue behind a body waiting for another count, so no phase starves).
+    public static func withThreads<T>(_ n: Int, _ body: () throws -> T) rethrows -> T {
+        phase.lock()
+        if !(holders == 0 || (mode == n && waiting == 0)) {
+            waiting += 1
+            while !(holders == 0 || mode == n) { phase.wait() }
+            waiting -= 1
+        }
+        if holders == 0 {
+            mode = n
+            if Int(openblas_get_num_threads()) != n { openblas_set_num_threads(Int32(n)) }
+        }
+        holders += 1
+        phase.unlock()
+        defer {
+            phase.lock()
+            holders -= 1
+            if holders == 0 {
+                if base != mode { openblas_set_num_threads(Int32(base)) }
+                phase.broadcast()
+            }
+            phase.unlock()
+        }
+        return try body()
+    }
+
+    /// `withThreads` at the pinned count: the engine's BLAS calls outside its expert batches.
+    public static func withPinnedThreads<T>(_ body: () throws -> T) rethrows -> T {
+        try withThreads(threads, body)
+    }
 
     /// OpenBLAS's build configuration and the core its kernels were chosen for, e.g.
     /// `OpenBLAS 0.3.26 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64 (core Zen)`: part of the
     /// reference cache's key (another library or core may round differently).
-    public static var configuration: String {
+    /// Read once: `openblas_get_config` rebuilds its answer in a static buffer on every call,
+    /// so concurrent callers (cases in flight computing cache keys) could read a torn string.
+    public static let configuration: String = {
         let config = openblas_get_config().map { String(cString: $0) } ?? "unknown"
         let core = openblas_get_corename().map { String(cString: $0) } ?? "unknown"
         return "\(config) (core \(core))"
-    }
+    }()
 
     /// The environment variable that sets the thread count when no option does.
     public static let threadsEnvironmentVariable = "MOECHECK_BLAS_THREADS"

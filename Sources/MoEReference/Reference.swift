@@ -165,7 +165,8 @@ public final class MoEReferenceEngine {
         var statistics: ReferenceStatistics? = nil
         if statisticsEnabled {
             let routerVariance = routerTokenVariance(router, combined, tokens: T)
-            let direction = try directionVariance(combined, router: router, tokens: T)
+            // its GEMMs at the pinned thread count, in one phase (BLAS.withThreads)
+            let direction = try BLAS.withPinnedThreads { try directionVariance(combined, router: router, tokens: T) }
             var flip: [Double] = [], tie: [Double] = []
             if let f = recipe.output.format {
                 // the kernel's output about round(o): flips of the final rounding under its noise
@@ -175,18 +176,19 @@ public final class MoEReferenceEngine {
                     // the last rounding of the kernel's own accumulation is the output's: its input
                     // and noise were kept; the routing weights' variance joins here. Ties are the
                     // kernel's own (the same rounding of the same sum), not a systematic error.
-                    flip = (0..<(T * c.hidden)).map { i in
+                    flip = ParallelLoops.map(T * c.hidden) { i in
                         StatisticalModel.orderedRounding(st.lastInput[i], variance: st.lastVariance[i] + routerShare(i),
                                                          probability: st.lastFlip[i], f).variance
                     }
                     tie = [Double](repeating: 0, count: T * c.hidden)
                     combined.elementVariance = [Double](repeating: 0, count: T * c.hidden)
                 } else {
-                    flip = (0..<(T * c.hidden)).map { i in
+                    flip = ParallelLoops.map(T * c.hidden) { i in
                         let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare(i)).squareRoot()
                         return StatisticalModel.roundingVariance(combined.out[i], sigma: sigma, recipe.output)
                     }
-                    tie = combined.out.map { StatisticalModel.tieBias($0, f) }
+                    let out = combined.out
+                    tie = ParallelLoops.map(out.count) { StatisticalModel.tieBias(out[$0], f) }
                 }
             }
             statistics = ReferenceStatistics(
@@ -293,14 +295,36 @@ public final class MoEReferenceEngine {
             acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds, mode: recipe.combine)
         }
         let rowsOf = inputs.rowsOf
-        let touched = (0...E).filter { !rowsOf[$0].isEmpty }
+        var touched = (0...E).filter { !rowsOf[$0].isEmpty }
         let workers = Swift.max(1, BLAS.threads)
         let rowBudget = Swift.max(1, (1 << 24) / Swift.max(H, 1))
         var batchStart = 0
         var serialScratch = WeightScratch()
-        let savedThreads = BLAS.threads
-        if workers > 1 { BLAS.setThreads(1) }
-        defer { if workers > 1 { BLAS.setThreads(savedThreads) } }
+        // every expert GEMM runs single-threaded (with workers > 1 the experts run concurrently;
+        // with one worker the pinned count is 1 anyway)
+        try BLAS.withThreads(1) {
+        // The shared expert (expert E: a row for every token) is the largest job, alone in its
+        // batch, where it ran on one thread while the other workers idled. With several workers it
+        // runs on a thread of its own beside the routed experts' batches and is combined after
+        // them, last, where it always was: the same bits (an expert's part is a pure function of
+        // its rows; the combine's order per element is unchanged). Memory: its part is held while
+        // the routed batches run.
+        var shared: (group: DispatchGroup, box: SharedExpertBox)? = nil
+        if workers > 1, touched.count > 1, touched.last == E {
+            touched.removeLast()
+            let box = SharedExpertBox(), group = DispatchGroup()
+            group.enter()
+            // a thread of its own, not a queue's: it must start now, whatever else the process runs
+            let thread = Thread {
+                var scratch = WeightScratch()
+                box.result = Result { try self.processExpert(E, inputs, &scratch) }
+                group.leave()
+            }
+            thread.stackSize = 1 << 23
+            thread.start()
+            shared = (group, box)
+        }
+        defer { shared?.group.wait() }
         while batchStart < touched.count {
             var batchEnd = batchStart, rowsInBatch = 0
             while batchEnd < touched.count && (batchEnd == batchStart || rowsInBatch + rowsOf[touched[batchEnd]].count <= rowBudget) {
@@ -341,7 +365,20 @@ public final class MoEReferenceEngine {
             for (bi, e) in batch.enumerated() { if let p = parts[bi]!.projection { acc.projections[e] = p } }
             batchStart = batchEnd
         }
+        if let shared {
+            shared.group.wait()
+            let part = try shared.box.result!.get()
+            shared.box.result = nil
+            combine([E], [part], into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers)
+            if let p = part.projection { acc.projections[E] = p }
+        }
+        }
         return acc
+    }
+
+    /// The shared expert's part, computed on its own thread (`runExperts`).
+    final class SharedExpertBox: @unchecked Sendable {
+        var result: Result<ExpertPart, Error>?
     }
 
     /// Adds a batch of experts' weighted outputs into the per-token sums, in expert order.
@@ -460,20 +497,24 @@ public final class MoEReferenceEngine {
         case .fp32RoutedBF16Shared: combineFactor = c.hasSharedExpert ? 0 : Self.gamma(slotsAll + 2, 0x1p-24)
         }
         let smallest = recipe.combine == .bf16 ? 0x1p-133 : 0x1p-149
-        var finalBound = acc.outBound
-        for i in 0..<(T * c.hidden) {
-            let b = acc.outBound[i] + combineFactor * acc.absSum[i] + Double(slotsAll) * smallest
-            let (rv, _) = Self.roundInterval(acc.out[i], 0, recipe.output)
+        let out = acc.out, outBound = acc.outBound, absSum = acc.absSum
+        let finalBound = ParallelLoops.map(T * c.hidden) { i in
+            let b = outBound[i] + combineFactor * absSum[i] + Double(slotsAll) * smallest
+            let (rv, _) = Self.roundInterval(out[i], 0, recipe.output)
             if let f = recipe.output.format {
-                let lo = f.round(acc.out[i] - b), hi = f.round(acc.out[i] + b)
-                finalBound[i] = Swift.max(Swift.abs(lo - acc.out[i]), Swift.abs(hi - acc.out[i]), Swift.abs(rv - acc.out[i]))
+                let lo = f.round(out[i] - b), hi = f.round(out[i] + b)
+                return Swift.max(Swift.abs(lo - out[i]), Swift.abs(hi - out[i]), Swift.abs(rv - out[i]))
             } else {
-                finalBound[i] = b
+                return b
             }
         }
         if statisticsEnabled {
-            for i in 0..<(T * c.hidden) {
-                acc.elementVariance[i] += StatisticalModel.combineVariance(absSum: acc.absSum[i], slots: slotsAll, combine: recipe.combine)
+            let combine = recipe.combine
+            acc.elementVariance.withUnsafeMutableBufferPointer { ev in
+                let base = ev.baseAddress
+                ParallelLoops.chunks(T * c.hidden) { range in
+                    for i in range { base![i] += StatisticalModel.combineVariance(absSum: absSum[i], slots: slotsAll, combine: combine) }
+                }
             }
         }
         return finalBound
@@ -487,13 +528,10 @@ public final class MoEReferenceEngine {
         let c = layer.config
         let H = c.hidden, K = c.topK
         let slotsAll = K + (c.hasSharedExpert ? 1 : 0)
-        var out = [Double](repeating: 0, count: T * H)
-        for t in 0..<T {
-            for h in 0..<H {
-                out[t * H + h] = router.projectedVariance(token: t, slots: slotsAll, routed: K) { Double(contrib[(t * slotsAll + $0) * H + h]) }
-            }
+        return ParallelLoops.map(T * H) { i in
+            let t = i / H, h = i % H
+            return router.projectedVariance(token: t, slots: slotsAll, routed: K) { Double(contrib[(t * slotsAll + $0) * H + h]) }
         }
-        return out
     }
 
     /// Per token, the variance that the routing weights and the shared gate bring along any unit

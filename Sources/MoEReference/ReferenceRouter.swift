@@ -78,7 +78,7 @@ extension MoEReferenceEngine {
         var logitBound = [Double](repeating: 0, count: T * E)
         var logitSigma = [Double](repeating: 0, count: stats ? T * E : 0)
         x.withUnsafeBufferPointer { xp in wg.withUnsafeBufferPointer { wp in logits.withUnsafeMutableBufferPointer { lp in
-            BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H)
+            BLAS.withPinnedThreads { BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H) }
         } } }
         if bounds {
             let absX: [Float] = x.map { Float(Swift.abs($0)) }
@@ -86,7 +86,7 @@ extension MoEReferenceEngine {
             let absW = wg.map { Float(Swift.abs($0)) }
             var tmp = [Float](repeating: 0, count: T * E)
             absX.withUnsafeBufferPointer { a in absW.withUnsafeBufferPointer { b in tmp.withUnsafeMutableBufferPointer { t in
-                BLAS.sgemmABt(a.baseAddress!, b.baseAddress!, t.baseAddress!, m: T, n: E, k: H)
+                BLAS.withPinnedThreads { BLAS.sgemmABt(a.baseAddress!, b.baseAddress!, t.baseAddress!, m: T, n: E, k: H) }
             } } }
             let safety = 1 + Double(H + 8) * 0x1p-23
             for i in 0..<(T * E) { logitBound[i] = g * Double(tmp[i]) * safety }

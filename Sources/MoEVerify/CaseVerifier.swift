@@ -144,9 +144,13 @@ public final class PreparedReference: @unchecked Sendable {
         self.reference = reference; self.seconds = seconds; self.cached = cached; self.engine = engine; self.inputs = inputs
     }
 
+    private let rerunLock = NSLock()
+
     /// The reference rerun with other routing (teacher forcing, mutations): never cached.
     func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
-        try ReferenceExecution.exclusive {
+        rerunLock.lock()
+        defer { rerunLock.unlock() }
+        return try ReferenceExecution.exclusive {
             if engine == nil { engine = try MoEReferenceEngine(layer: referenceLayer, recipe: reference.recipe, options: options) }
             if inputs == nil { inputs = storedInputs ? try layer.inputs() : try layer.kernelInputs() }
             return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing)
@@ -181,25 +185,54 @@ public struct CaseVerifier {
     /// Verifies one case. `reference`: its reference prepared beforehand (`ReferencePipeline`),
     /// after the kernel side `waited` seconds for it; nil: prepared here.
     public func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>? = nil, waited: Double? = nil) -> CaseReport {
+        judge(runKernel(vc, reference: reference, waited: waited))
+    }
+
+    /// A case whose kernel has run (or failed), waiting to be judged.
+    struct KernelDone: @unchecked Sendable {
+        let vc: VerifyCase
+        var report: CaseReport
+        /// nil where the reference or the kernel failed (`report` says how).
+        let prepared: Prepared?
+    }
+
+    /// The first half of `verify`: the reference (given, or prepared here) and the kernel's run,
+    /// on the caller's thread (the kernel's).
+    func runKernel(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, waited: Double?) -> KernelDone {
         var source: String? = nil
         if case let .file(path, _) = vc.source { source = path }
         var report = CaseReport(name: vc.name, spec: vc.spec, source: source, kernel: kernel.name, splitK: vc.splitK, fused: vc.fuseShared, recipe: "",
                                 passed: false, stages: [], ambiguousTokens: 0, teacherForcedTokens: 0, runsIdentical: true, kernelMilliseconds: 0,
                                 referenceSeconds: 0, error: nil, sensitivity: nil)
         report.waitSeconds = waited
-        do {
-            try verify(vc, reference: reference, into: &report)
-        } catch PythonAdapterError.caseFailed(_, "unsupported", let message, _) {
+        var prepared: Prepared? = nil
+        do { prepared = try prepare(vc, reference: reference) } catch { Self.classify(error, into: &report) }
+        return KernelDone(vc: vc, report: report, prepared: prepared)
+    }
+
+    /// The second half of `verify`: the verdicts, on any thread (it touches the case's own
+    /// reference and kernel outputs only; a teacher-forced rerun runs the engine).
+    func judge(_ done: KernelDone) -> CaseReport {
+        var report = done.report
+        guard let p = done.prepared else { return report }
+        do { try verify(done.vc, prepared: p, into: &report) } catch { Self.classify(error, into: &report) }
+        return report
+    }
+
+    /// What a case's error makes of its report: a skip (outside the kernel's or the recipe's
+    /// contract) or an error.
+    static func classify(_ error: Error, into report: inout CaseReport) {
+        switch error {
+        case PythonAdapterError.caseFailed(_, "unsupported", let message, _):
             report.skipped = "unsupported by the kernel: \(message)"
             report.passed = true
-        } catch ReferenceError.unsupported(let message) {
+        case ReferenceError.unsupported(let message):
             report.skipped = "unsupported by the declared recipe: \(message)"
             report.passed = true
-        } catch {
+        default:
             report.error = "\(error)"
             report.passed = false
         }
-        return report
     }
 
     /// The kernel's declared recipe for `format`, adjusted.
@@ -299,8 +332,7 @@ public struct CaseVerifier {
         (ref.ambiguousTokens.map { !$0 }, ref.statistics.map { $0.ambiguousTokens.map { !$0 } })
     }
 
-    func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, into report: inout CaseReport) throws {
-        let p = try prepare(vc, reference: reference)
+    func verify(_ vc: VerifyCase, prepared p: Prepared, into report: inout CaseReport) throws {
         let judgeStart = Date()
         defer { report.judgeSeconds = Date().timeIntervalSince(judgeStart) }
         let ref = p.reference.reference, run = p.run
@@ -327,13 +359,22 @@ public struct CaseVerifier {
             if let staged = run.stagedOutput { report.stages.append(judgeStage2(staged, ref: ref)) }
         }
         report.kernelOverhead = run.overhead.isEmpty ? nil : run.overhead
+        var previous: (output: [Double], stage: StageReport)? = nil
         for (i, out) in run.forwardOutputs.enumerated() {
-            report.stages.append(judgeWholeLayer(out, ref: judged, stage: "forward#\(i + 1)", mask: mask))
+            var stage: StageReport
+            if let previous, Self.bitwiseEqual(previous.output, out) {
+                // the same bits judged against the same reference: the same verdict (judging is a pure function)
+                stage = previous.stage
+                stage.stage = "forward#\(i + 1)"
+            } else {
+                stage = judgeWholeLayer(out, ref: judged, stage: "forward#\(i + 1)", mask: mask)
+            }
+            report.stages.append(stage)
+            previous = (out, stage)
         }
         report.sensitivity = report.stages.last { $0.stage.hasPrefix("forward") }?.precision?.sensitivity
         if run.forwardOutputs.count == 2 {
-            let a = run.forwardOutputs[0], b = run.forwardOutputs[1]
-            report.runsIdentical = zip(a, b).allSatisfy { $0.bitPattern == $1.bitPattern }
+            report.runsIdentical = Self.bitwiseEqual(run.forwardOutputs[0], run.forwardOutputs[1])
         }
         report.passed = report.stages.allSatisfy(\.passed)
     }
@@ -432,25 +473,40 @@ public struct CaseVerifier {
         return (report, forced, forcedRef)
     }
 
+    /// Whether two arrays hold the same bits (NaN payloads and signed zeros included).
+    static func bitwiseEqual(_ a: [Double], _ b: [Double]) -> Bool {
+        guard a.count == b.count else { return false }
+        return a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in pa.count == 0 || memcmp(pa.baseAddress!, pb.baseAddress!, pa.count) == 0 } }
+    }
+
+    /// `[T·S, I]` rows of a `[T·S, width]` array (the reference's intermediate layout), in (token, slot, column) order.
+    static func gatherRows(_ a: [Double], pairs: Int, width: Int, columns I: Int) -> [Double] {
+        if width == I { return a.count == pairs * I ? a : Array(a[0..<(pairs * I)]) }
+        return [Double](unsafeUninitializedCapacity: pairs * I) { out, count in
+            a.withUnsafeBufferPointer { src in
+                for p in 0..<pairs { (out.baseAddress! + p * I).update(from: src.baseAddress! + p * width, count: I) }
+            }
+            count = pairs * I
+        }
+    }
+
     /// Stage 1 with the reference's ids: the bf16 intermediate per (token, slot).
     func judgeStage1(_ kernelIntermediate: [Double], ref: ReferenceResult, intermediate I: Int) -> StageReport {
         let T = ref.tokens, S = ref.slots, width = ref.intermediateWidth
-        var interRef: [Double] = [], interBound: [Double] = [], interK: [Double] = [], interVar: [Double] = [], interTie: [Double] = []
-        var keep: [Bool] = []
         let variance = ref.statistics?.intermediateVariance, ties = ref.statistics?.intermediateTieBias
         let excluded = ref.statistics?.excludedTokens
-        for t in 0..<T {
-            for s in 0..<S {
-                for i in 0..<I {
-                    interRef.append(ref.intermediate![(t * S + s) * width + i])
-                    interBound.append(ref.intermediateBound![(t * S + s) * width + i])
-                    interK.append(kernelIntermediate[(t * S + s) * I + i])
-                    if let variance, let ties, let excluded {
-                        interVar.append(variance[(t * S + s) * width + i])
-                        interTie.append(ties[(t * S + s) * width + i])
-                        keep.append(!excluded[t])
-                    }
-                }
+        // the (token, slot, column) elements of the reference's [T·S, width] arrays, as flat [T·S·I] arrays
+        let pairs = T * S
+        let interRef = Self.gatherRows(ref.intermediate!, pairs: pairs, width: width, columns: I)
+        let interBound = Self.gatherRows(ref.intermediateBound!, pairs: pairs, width: width, columns: I)
+        let interK = kernelIntermediate.count == pairs * I ? kernelIntermediate : Array(kernelIntermediate[0..<(pairs * I)])
+        var interVar: [Double] = [], interTie: [Double] = [], keep: [Bool] = []
+        if let variance, let ties, let excluded {
+            interVar = Self.gatherRows(variance, pairs: pairs, width: width, columns: I)
+            interTie = Self.gatherRows(ties, pairs: pairs, width: width, columns: I)
+            keep = [Bool](unsafeUninitializedCapacity: pairs * I) { out, count in
+                for t in 0..<T { (out.baseAddress! + t * S * I).initialize(repeating: !excluded[t], count: S * I) }
+                count = pairs * I
             }
         }
         let v1 = Verdict.compare(actual: interK, reference: interRef, bound: interBound)
@@ -476,7 +532,7 @@ public struct CaseVerifier {
         let H = ref.hidden
         let v: Verdict
         // the kept elements' flat indices (with a mask the verdict's worst index counts kept elements only)
-        let kept = mask.rigorous.map { keep in (0..<(ref.tokens * H)).filter { keep[$0 / H] } }
+        let kept = mask.rigorous.map { keep in (0..<ref.tokens).filter { keep[$0] }.flatMap { t in (t * H)..<((t + 1) * H) } }
         if let kept {
             v = Verdict.compare(actual: kept.map { out[$0] }, reference: kept.map { ref.output[$0] }, bound: kept.map { ref.bound[$0] })
         } else {

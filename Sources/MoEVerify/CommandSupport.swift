@@ -99,16 +99,19 @@ public struct CatalogueRun: Sendable {
     }
 
     /// Verifies `cases` in order on `kernel`, calling `each` after every case. `cache`: read and
-    /// write references there; `pipelined`: compute case n + 1's reference while the kernel runs
-    /// case n (`ReferencePipeline`), else each just before its kernel.
+    /// write references there; `pipelined`: up to `inFlight` cases in flight (`ReferencePipeline`:
+    /// references computed ahead and concurrently, judging beside the next kernel), else each
+    /// case's reference just before its kernel and its verdict after it.
     public static func run(_ cases: [VerifyCase], on kernel: KernelUnderTest, rigorousOnly: Bool = false, recipe: Recipe? = nil,
-                           cache: ReferenceCache? = nil, pipelined: Bool = true, each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
+                           cache: ReferenceCache? = nil, pipelined: Bool = true, inFlight: Int = ReferencePipeline.defaultDepth,
+                           memoryBudget: Int = ReferencePipeline.defaultMemoryBudget,
+                           each: (CaseReport) -> Void = { _ in }) -> CatalogueRunSummary {
         var verifier = CaseVerifier(kernel: kernel, adjustRecipe: recipe.map { r in { _ in r } }, rigorousOnly: rigorousOnly)
         verifier.cache = cache
         let start = Date()
         var reports: [CaseReport] = []
         if pipelined {
-            ReferencePipeline(verifier: verifier).run(cases) { _, r in
+            ReferencePipeline(verifier: verifier, depth: inFlight, memoryBudget: memoryBudget).run(cases) { _, r in
                 each(r)
                 reports.append(r)
             }
@@ -171,7 +174,7 @@ enum TimeSplit {
         var s = ""
         if pipelined {
             let waiting = reports.reduce(0) { $0 + ($1.waitSeconds ?? 0) }
-            s += String(format: ", waiting for the reference %.1f s (pipelined: the reference ran beside the kernel and judging)", waiting)
+            s += String(format: ", waiting for the reference %.1f s (pipelined: references and judging ran beside the kernel)", waiting)
         }
         let cached = reports.filter { $0.referenceCached == true }.count
         if reports.contains(where: { $0.referenceCached != nil }) { s += ", \(cached) of \(reports.count) references from the cache" }

@@ -517,7 +517,7 @@ public struct FuzzSummary: Codable, Sendable {
         let rest = Swift.max(0, seconds - kernelSeconds - judgeSeconds - (waitSeconds ?? referenceSeconds))
         var s = String(format: "fuzz: %.2f cases/s; reference %.1f s, kernel %.2f s, judging %.1f s", Double(casesRun) / Swift.max(seconds, 1e-9),
                        referenceSeconds, kernelSeconds, judgeSeconds)
-        if let waitSeconds { s += String(format: ", waiting for the reference %.1f s (pipelined: the reference ran beside the kernel)", waitSeconds) }
+        if let waitSeconds { s += String(format: ", waiting for the reference %.1f s (pipelined: references and judging ran beside the kernel)", waitSeconds) }
         s += String(format: ", the rest %.1f s (case generation, transfers, shrinking %.1f s)", rest, shrinkSeconds)
         if let cachedReferences { s += ", \(cachedReferences) of \(casesRun) references from the cache" }
         return s
@@ -538,8 +538,12 @@ public struct FuzzCampaign {
     public var shrinkBudget: Int = 150
     /// Reports of every case are kept up to this many cases; past it, failures only.
     public static let allReportsLimit = 1000
-    /// Compute case n + 1's reference while the kernel runs case n (`ReferencePipeline`).
+    /// Several cases in flight (`ReferencePipeline`): references computed ahead and concurrently,
+    /// each case judged beside the next one's kernel; false: one case at a time.
     public var pipelined = true
+    /// Cases in flight at most, and the memory budget of their estimated footprint (pipelined).
+    public var inFlight = ReferencePipeline.defaultDepth
+    public var memoryBudget = ReferencePipeline.defaultMemoryBudget
 
     public init(generator: FuzzGenerator, verifier: CaseVerifier, shard: FuzzShard = FuzzShard(), maxCases: Int? = nil, seconds: Double? = nil) {
         self.generator = generator
@@ -555,9 +559,11 @@ public struct FuzzCampaign {
         case shrunk(ShrinkResult)
     }
 
-    /// `reproducer(vc)` builds the command line that replays a case. With `pipelined`, case
-    /// n + 1 is generated and its reference computed while the kernel runs case n; the time and
-    /// case budgets are then checked when case n + 1 is generated (one case early).
+    /// `reproducer(vc)` builds the command line that replays a case. With `pipelined`, up to
+    /// `inFlight` cases are generated ahead and their references computed while the kernel runs
+    /// the earlier ones; the time and case budgets are then checked when a case is generated (up
+    /// to `inFlight` cases early). Reports, verdicts and the summary's counts are the same as
+    /// those of a serial campaign of the same cases.
     public func run(reproducer: (VerifyCase) -> String, event: (Event) -> Void = { _ in }) -> FuzzSummary {
         let start = Date()
         var reports: [CaseReport] = []
@@ -617,7 +623,7 @@ public struct FuzzCampaign {
             }
         }
         if pipelined {
-            ReferencePipeline(verifier: verifier).run(next: next, each: judged)
+            ReferencePipeline(verifier: verifier, depth: inFlight, memoryBudget: memoryBudget).run(next: next, each: judged)
         } else {
             while let vc = next() { judged(vc, verifier.verify(vc)) }
         }

@@ -2,74 +2,140 @@ import Foundation
 import MoEReference
 import TensorIO
 
-/// Serializes the float64 oracle's runs in this process. The engine sets OpenBLAS's global
-/// thread count around its expert batches, so two runs at once (the pipeline's next case and a
-/// teacher-forced rerun of the current one) would race on it; every engine run the verifier
-/// makes goes through here.
+/// Where the verifier runs the float64 oracle. Engines may run concurrently: OpenBLAS's global
+/// thread count, which their results depend on, is shared by phases inside the engine
+/// (`BLAS.withThreads`), so every run gives the bits it gives alone.
 enum ReferenceExecution {
-    static let lock = NSLock()
-
-    static func exclusive<T>(_ body: () throws -> T) rethrows -> T {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body()
-    }
+    static func exclusive<T>(_ body: () throws -> T) rethrows -> T { try body() }
 }
 
-/// Computes the references of a sequence of cases one case ahead of the kernel, on one
-/// background thread: while the kernel runs case n (a GPU call, or a Python adapter in its own
-/// process), the CPU computes (or reads from the cache) the reference of case n + 1.
+/// Runs a sequence of cases with several in flight: the references of the next cases are computed
+/// (or read from the cache) concurrently on background threads, the kernel runs one case at a
+/// time on the caller's thread, in the cases' order, and each case is judged on a background
+/// thread while the kernel runs the next. With `depth` 2 and one CPU this is the classic
+/// pipeline: case n + 1's reference beside case n's kernel.
 ///
-/// Memory stays bounded: the reference of at most one case beyond the one being judged is held
-/// (a request for case n + 2 is made only once case n + 1 has been taken). Reports come in the
-/// cases' order. The kernel is called on the caller's thread only; recipes are read from the
-/// kernel there once, before the first case.
+/// Memory stays bounded: at most `depth` cases are in flight (from the oldest not yet reported
+/// to the newest whose reference has started), and no more than `memoryBudget` bytes of their
+/// estimated footprint (`ReferencePipeline.footprint`), except that one case is always allowed.
+/// Reports come in the cases' order, on the caller's thread, with the same verdicts and numbers
+/// as a serial run (judging is a pure function of the case's reference and kernel outputs; the
+/// oracle's results do not depend on what runs beside it). The kernel is called on the
+/// caller's thread only; recipes are read from the kernel there once, before the first case.
 public struct ReferencePipeline {
     public let verifier: CaseVerifier
     let recipes: [WeightFormat: Result<Recipe, Error>]
-    let queue = DispatchQueue(label: "moecheck.reference-pipeline")
+    /// Cases in flight at most (≥ 1; 1: each case's reference just before its kernel, judged in turn).
+    public var depth: Int
+    /// Bytes of estimated footprint the cases in flight may hold together.
+    public var memoryBudget: Int
+    let queue = DispatchQueue(label: "moecheck.reference-pipeline", attributes: .concurrent)
 
-    public init(verifier: CaseVerifier) {
+    /// The default number of cases in flight: the CPUs this process may use, at least 2.
+    public static var defaultDepth: Int { Swift.max(2, BLAS.usableCPUs) }
+    /// The default memory budget: a quarter of the physical memory.
+    public static var defaultMemoryBudget: Int { Int(ProcessInfo.processInfo.physicalMemory / 4) }
+
+    public init(verifier: CaseVerifier, depth: Int = ReferencePipeline.defaultDepth, memoryBudget: Int = ReferencePipeline.defaultMemoryBudget) {
         self.verifier = verifier
+        self.depth = Swift.max(1, depth)
+        self.memoryBudget = memoryBudget
         var table: [WeightFormat: Result<Recipe, Error>] = [:]
         for f in WeightFormat.allCases { table[f] = Result { try verifier.recipe(for: f) } }
         recipes = table
     }
 
-    /// A reference being computed on the background thread.
-    final class Pending: @unchecked Sendable {
-        let vc: VerifyCase
-        let done = DispatchSemaphore(value: 0)
-        var result: Result<PreparedReference, Error>!
-        init(_ vc: VerifyCase) { self.vc = vc }
+    /// A rough upper estimate of the bytes one case holds while in flight: the reference's
+    /// `[T, H]` arrays (output, bound, variances, …, and the kernel's outputs), its contributions
+    /// `[T, S+1, H]`, the intermediate arrays `[T·S, I]`, the router's `[T, E]` arrays and one
+    /// bf16 copy of the layer's weights (the kernel's upload). 0 for a case file (its size is not
+    /// known without opening it; such cases are counted by `depth` alone).
+    public static func footprint(_ vc: VerifyCase) -> Int {
+        guard let spec = vc.spec else { return 0 }
+        let c = spec.config, T = spec.tokens
+        let S = c.topK + 1, I = Swift.max(c.intermediate, c.sharedIntermediate)
+        let (th, o1) = T.multipliedReportingOverflow(by: c.hidden)
+        if o1 { return Int.max / 4 }
+        let reference = th * 8 * 14 + th * S * 4 + T * S * I * 8 * 5 + T * c.experts * 8 * 4
+        let weights = (c.experts + 1) * 3 * I * c.hidden * 2
+        return reference + weights
     }
 
-    func start(_ vc: VerifyCase) -> Pending {
-        let pending = Pending(vc)
+    /// One case in flight.
+    final class Slot: @unchecked Sendable {
+        let vc: VerifyCase
+        let bytes: Int
+        let referenceReady = DispatchSemaphore(value: 0)
+        var reference: Result<PreparedReference, Error>!
+        var kernelDone = false
+        let judged = DispatchSemaphore(value: 0)
+        var report: CaseReport!
+        init(_ vc: VerifyCase, bytes: Int) { self.vc = vc; self.bytes = bytes }
+    }
+
+    func start(_ vc: VerifyCase) -> Slot {
+        let slot = Slot(vc, bytes: Self.footprint(vc))
         let verifier = self.verifier, recipes = self.recipes
         queue.async {
-            pending.result = Result {
+            slot.reference = Result {
                 try verifier.prepareReference(vc) { f in
                     guard let r = recipes[f] else { throw VerifyError.failed("no recipe for \(f.rawValue)") }
                     return try r.get()
                 }
             }
-            pending.done.signal()
+            slot.referenceReady.signal()
         }
-        return pending
+        return slot
     }
 
-    /// Verifies the cases `next()` gives, in order, until it gives nil; `each` gets every
-    /// case with its report. `next()` is asked for case n + 1 as soon as case n's reference is ready (before
-    /// case n's kernel runs), so a stop condition inside it is checked one case early.
+    /// Verifies the cases `next()` gives, in order, until it gives nil; `each` gets every case
+    /// with its report, in order, on the caller's thread. `next()` is asked for a new case
+    /// whenever fewer than `depth` cases are in flight (and the memory budget allows), so a
+    /// stop condition inside it is checked up to `depth` cases early.
     public func run(next: () -> VerifyCase?, each: (VerifyCase, CaseReport) -> Void) {
-        var pending = next().map(start)
-        while let current = pending {
-            let t0 = Date()
-            current.done.wait()
-            let waited = Date().timeIntervalSince(t0)
-            pending = next().map(start)
-            each(current.vc, verifier.verify(current.vc, reference: current.result, waited: waited))
+        var inFlight: [Slot] = []   // in the cases' order: reported ones leave from the front
+        var bytes = 0
+        var exhausted = false
+        var held: VerifyCase? = nil  // a case drawn but over the memory budget: it starts once room is made
+        func fill() {
+            while !exhausted && inFlight.count < depth {
+                guard let vc = held ?? next() else { exhausted = true; return }
+                let b = Self.footprint(vc)
+                if !inFlight.isEmpty && bytes.addingReportingOverflow(b).partialValue > memoryBudget { held = vc; return }
+                held = nil
+                inFlight.append(start(vc))
+                bytes += b
+            }
+        }
+        while true {
+            fill()
+            if inFlight.isEmpty { break }
+            if let k = inFlight.firstIndex(where: { !$0.kernelDone }) {
+                // the next kernel in order: wait for its reference, run it here, judge it beside the next kernel
+                let slot = inFlight[k]
+                let t0 = Date()
+                slot.referenceReady.wait()
+                let waited = Date().timeIntervalSince(t0)
+                let done = verifier.runKernel(slot.vc, reference: slot.reference, waited: waited)
+                slot.reference = nil
+                slot.kernelDone = true
+                let verifier = self.verifier
+                queue.async {
+                    slot.report = verifier.judge(done)
+                    slot.judged.signal()
+                }
+                fill()
+            }
+            // report the judged cases at the front; wait for the front only when no kernel is left to run
+            while let front = inFlight.first, front.kernelDone {
+                if !inFlight.contains(where: { !$0.kernelDone }) { front.judged.wait() }
+                else if front.judged.wait(timeout: .now()) == .timedOut { break }
+                inFlight.removeFirst()
+                bytes -= front.bytes
+                each(front.vc, front.report)
+                front.report = nil
+                fill()
+            }
         }
     }
 

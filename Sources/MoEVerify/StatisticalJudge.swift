@@ -109,6 +109,7 @@ public enum StatisticalJudge {
         var output = Accumulator()
         var experts = [Int: Accumulator]()
         var err = [Double](repeating: 0, count: H)   // the token's error row (NaN where non-finite)
+        var rigNum = [Double](repeating: 0, count: H) // the token's rigorous-sensitivity numerators 2·bound + half an output step
         for t in judged {
             var tokenOut = Accumulator()
             for h in 0..<H {
@@ -116,6 +117,7 @@ public enum StatisticalJudge {
                 let o = ref.output[i]
                 let e = actual[i] - (rounded ? f!.round(o) : o)
                 err[h] = e
+                rigNum[h] = 2 * ref.bound[i] + outHalfStep(o)
                 if !e.isFinite { nonFinite += 1; continue }
                 let pre = st.elementVariance[i], flip = rounded ? st.outputFlipVariance[i] : 0
                 let m = rounded ? flip : pre
@@ -124,7 +126,7 @@ public enum StatisticalJudge {
                 tieNorm2 += tie * tie
                 tokenOut.n += e * o; tokenOut.pre += o * o * pre; tokenOut.flip += o * o * flip; tokenOut.bias += Swift.abs(o) * tie
                 tokenOut.d2 += o * o
-                if o != 0 { output.rig = Swift.min(output.rig, (2 * ref.bound[i] + outHalfStep(o)) / Swift.abs(o)) }
+                if o != 0 { output.rig = Swift.min(output.rig, rigNum[h] / Swift.abs(o)) }
             }
             if !rounded { M += F[t]; A2 += F[t] * F[t]; Amax = Swift.max(Amax, F[t]) }
             tokenOut.add(token: directional(t, 0, tokenOut.d2))
@@ -140,7 +142,7 @@ public enum StatisticalJudge {
                         if !err[h].isFinite { continue }
                         a.n += err[h] * c; a.pre += c * c * st.elementVariance[i]; d2 += c * c
                         if rounded { a.flip += c * c * st.outputFlipVariance[i]; a.bias += Swift.abs(c) * st.outputTieBias[i] }
-                        if c != 0 { a.rig = Swift.min(a.rig, (2 * ref.bound[i] + outHalfStep(ref.output[i])) / Swift.abs(c)) }
+                        if c != 0 { a.rig = Swift.min(a.rig, rigNum[h] / Swift.abs(c)) }
                     }
                     a.d2 += d2
                     a.add(token: directional(t, 1 + s, d2))

@@ -22,10 +22,13 @@ struct Fuzz: ParsableCommand {
         \(FuzzCampaign.allReportsLimit) cases: reportsIncluded says which), the shrink results and their reproducers. \
         Exit code 1 on any failure.
 
-        The next case is generated and its reference computed (read from and written to the reference cache only with \
-        an explicit --cache DIR: generated cases rarely repeat, and caching them writes gigabytes for nothing) \
-        while the kernel runs the current one (--no-pipeline: one after the other); memory holds at most two cases' \
-        references, and --seconds / --cases are checked when the next case is generated.
+        Several cases are in flight (--in-flight, default the usable CPUs, at least 2): the next cases are generated and \
+        their references computed concurrently (read from and written to the reference cache only with an explicit \
+        --cache DIR: generated cases rarely repeat, and caching them writes gigabytes for nothing) while the kernel runs \
+        one case at a time on its own thread, and each case is judged beside the next one's kernel; reports come in \
+        order and are those of a serial run (--no-pipeline: one case after the other). Memory holds at most --in-flight \
+        cases and at most --in-flight-memory (default a quarter of the physical memory) of their estimated footprint; \
+        --seconds / --cases are checked when a case is generated (up to --in-flight cases early).
         """)
 
     @OptionGroup var kernel: KernelOptions
@@ -118,6 +121,8 @@ struct Fuzz: ParsableCommand {
                                     maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
         campaign.shrinkBudget = shrinkAttempts
         campaign.pipelined = !references.noPipeline
+        campaign.inFlight = references.depth
+        campaign.memoryBudget = references.memoryBudget
         if noShrink { campaign.maxShrinks = 0 }
         let budget = seconds.map { String(format: "%.0f s", $0) } ?? "\(campaign.maxCases ?? 0) cases"
         print("fuzz: \(kernel.name) on \(kernel.device), seed \(seed), shard \(sh), \(budget), caps T≤\(lim.maxTokens) E≤\(lim.maxExperts) " +

@@ -101,10 +101,22 @@ struct ReferenceCacheOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Size cap of the reference cache (K, M, G suffixes: powers of 1024); least recently used entries are removed past it.", valueName: "SIZE"))
     var cacheMaxBytes: String = "2G"
 
-    @Flag(help: "Compute each case's reference just before its kernel runs. Default: while the kernel runs case n, a second thread computes the reference of case n+1 (at most one case ahead: memory holds two cases' references).")
+    @Flag(help: "One case at a time: each case's reference just before its kernel runs, then its verdict. Default: several cases in flight (--in-flight).")
     var noPipeline = false
 
+    @Option(help: ArgumentHelp("Cases in flight at most: their references computed concurrently on background threads, the kernel run on one thread in the cases' order, each case judged beside the next case's kernel; reports in order, identical to a serial run. Default: the CPUs this process may use, at least 2. Memory: at most this many cases, and at most a quarter of the physical memory (--in-flight-memory) of their estimated footprint (references, kernel outputs, weights), one case always allowed.", valueName: "N"))
+    var inFlight: Int?
+
+    @Option(help: ArgumentHelp("Memory budget of the cases in flight (K, M, G suffixes: powers of 1024). Default: a quarter of the physical memory.", valueName: "SIZE"))
+    var inFlightMemory: String?
+
+    /// Cases in flight: 1 with --no-pipeline.
+    var depth: Int { noPipeline ? 1 : Swift.max(1, inFlight ?? ReferencePipeline.defaultDepth) }
+    var memoryBudget: Int { inFlightMemory.flatMap(parseByteSize) ?? ReferencePipeline.defaultMemoryBudget }
+
     func validate() throws {
+        if let inFlight, inFlight < 1 { throw ValidationError("--in-flight must be >= 1") }
+        if let m = inFlightMemory, parseByteSize(m) == nil { throw ValidationError("--in-flight-memory: '\(m)' is not a size (e.g. 8G)") }
         if parseByteSize(cacheMaxBytes) == nil { throw ValidationError("--cache-max-bytes: '\(cacheMaxBytes)' is not a size (e.g. 2G, 500M, 1000000)") }
         if noCache && cache != nil { throw ValidationError("--cache and --no-cache exclude each other") }
     }

@@ -13,9 +13,12 @@ struct Verify: ParsableCommand {
         comparison is skipped (exit 0), unless one was asked for with --kernels or MOECHECK_KERNELS.
 
         References come from the reference cache when it holds them (--cache, default $XDG_CACHE_HOME/moecheck or \
-        ~/.cache/moecheck; --no-cache) and are computed one case ahead of the kernel on a second thread (--no-pipeline: \
-        just before it); memory holds at most two cases' references. The last lines give cases/s, where the time went \
-        (reference, kernel, judging, waiting for the reference) and the cache's hits and misses.
+        ~/.cache/moecheck; --no-cache) and are computed ahead of the kernel, several cases concurrently (--in-flight, \
+        default the usable CPUs, at least 2; memory: at most that many cases and --in-flight-memory of their estimated \
+        footprint), while the kernel runs one case at a time and each case is judged beside the next one's kernel \
+        (--no-pipeline: one case after the other). Reports come in the cases' order, identical to a serial run. The \
+        last lines give cases/s, where the time went (reference, kernel, judging, waiting for the reference) and the \
+        cache's hits and misses.
         """)
 
     @OptionGroup var kernel: KernelOptions
@@ -99,7 +102,8 @@ struct Verify: ParsableCommand {
         about += "; " + (cache.map { "reference cache \($0.root.path)" } ?? "no reference cache")
         print("verify: " + about)
         let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced, cache: cache,
-                                       pipelined: !references.noPipeline) { r in
+                                       pipelined: !references.noPipeline, inFlight: references.depth,
+                                       memoryBudget: references.memoryBudget) { r in
             print(r.line)
             fflush(stdout)
         }
