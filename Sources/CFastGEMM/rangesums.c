@@ -5,7 +5,7 @@
 #include "rangesums.h"
 #include <stdlib.h>
 
-#define MC_RS_COLS 256
+#define MC_RS_COLS 128
 
 __attribute__((target_clones("avx2", "default")))
 static void mc_rs_rows(const float *a, long m, long k, const float *bt, long cols, long block,
@@ -50,8 +50,15 @@ int mc_range_stats(const float *a, long m, long k, const float *b, long ldb, lon
     if (!bt) return 0;
     for (long j0 = 0; j0 < n; j0 += MC_RS_COLS) {
         long cols = n - j0 < MC_RS_COLS ? n - j0 : MC_RS_COLS;
-        for (long j = 0; j < cols; ++j)
-            for (long q = 0; q < k; ++q) bt[q * cols + j] = b[(j0 + j) * ldb + q];
+        /* 16x16 tiles: both sides stay within a few cache lines per tile */
+        for (long q0 = 0; q0 < k; q0 += 16) {
+            long q1 = q0 + 16 < k ? q0 + 16 : k;
+            for (long jj = 0; jj < cols; jj += 16) {
+                long j1 = jj + 16 < cols ? jj + 16 : cols;
+                for (long j = jj; j < j1; ++j)
+                    for (long q = q0; q < q1; ++q) bt[q * cols + j] = b[(j0 + j) * ldb + q];
+            }
+        }
         mc_rs_rows(a, m, k, bt, cols, block, range + j0, split + j0, n);
     }
     free(bt);
