@@ -79,6 +79,13 @@ public struct Recipe: Codable, Sendable, Equatable, CustomStringConvertible {
     public var output: Rounding
     /// Relative error allowed for a kernel's `expf`-based silu/sigmoid evaluation.
     public var transcendentalRelativeError: Double
+    /// How the kernel orders a dot product's fp32 additions, as the statistical tier assumes
+    /// (nil: `.contiguous`, runs of K in index order; `.any` keeps the Higham–Mary proxy
+    /// `√n·u·Σ|t|` for kernels whose order is unknown). The rigorous bound does not depend on it.
+    public var accumulation: AccumulationOrder? = nil
+
+    /// `accumulation`, its default filled in.
+    public var accumulationOrder: AccumulationOrder { accumulation ?? .contiguous }
 
     public var description: String { name }
 

@@ -7,9 +7,10 @@ import Foundation
 /// recipe name, default `fused-bf16`) plus any `Recipe` field to override, keyed by its Swift
 /// name (`routerLogits`, `routingWeights`, `sharedGate`, `activationFP8`, `scaleConvention`,
 /// `gateUp`, `activation`, `intermediate`, `intermediateFP8`, `down`, `weighted`, `combine`,
-/// `output`, `accumulatorUnitRoundoff`, `transcendentalRelativeError`, `name`). Values: a
+/// `output`, `accumulatorUnitRoundoff`, `transcendentalRelativeError`, `accumulation`, `name`). Values: a
 /// `Rounding` (`none`, `fp32`, `bf16`, `bf16-or-fp32`), a `CombineMode` (`exact`, `fp32`, `bf16`),
-/// a `ScaleConvention` (`divide`, `multiply-reciprocal`), booleans and numbers. An unknown key or
+/// a `ScaleConvention` (`divide`, `multiply-reciprocal`), an `AccumulationOrder` (`contiguous`,
+/// `any`), booleans and numbers. An unknown key or
 /// value is an error naming it: a typo never silently leaves a rounding point unmodelled.
 public struct RecipeSpecError: Error, CustomStringConvertible, Equatable {
     public let message: String
@@ -69,8 +70,9 @@ extension Recipe {
             case "output": r.output = try enumValue(key, v)
             case "accumulatorUnitRoundoff": r.accumulatorUnitRoundoff = try number(key, v)
             case "transcendentalRelativeError": r.transcendentalRelativeError = try number(key, v)
+            case "accumulation": r.accumulation = try enumValue(key, v) as AccumulationOrder
             default:
-                throw RecipeSpecError("\(origin): unknown recipe field '\(key)' (fields: base, name, routerLogits, routingWeights, sharedGate, activationFP8, scaleConvention, gateUp, activation, intermediate, intermediateFP8, down, weighted, combine, output, accumulatorUnitRoundoff, transcendentalRelativeError)")
+                throw RecipeSpecError("\(origin): unknown recipe field '\(key)' (fields: base, name, routerLogits, routingWeights, sharedGate, activationFP8, scaleConvention, gateUp, activation, intermediate, intermediateFP8, down, weighted, combine, output, accumulatorUnitRoundoff, transcendentalRelativeError, accumulation)")
             }
         }
         let overrides = object.keys.filter { $0 != "base" && $0 != "name" }.sorted()

@@ -106,7 +106,12 @@ extension MoEReferenceEngine {
             } } }
             boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H)
         }
-        var part = swiGLU(gu: gu, guBound: guBound, rows: rows, inputs: inputs, n: n, Ie: Ie)
+        // the accumulation model's range statistics of every gate/up dot product (statistics only)
+        var guRange: (range: [Float], split: [Float])? = nil
+        if stats && recipe.accumulationOrder == .contiguous {
+            guRange = StatisticalModel.rangeStats(Self.floats(xe) { $0 }, m: n, k: H, w13.f32.isEmpty ? Self.floats(w13.f64) { $0 } : w13.f32, n: 2 * Ie)
+        }
+        var part = swiGLU(gu: gu, guBound: guBound, guRange: guRange, rows: rows, inputs: inputs, n: n, Ie: Ie)
         var act = part.act, actBound = part.actBound
         var actVariance = part.actVariance
         var actTie = part.actTie
@@ -179,27 +184,38 @@ extension MoEReferenceEngine {
 
     /// SwiGLU with the recipe's rounding points (gate/up, silu, product), the bounds and the
     /// statistical variances of the intermediate.
-    private func swiGLU(gu: [Double], guBound: [Double], rows: [(Int, Int)], inputs: ExpertInputs, n: Int, Ie: Int) -> ExpertPart {
+    private func swiGLU(gu: [Double], guBound: [Double], guRange: (range: [Float], split: [Float])?, rows: [(Int, Int)], inputs: ExpertInputs,
+                        n: Int, Ie: Int) -> ExpertPart {
         let bounds = options.computeBounds, stats = statisticsEnabled
         let u = recipe.accumulatorUnitRoundoff
         let trans = recipe.transcendentalRelativeError
         let H = layer.config.hidden
         let n1 = H + 2 * ((H + 127) / 128) + 4
-        // guBound = γ(n1)·Σ|x||w| where no fp8 code sat on a midpoint: σ = √n1·u·Σ|x||w|
-        let sigmaPerBound = StatisticalModel.accumulationSigmaFactor(terms: n1, unitRoundoff: u) / Self.gamma(n1, u)
+        // guBound = γ(n1)·Σ|x||w| where no fp8 code sat on a midpoint: σ from Σ|x||w| and the
+        // dot product's range statistics (StatisticalModel.accumulationSigma)
+        let g1 = Self.gamma(n1, u)
+        let sigmaPerBound = StatisticalModel.accumulationSigmaFactor(terms: n1, unitRoundoff: u) / g1
+        func accumulationSigma(_ bound: Double, _ index: Int) -> Double {
+            guard let guRange else { return bound * sigmaPerBound }
+            return StatisticalModel.accumulationSigma(terms: n1, length: H, unitRoundoff: u, absSum: bound / g1, range: Double(guRange.range[index]),
+                                                      split: Double(guRange.split[index]), order: .contiguous)
+        }
         var act = [Double](repeating: 0, count: n * Ie)
         var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
         var actVariance = [Double](repeating: 0, count: stats ? n * Ie : 0)
         var actTie = [Double](repeating: 0, count: stats ? n * Ie : 0)
         for r in 0..<n {
-            let toSigma = inputs.midpointTokens.isEmpty || !inputs.midpointTokens[rows[r].0] ? sigmaPerBound : 1
+            // a token with an fp8 code on a midpoint: the rigorous radius stands for σ
+            let midpoint = !inputs.midpointTokens.isEmpty && inputs.midpointTokens[rows[r].0]
             for i in 0..<Ie {
                 var g = gu[r * 2 * Ie + i], up = gu[r * 2 * Ie + Ie + i]
                 var gb = bounds ? guBound[r * 2 * Ie + i] : 0, ub = bounds ? guBound[r * 2 * Ie + Ie + i] : 0
                 var vg = 0.0, vu = 0.0, upstreamTie = 0.0
                 if stats {
-                    vg = StatisticalModel.roundingVariance(g, sigma: gb * toSigma, recipe.gateUp)
-                    vu = StatisticalModel.roundingVariance(up, sigma: ub * toSigma, recipe.gateUp)
+                    let sg = midpoint ? gb : accumulationSigma(gb, r * 2 * Ie + i)
+                    let su = midpoint ? ub : accumulationSigma(ub, r * 2 * Ie + Ie + i)
+                    vg = StatisticalModel.roundingVariance(g, sigma: sg, recipe.gateUp)
+                    vu = StatisticalModel.roundingVariance(up, sigma: su, recipe.gateUp)
                     let tg = StatisticalModel.tieBias(g, recipe.gateUp.format), tu = StatisticalModel.tieBias(up, recipe.gateUp.format)
                     let ts = StatisticalModel.tieBias(g * Self.sigmoid(g), recipe.activation.format)
                     if tg + tu + ts > 0 { upstreamTie = 1.1 * Swift.abs(up) * (tg + ts) + Swift.abs(g * Self.sigmoid(g)) * tu }
@@ -239,7 +255,7 @@ extension MoEReferenceEngine {
     }
 
     /// The statistical model's stage 2: the independent part of each output element's variance
-    /// (the dot product's own fp32 accumulation, `√n·u·Σ|a||w|`) and each row's correlated part
+    /// (the dot product's own fp32 accumulation, `StatisticalModel.accumulationSigma`) and each row's correlated part
     /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
     private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, colNorm2: [Double], groupRowVariance: [Double],
                                 groupFactors: [Double], n: Int, H: Int, Ie: Int) -> ([Double], [Double], [Double]) {
@@ -278,9 +294,19 @@ extension MoEReferenceEngine {
                 }
             }
         }
-        let f = StatisticalModel.accumulationSigmaFactor(terms: Ie + 2 * ((Ie + 127) / 128) + 4, unitRoundoff: u)
+        // the dot product's own accumulation: from Σ|a||w| and its range statistics
+        let n2 = Ie + 2 * ((Ie + 127) / 128) + 4
+        let order = recipe.accumulationOrder
+        var yRange: (range: [Float], split: [Float])? = nil
+        if order == .contiguous {
+            yRange = StatisticalModel.rangeStats(Self.floats(act) { $0 }, m: n, k: Ie, w2.f32.isEmpty ? Self.floats(w2.f64) { $0 } : w2.f32, n: H)
+        }
         var yVariance = [Double](repeating: 0, count: n * H)
-        for i in 0..<(n * H) { let s = f * absDot[i]; yVariance[i] = s * s }
+        for i in 0..<(n * H) {
+            let s = StatisticalModel.accumulationSigma(terms: n2, length: Ie, unitRoundoff: u, absSum: absDot[i], range: Double(yRange?.range[i] ?? 0),
+                                                       split: Double(yRange?.split[i] ?? 0), order: order)
+            yVariance[i] = s * s
+        }
         var rowVariance = [Double](repeating: 0, count: n)
         for r in 0..<n {
             var v = groupRowVariance.isEmpty ? 0 : groupRowVariance[r]

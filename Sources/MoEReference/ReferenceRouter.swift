@@ -91,8 +91,12 @@ extension MoEReferenceEngine {
             let safety = 1 + Double(H + 8) * 0x1p-23
             for i in 0..<(T * E) { logitBound[i] = g * Double(tmp[i]) * safety }
             if stats {
-                let s = StatisticalModel.accumulationSigmaFactor(terms: H + 4, unitRoundoff: u) * safety
-                for i in 0..<(T * E) { logitSigma[i] = s * Double(tmp[i]) }
+                let order = recipe.accumulationOrder
+                let ranges = order == .contiguous ? StatisticalModel.rangeStats(x.map { Float($0) }, m: T, k: H, wg.map { Float($0) }, n: E) : nil
+                for i in 0..<(T * E) {
+                    logitSigma[i] = StatisticalModel.accumulationSigma(terms: H + 4, length: H, unitRoundoff: u, absSum: Double(tmp[i]) * safety,
+                                                                       range: Double(ranges?.range[i] ?? 0), split: Double(ranges?.split[i] ?? 0), order: order)
+                }
             }
         }
         let preRounding = stats ? logits : []
@@ -124,7 +128,9 @@ extension MoEReferenceEngine {
                 var dot = 0.0, absDot = 0.0
                 for h in 0..<H { dot += x[t * H + h] * ws[h]; absDot += Swift.abs(x[t * H + h] * ws[h]) }
                 var db = bounds ? Self.gamma(H + 4, u) * absDot : 0
-                let dotSigma = StatisticalModel.accumulationSigmaFactor(terms: H + 4, unitRoundoff: u) * absDot
+                let gateStats = StatisticalModel.rangeStats(count: H) { x[t * H + $0] * ws[$0] }
+                let dotSigma = StatisticalModel.accumulationSigma(terms: H + 4, length: H, unitRoundoff: u, absSum: absDot, range: gateStats.range,
+                                                                  split: gateStats.split, order: recipe.accumulationOrder)
                 let dotPre = dot
                 (dot, db) = Self.roundInterval(dot, db, recipe.sharedGate)
                 var g = Self.sigmoid(dot)

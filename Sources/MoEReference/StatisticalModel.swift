@@ -1,3 +1,4 @@
+import CFastGEMM
 import Foundation
 import LowPrecision
 
@@ -198,6 +199,82 @@ extension StatisticalModel {
     }
 
 
+}
+
+/// How a kernel may order the fp32 additions of one dot product, as the statistical model
+/// assumes it (the recipe's `accumulation`; docs/error-bounds.md, "Accumulation noise").
+public enum AccumulationOrder: String, Codable, Sendable, CaseIterable {
+    /// Each partial sum the kernel rounds is the sum of a contiguous run of terms in K order
+    /// (sequential, tiled/blocked, mma steps, pairwise over contiguous halves), or the sum of
+    /// whole pieces whose boundaries are multiples of `StatisticalModel.accumulationBlock`,
+    /// combined in any order (split-K partials, atomics, per-128-block fp8 partials).
+    case contiguous
+    /// Any order: every partial sum bounded by Σ|t| only (the Higham–Mary proxy √n·u·Σ|t|).
+    case any
+}
+
+extension StatisticalModel {
+    /// The granularity at which a kernel may split a dot product's K range and combine the
+    /// pieces in any order (split-K points, tile steps): 32.
+    public static let accumulationBlock = 32
+
+    /// Standard-deviation proxy of the accumulation error of an fp32 dot product of `length`
+    /// terms t with `terms` rounding points in all (additions plus the fp8 scale products),
+    /// given `absSum` ≥ Σ|t| and, for `.contiguous`, `range` = max − min of the prefix sums
+    /// (the largest |sum| of a contiguous run) and `split` = the larger of the sums of positive
+    /// and of negative `accumulationBlock`-block partials (the largest |sum| of whole blocks),
+    /// both computed in float32 in index order (`rangeStats`).
+    ///
+    /// Every rounding point rounds a partial sum σ_j to σ_j·(1 + δ_j), |δ_j| ≤ u, δ_j mean-
+    /// independent of what came before (Higham–Mary), and the error is exactly Σ_j δ_j·σ_j
+    /// (telescoping over the summation tree), a martingale whose increments are bounded by
+    /// u·|σ_j|: sub-Gaussian with variance proxy u²·Σ_j c_j² for any deterministic c_j ≥ |σ_j|
+    /// (Azuma–Hoeffding). Here |σ_j| ≤ range (a contiguous run; at most `terms` of them) or ≤
+    /// split (whole blocks; at most blocks − 1 such additions), each plus the worst-case error
+    /// of the computed partial sum, γ·Σ|t|, and the float32 evaluation's own error, 2γ_{k+3}·Σ|t|.
+    /// `.any` (or a larger result): `√terms·u·Σ|t|`.
+    public static func accumulationSigma(terms n: Int, length k: Int, unitRoundoff u: Double, absSum: Double, range: Double, split: Double,
+                                         order: AccumulationOrder) -> Double {
+        let old = accumulationSigmaFactor(terms: n, unitRoundoff: u) * absSum
+        guard order == .contiguous, absSum.isFinite else { return old }
+        let blocks = (k + accumulationBlock - 1) / accumulationBlock
+        let margin = (2 * Self.gamma(k + 3, 0x1p-24) + Self.gamma(n + blocks, u)) * absSum
+        let r = range + margin, s = split + margin
+        let v = (Double(n) * r * r + Double(Swift.max(0, blocks - 1)) * s * s).squareRoot() * u
+        return Swift.min(old, v)
+    }
+
+    @inline(__always)
+    static func gamma(_ n: Int, _ u: Double) -> Double { let nu = Double(n) * u; return nu / (1 - nu) }
+
+    /// `range` and `split` (see `accumulationSigma`) of every dot product `A[i,:]·B[j,:]`, A
+    /// `[m, k]`, B `[n, k]` row-major float32: `[m, n]` each, in float32, index order.
+    public static func rangeStats(_ a: [Float], m: Int, k: Int, _ b: [Float], n: Int) -> (range: [Float], split: [Float]) {
+        var range = [Float](repeating: 0, count: m * n), split = [Float](repeating: 0, count: m * n)
+        guard m > 0, n > 0, k > 0 else { return (range, split) }
+        precondition(a.count >= m * k && b.count >= n * k, "rangeStats: operands smaller than [m, k] and [n, k]")
+        let ok = a.withUnsafeBufferPointer { ap in b.withUnsafeBufferPointer { bp in range.withUnsafeMutableBufferPointer { rp in
+            split.withUnsafeMutableBufferPointer { sp in
+                mc_range_stats(ap.baseAddress!, m, k, bp.baseAddress!, k, n, accumulationBlock, rp.baseAddress!, sp.baseAddress!)
+            } } } }
+        precondition(ok == 1, "rangeStats: out of memory")
+        return (range, split)
+    }
+
+    /// `range` and `split` of one dot product's terms `t(0..<k)`, in float64.
+    public static func rangeStats(count k: Int, _ t: (Int) -> Double) -> (range: Double, split: Double) {
+        var s = 0.0, hi = 0.0, lo = 0.0, block = 0.0, pos = 0.0, neg = 0.0
+        for q in 0..<k {
+            let v = t(q)
+            s += v; block += v
+            hi = Swift.max(hi, s); lo = Swift.min(lo, s)
+            if (q + 1) % accumulationBlock == 0 || q == k - 1 {
+                if block > 0 { pos += block } else { neg -= block }
+                block = 0
+            }
+        }
+        return (hi - lo, Swift.max(pos, neg))
+    }
 }
 
 /// The statistical model of a correct kernel's error for one reference run: a kernel's output
