@@ -14,6 +14,7 @@
 #ifndef CFASTGEMM_H
 #define CFASTGEMM_H
 #include <stdint.h>
+#include "rangesums.h"  /* one module: an incremental build re-reads this header (a new file in the umbrella directory alone did not invalidate the cached module) */
 
 enum { MC_PATH_AUTO = 0, MC_PATH_AVX2 = 2, MC_PATH_AVX512 = 3 };
 
