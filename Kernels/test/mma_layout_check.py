@@ -103,15 +103,18 @@ def amd_acc_coord(wave, lane, r):
     return 8 * (r >> 2) + 4 * (lane >> 5) + (r & 3), 32 * wave + (lane & 31)
 
 
-# ---- AMD: the instruction, from the calculator's layout ------------------------------------
-def mfma_32x32x8(areg, breg, creg):
-    """A[i][k]: lane i + 32*(k//4), item k%4; B[k][j]: lane j + 32*(k//4), item k%4;
-    D[i][j]: lane j + 32*((i//4)%2), register 4*(i//8) + i%4."""
-    A = np.zeros((32, 8)); B = np.zeros((8, 32))
+# ---- AMD: the instructions, from the calculator's layouts ----------------------------------
+def mfma_32x32(areg, breg, creg, per_lane):
+    """v_mfma_f32_32x32x(2*per_lane): A[i][k] in lane i + 32*(k//per_lane), item k%per_lane;
+    B[k][j] in lane j + 32*(k//per_lane), item k%per_lane; D[i][j] in lane j + 32*((i//4)%2),
+    register 4*(i//8) + i%4. per_lane = 4: v_mfma_f32_32x32x8bf16_1k (4 bf16 per lane);
+    per_lane = 8: v_mfma_f32_32x32x16_fp8_fp8 (8 fp8 bytes per lane), same D layout."""
+    K = 2 * per_lane
+    A = np.zeros((32, K)); B = np.zeros((K, 32))
     for i in range(32):
-        for k in range(8):
-            A[i, k] = areg[i + 32 * (k // 4)][k % 4]
-            B[k, i] = breg[i + 32 * (k // 4)][k % 4]
+        for k in range(K):
+            A[i, k] = areg[i + 32 * (k // per_lane)][k % per_lane]
+            B[k, i] = breg[i + 32 * (k // per_lane)][k % per_lane]
     P = A @ B
     out = [list(c) for c in creg]
     for i in range(32):
@@ -120,14 +123,24 @@ def mfma_32x32x8(areg, breg, creg):
     return out
 
 
-def check_amd(As, Bs):
+def mfma_32x32x8(areg, breg, creg):
+    return mfma_32x32(areg, breg, creg, 4)
+
+
+def mfma_32x32x16_fp8(areg, breg, creg):
+    return mfma_32x32(areg, breg, creg, 8)
+
+
+def run_amd_tile(As, Bs, steps, kernel_regs, instruction):
+    """One workgroup (4 waves x 64 lanes) over `steps` MFMA K steps: the tile and how many
+    accumulator registers own each element."""
     acc = {(w, l): [0.0] * 16 for w in range(4) for l in range(64)}
-    for step in range(4):
+    for step in range(steps):
         for wave in range(4):
-            regs = [amd_kernel_regs(wave, lane, step) for lane in range(64)]
+            regs = [kernel_regs(wave, lane, step) for lane in range(64)]
             areg = [[As[r, k] for (r, k) in regs[l][0]] for l in range(64)]
             breg = [[Bs[c, k] for (c, k) in regs[l][1]] for l in range(64)]
-            d = mfma_32x32x8(areg, breg, [acc[(wave, l)] for l in range(64)])
+            d = instruction(areg, breg, [acc[(wave, l)] for l in range(64)])
             for l in range(64):
                 acc[(wave, l)] = d[l]
     C = np.full((BM, BN), np.nan); owners = np.zeros((BM, BN), int)
@@ -136,6 +149,10 @@ def check_amd(As, Bs):
             i, j = amd_acc_coord(wave, lane, r)
             C[i, j] = v[r]; owners[i, j] += 1
     return C, owners
+
+
+def check_amd(As, Bs):
+    return run_amd_tile(As, Bs, 4, amd_kernel_regs, mfma_32x32x8)
 
 
 # ---- AMD gfx94x fp8 MFMA: kernel side (transcription of mma_k32_fp8) ------------------------
@@ -147,39 +164,8 @@ def amd_fp8_kernel_regs(wave, lane, step):
     return a, b
 
 
-# ---- AMD: v_mfma_f32_32x32x16_fp8_fp8, from the calculator's layout -------------------------
-def mfma_32x32x16_fp8(areg, breg, creg):
-    """A[i][k]: lane i + 32*(k//8), byte k%8; B[k][j]: lane j + 32*(k//8), byte k%8;
-    D[i][j]: as v_mfma_f32_32x32x8bf16_1k."""
-    A = np.zeros((32, 16)); B = np.zeros((16, 32))
-    for i in range(32):
-        for k in range(16):
-            A[i, k] = areg[i + 32 * (k // 8)][k % 8]
-            B[k, i] = breg[i + 32 * (k // 8)][k % 8]
-    P = A @ B
-    out = [list(c) for c in creg]
-    for i in range(32):
-        for j in range(32):
-            out[j + 32 * ((i // 4) % 2)][4 * (i // 8) + i % 4] += P[i, j]
-    return out
-
-
 def check_amd_fp8(As, Bs):
-    acc = {(w, l): [0.0] * 16 for w in range(4) for l in range(64)}
-    for step in range(2):
-        for wave in range(4):
-            regs = [amd_fp8_kernel_regs(wave, lane, step) for lane in range(64)]
-            areg = [[As[r, k] for (r, k) in regs[l][0]] for l in range(64)]
-            breg = [[Bs[c, k] for (c, k) in regs[l][1]] for l in range(64)]
-            d = mfma_32x32x16_fp8(areg, breg, [acc[(wave, l)] for l in range(64)])
-            for l in range(64):
-                acc[(wave, l)] = d[l]
-    C = np.full((BM, BN), np.nan); owners = np.zeros((BM, BN), int)
-    for (wave, lane), v in acc.items():
-        for r in range(16):
-            i, j = amd_acc_coord(wave, lane, r)
-            C[i, j] = v[r]; owners[i, j] += 1
-    return C, owners
+    return run_amd_tile(As, Bs, 2, amd_fp8_kernel_regs, mfma_32x32x16_fp8)
 
 
 # e4m3fnuz: bias 8, 0x80 NaN, no inf, no -0 (ROCm HIP "FP8 numbers"); the kernel's moe_fp8_decode
