@@ -206,10 +206,11 @@ public final class KernelLibrary: @unchecked Sendable {
         try check("moe_copy_to_device", fnCopyToDevice(dst.pointer, src.baseAddress, src.count))
     }
 
-    public func copy(toHost dst: UnsafeMutableRawBufferPointer, from src: DeviceBuffer) throws {
-        precondition(dst.count <= src.bytes)
+    /// Copies `dst.count` bytes from `src`, starting `byteOffset` bytes into it.
+    public func copy(toHost dst: UnsafeMutableRawBufferPointer, from src: DeviceBuffer, byteOffset: Int = 0) throws {
+        precondition(byteOffset >= 0 && byteOffset + dst.count <= src.bytes)
         guard dst.count > 0 else { return }
-        try check("moe_copy_to_host", fnCopyToHost(dst.baseAddress, src.pointer, dst.count))
+        try check("moe_copy_to_host", fnCopyToHost(dst.baseAddress, src.pointer + byteOffset, dst.count))
     }
 
     public func memset(_ dst: DeviceBuffer, byte: UInt8) throws {
@@ -304,11 +305,13 @@ public final class DeviceBuffer: @unchecked Sendable {
         try values.withUnsafeBytes { try library.copy(toDevice: self, from: $0) }
     }
 
-    /// Downloads `count` elements of `T`.
-    public func download<T>(_: T.Type, count: Int) throws -> [T] {
-        precondition(count * MemoryLayout<T>.stride <= bytes)
+    /// Downloads `count` elements of `T`, starting `offset` elements into the buffer.
+    public func download<T>(_: T.Type, count: Int, offset: Int = 0) throws -> [T] {
+        let stride = MemoryLayout<T>.stride
+        precondition(offset >= 0 && (offset + count) * stride <= bytes)
+        guard count > 0 else { return [] }
         return try [T](unsafeUninitializedCapacity: count) { buf, n in
-            try library.copy(toHost: UnsafeMutableRawBufferPointer(buf), from: self)
+            try library.copy(toHost: UnsafeMutableRawBufferPointer(buf), from: self, byteOffset: offset * stride)
             n = count
         }
     }
