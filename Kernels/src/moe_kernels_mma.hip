@@ -826,18 +826,8 @@ __device__ __forceinline__ int64_t g2_brow(int64_t nt, int c, int64_t N) {
     }
 }
 
-/* ROUTER mode: a dense GEMM x[T,H] . [Wg; ws]^T, rows = tokens (no align), epilogue = the     */
-/* router's rounding (moe_router_store); a.A = x, a.B = Wg, a.K = H, a.N = E + fuse.           */
-struct G2Router {
-    const uint16_t* ws; /* shared-gate row (router row E), NULL without fuse */
-    int64_t T;
-    int32_t E;
-    float* logits;
-    float* gate;
-};
-
-template <class C, bool FP8, bool STAGE1, bool ROUTER = false>
-__global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmArgs a, int32_t nl, G2Router ro) {
+template <class C, bool FP8, bool STAGE1>
+__global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmArgs a, int32_t nl) {
     constexpr int BM = C::BM, BN = C::BN, NT = C::THREADS, ST = C::STAGES, FM = C::FM, FN = C::FN, MT = C::MT;
     extern __shared__ __align__(16) unsigned char g2_smem[];
     __shared__ int32_t rowPair[BM];
@@ -855,17 +845,17 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmA
     const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
     const int g = lane >> 2, tig = lane & 3;
     const int64_t blk = blockIdx.x;
-    const bool pad_fault = !ROUTER && !STAGE1 && a.fault == MOE_FAULT_PADDING_EXPERT_ZERO;
-    const int64_t padded = ROUTER ? 0 : *a.padded_count;
-    if (!ROUTER && !pad_fault && blk * MOE_BLOCK_M >= padded) return;
-    const int32_t e = ROUTER ? 0 : a.block_experts[blk];
-    if (!ROUTER && (e < 0 || e >= a.n_experts)) return;
+    const bool pad_fault = !STAGE1 && a.fault == MOE_FAULT_PADDING_EXPERT_ZERO;
+    const int64_t padded = *a.padded_count;
+    if (!pad_fault && blk * MOE_BLOCK_M >= padded) return;
+    const int32_t e = a.block_experts[blk];
+    if (e < 0 || e >= a.n_experts) return;
     const int64_t pblocks = padded / MOE_BLOCK_M;
 
     /* 64-row tiles: block b leads iff it is an even block of its expert's run (found by a      */
     /* 32-way search in the ascending block_experts); it takes b+1 when b+1 is the same expert. */
-    int nsub = ROUTER ? MT : 1;
-    if (MT == 2 && !ROUTER) {
+    int nsub = 1;
+    if (MT == 2) {
         if (warp == 0) {
             int lead = 1, partner = 0;
             if (blk < pblocks) {
@@ -892,14 +882,12 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmA
 
     if (tid < BM) {
         int32_t pr = -1;
-        if (ROUTER) {
-            if (blk * BM + tid < ro.T) pr = (int32_t)(blk * BM + tid); /* T < 2^31 (pair index limit) */
-        } else if (tid / MOE_BLOCK_M < nsub) {
+        if (tid / MOE_BLOCK_M < nsub) {
             const int32_t v = a.sorted[blk * MOE_BLOCK_M + tid];
             if (v >= 0 && (int64_t)v < a.pairs) pr = v;
         }
         rowPair[tid] = pr;
-        rowA[tid] = pr >= 0 ? ((STAGE1 && !ROUTER) ? (int64_t)pr / a.S : (int64_t)pr) : -1;
+        rowA[tid] = pr >= 0 ? (STAGE1 ? (int64_t)pr / a.S : (int64_t)pr) : -1;
     }
     if (FP8)
         for (int i = tid; i < 256; i += NT) lut[i] = moe_f_to_bf16(moe_fp8_decode((uint32_t)i, a.fnuz_decode != 0));
@@ -994,7 +982,6 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmA
                 const int64_t br = g2_brow<BN, STAGE1>(nt, r, a.N);
                 const bool ok = br >= 0 && gk < a.K;
                 const uint16_t* src = (const uint16_t*)a.B + ((int64_t)e * a.b_rows + (ok ? br : 0)) * a.K + (ok ? gk : 0);
-                if (ROUTER && ok && br >= ro.E) src = ro.ws + gk; /* row E: the shared gate */
                 moe_cp_async16(moe_smem_u32(dB + r * G2_LDS + 8 * c), src, ok ? 16 : 0);
             }
         }
@@ -1133,22 +1120,7 @@ __global__ void __launch_bounds__(C::THREADS, C::MINB) moe_gemm2_kernel(MoeGemmA
         if (s != nsteps - 1) continue;
 
         /* ---- epilogue of N tile nt, from registers ---- */
-        if (ROUTER) {
-#pragma unroll
-            for (int fm = 0; fm < FM; ++fm)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int32_t t = rowPair[wm * C::WM + fm * 16 + g + 8 * h];
-                    if (t < 0) continue;
-#pragma unroll
-                    for (int fn = 0; fn < FN; ++fn)
-#pragma unroll
-                        for (int cc = 0; cc < 2; ++cc) {
-                            const int64_t r = nt * BN + wn * C::WN + fn * 8 + 2 * tig + cc;
-                            moe_router_store(t, r, ro.E, a.N, acc[fm][fn][2 * h + cc], ro.logits, ro.gate, a.fault);
-                        }
-                }
-        } else if (STAGE1) {
+        if (STAGE1) {
 #pragma unroll
             for (int fm = 0; fm < FM; ++fm)
 #pragma unroll
@@ -1254,9 +1226,9 @@ void moe_launch_router_logits(const void* x, const void* wg, const void* ws, int
         moe_router_gemv_kernel<<<grid, 256>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws, T,
                                               H, E, fuse, logits, gate, fault, vec);
     } else {
-        /* The pipelined GEMM's router mode (moe_gemm2_kernel<..., ROUTER = true>, 32 x 128 tiles)
-         * measured slower on the H200 than this kernel (397B T = 4096: router stage 0.301 vs
-         * 0.246 ms; T = 64: 0.100 vs 0.094 ms), so it is not dispatched. */
+        /* A router mode of the pipelined GEMM (moe_gemm2_kernel, 32 x 128 tiles) measured slower
+         * on the H200 than this kernel (397B T = 4096: router stage 0.301 vs 0.246 ms; T = 64:
+         * 0.100 vs 0.094 ms); it was not dispatched, and its code was removed. */
         dim3 grid((unsigned)((T + MMA_BM - 1) / MMA_BM), (unsigned)((rows + MMA_BN - 1) / MMA_BN));
         moe_router_mma_kernel<<<grid, MMA_THREADS>>>((const uint16_t*)x, (const uint16_t*)wg, (const uint16_t*)ws,
                                                      T, H, E, fuse, logits, gate, fault, vec);
@@ -1312,9 +1284,7 @@ static void g2_launch(const MoeGemmArgs& a, int64_t nblocks, int sms) {
         if (nl < 1) nl = 1;
     }
     dim3 grid((unsigned)nblocks, (unsigned)((ntiles + nl - 1) / nl), (unsigned)(a.split > 1 ? a.split : 1));
-    G2Router ro;
-    memset(&ro, 0, sizeof(ro));
-    moe_gemm2_kernel<C, FP8, STAGE1><<<grid, C::THREADS, smem>>>(a, (int32_t)nl, ro);
+    moe_gemm2_kernel<C, FP8, STAGE1><<<grid, C::THREADS, smem>>>(a, (int32_t)nl);
 }
 
 template <class C>
