@@ -150,11 +150,9 @@ public final class PreparedReference: @unchecked Sendable {
     func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
         rerunLock.lock()
         defer { rerunLock.unlock() }
-        return try ReferenceExecution.exclusive {
-            if engine == nil { engine = try MoEReferenceEngine(layer: referenceLayer, recipe: reference.recipe, options: options) }
-            if inputs == nil { inputs = storedInputs ? try layer.inputs() : try layer.kernelInputs() }
-            return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing)
-        }
+        if engine == nil { engine = try MoEReferenceEngine(layer: referenceLayer, recipe: reference.recipe, options: options) }
+        if inputs == nil { inputs = storedInputs ? try layer.inputs() : try layer.kernelInputs() }
+        return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing)
     }
 }
 
@@ -316,13 +314,11 @@ public struct CaseVerifier {
                                          seconds: Date().timeIntervalSince(start), cached: true)
             }
         }
-        let prepared = try ReferenceExecution.exclusive { () -> PreparedReference in
-            let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: options)
-            let x = storedInputs ? try layer.inputs() : try layer.kernelInputs()
-            let ref = try engine.run(inputs: x, tokens: layer.tokens)
-            return PreparedReference(layer: layer, referenceLayer: refLayer, options: options, storedInputs: storedInputs, reference: ref,
-                                     seconds: Date().timeIntervalSince(start), cached: cache == nil ? nil : false, engine: engine, inputs: x)
-        }
+        let engine = try MoEReferenceEngine(layer: refLayer, recipe: recipe, options: options)
+        let x = storedInputs ? try layer.inputs() : try layer.kernelInputs()
+        let ref = try engine.run(inputs: x, tokens: layer.tokens)
+        let prepared = PreparedReference(layer: layer, referenceLayer: refLayer, options: options, storedInputs: storedInputs, reference: ref,
+                                         seconds: Date().timeIntervalSince(start), cached: cache == nil ? nil : false, engine: engine, inputs: x)
         if let cache, let key { cache.store(prepared.reference, key: key) }
         return prepared
     }
@@ -499,7 +495,7 @@ public struct CaseVerifier {
         let pairs = T * S
         let interRef = Self.gatherRows(ref.intermediate!, pairs: pairs, width: width, columns: I)
         let interBound = Self.gatherRows(ref.intermediateBound!, pairs: pairs, width: width, columns: I)
-        let interK = kernelIntermediate.count == pairs * I ? kernelIntermediate : Array(kernelIntermediate[0..<(pairs * I)])
+        let interK = Self.gatherRows(kernelIntermediate, pairs: pairs, width: I, columns: I)
         var interVar: [Double] = [], interTie: [Double] = [], keep: [Bool] = []
         if let variance, let ties, let excluded {
             interVar = Self.gatherRows(variance, pairs: pairs, width: width, columns: I)

@@ -271,9 +271,10 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
 
     public func recipe(for format: WeightFormat) throws -> Recipe { .default(for: format) }
 
-    /// Runs the float32 engine (serialized with the oracle's runs: both set OpenBLAS's threads).
+    /// Runs the float32 engine (beside oracle runs: engines share OpenBLAS's thread count by
+    /// phases, `BLAS.withThreads`, so each gives the bits it gives alone).
     public func run(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32], referenceWeights: [Float]) throws -> KernelRun {
-        try ReferenceExecution.exclusive { try runEngine(vc, layer: layer, referenceIds: referenceIds) }
+        try runEngine(vc, layer: layer, referenceIds: referenceIds)
     }
 
     func runEngine(_ vc: VerifyCase, layer: KernelLayerSource, referenceIds: [Int32]) throws -> KernelRun {

@@ -2,13 +2,6 @@ import Foundation
 import MoEReference
 import TensorIO
 
-/// Where the verifier runs the float64 oracle. Engines may run concurrently: OpenBLAS's global
-/// thread count, which their results depend on, is shared by phases inside the engine
-/// (`BLAS.withThreads`), so every run gives the bits it gives alone.
-enum ReferenceExecution {
-    static func exclusive<T>(_ body: () throws -> T) rethrows -> T { try body() }
-}
-
 /// Runs a sequence of cases with several in flight: the references of the next cases are computed
 /// (or read from the cache) concurrently on background threads, the kernel runs one case at a
 /// time on the caller's thread, in the cases' order, and each case is judged on a background

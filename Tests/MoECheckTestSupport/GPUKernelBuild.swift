@@ -71,8 +71,9 @@ public enum GPUKernelBuild {
         let build = "\(kernels)/build/\(platform)\(impl == "mma" ? "-mma" : "")"
         let log = "\(kernels)/build/swift-test-build.log"
         try? FileManager.default.createDirectory(atPath: "\(kernels)/build", withIntermediateDirectories: true)
-        let command = "make -C Kernels " + args.joined(separator: " ") + " -j\(max(1, ProcessInfo.processInfo.activeProcessorCount))"
-        let run = shell(["make", "-C", kernels] + args + ["-j\(max(1, ProcessInfo.processInfo.activeProcessorCount))"])
+        args.append("-j\(max(1, ProcessInfo.processInfo.activeProcessorCount))")
+        let command = "make -C Kernels " + args.joined(separator: " ")
+        let run = shell(["make", "-C", kernels] + args)
         try? (command + "\n" + run.output).write(toFile: log, atomically: true, encoding: .utf8)
         guard run.status == 0 else {
             let tail = run.output.split(separator: "\n").suffix(6).joined(separator: "\n")
