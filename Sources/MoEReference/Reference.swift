@@ -156,18 +156,22 @@ public final class MoEReferenceEngine {
         if let i = x.firstIndex(where: { !$0.isFinite }) {
             throw ReferenceError.invalid("hidden_states has a non-finite value \(x[i]) at token \(i / c.hidden), column \(i % c.hidden)")
         }
-        let router = try route(x, tokens: T, routing: routing)
-        let inputs = quantizeActivations(x, tokens: T, router: router)
-        var combined = try runExperts(inputs, tokens: T, router: router)
-        let finalBound = outputBound(&combined, tokens: T)
+        let started = PhaseProfile.start()
+        let router = try PhaseProfile.measure("router") { try route(x, tokens: T, routing: routing) }
+        let inputs = PhaseProfile.measure("activation quantization, rows") { quantizeActivations(x, tokens: T, router: router) }
+        var combined = try PhaseProfile.measure("experts (wall)") { try runExperts(inputs, tokens: T, router: router) }
+        let finalBound = PhaseProfile.measure("output bound, combine variance") { outputBound(&combined, tokens: T) }
         let fused = c.fusable && options.fuseShared
         let S = c.topK + (fused ? 1 : 0)
         var statistics: ReferenceStatistics? = nil
         if statisticsEnabled {
-            let routerVariance = routerTokenVariance(router, combined, tokens: T)
+            let routerVariance = PhaseProfile.measure("router token variance") { routerTokenVariance(router, combined, tokens: T) }
             // its GEMMs at the pinned thread count, in one phase (BLAS.withThreads)
-            let direction = try BLAS.withPinnedThreads { try directionVariance(combined, router: router, tokens: T) }
+            let direction = try PhaseProfile.measure("direction variance") {
+                try BLAS.withPinnedThreads { try directionVariance(combined, router: router, tokens: T) }
+            }
             var flip: [Double] = [], tie: [Double] = []
+            let outputFlipStart = PhaseProfile.start()
             if let f = recipe.output.format {
                 // the kernel's output about round(o): flips of the final rounding under its noise
                 let routerElement = routerElementVariance(router, combined, tokens: T)
@@ -191,6 +195,7 @@ public final class MoEReferenceEngine {
                     tie = ParallelLoops.map(out.count) { StatisticalModel.tieBias(out[$0], f) }
                 }
             }
+            PhaseProfile.stop("output flips and ties", since: outputFlipStart)
             statistics = ReferenceStatistics(
                 elementVariance: combined.elementVariance, outputFlipVariance: flip, outputTieBias: tie, tieNorm: combined.tieNorm,
                 directionBias: direction?.bias,
@@ -202,13 +207,20 @@ public final class MoEReferenceEngine {
                 ambiguousTokens: router.statisticallyAmbiguous, midpointTokens: inputs.midpointTokens,
                 directionVariance: direction?.variance)
         }
-        return ReferenceResult(
+        let result = ReferenceResult(
             tokens: T, hidden: c.hidden, experts: c.experts, topK: c.topK, slots: S, sharedFused: fused, recipe: recipe,
             output: combined.out, bound: finalBound, routerLogits: router.logits, routerLogitBound: router.logitBound,
             topkIds: router.topkIds, topkWeights: router.topkWeights, topkWeightBound: router.topkWeightBound,
             sharedGate: router.sharedGate, sharedGateBound: router.sharedGateBound, ambiguousTokens: router.ambiguous,
             routerTolerance: router.routerTolerance, intermediate: combined.inter, intermediateBound: combined.interBound,
             intermediateWidth: Swift.max(c.intermediate, c.sharedIntermediate), statistics: statistics)
+        if PhaseProfile.enabled {
+            PhaseProfile.stop("total", since: started)
+            PhaseProfile.report("T=\(T) \(c) recipe \(recipe.name) bounds \(options.computeBounds) statistics \(statisticsEnabled) "
+                                + "contributions \(options.keepContributions) float32 \(options.float32) BLAS threads \(BLAS.threads)",
+                                digest: result.profileDigest)
+        }
+        return result
     }
 
     /// Dynamic per-token 1×128 fp8 quantization of the activations (fp8 recipes), with the
@@ -361,7 +373,7 @@ public final class MoEReferenceEngine {
                 for i in 0..<batch.count { parts[i] = try processExpert(batch[i], inputs, &serialScratch) }
             }
             if let failure { throw failure }
-            combine(batch, parts.map { $0! }, into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers)
+            PhaseProfile.measure("combine") { combine(batch, parts.map { $0! }, into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers) }
             for (bi, e) in batch.enumerated() { if let p = parts[bi]!.projection { acc.projections[e] = p } }
             batchStart = batchEnd
         }
@@ -369,7 +381,7 @@ public final class MoEReferenceEngine {
             shared.group.wait()
             let part = try shared.box.result!.get()
             shared.box.result = nil
-            combine([E], [part], into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers)
+            PhaseProfile.measure("combine") { combine([E], [part], into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers) }
             if let p = part.projection { acc.projections[E] = p }
         }
         }

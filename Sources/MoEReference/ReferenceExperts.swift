@@ -67,6 +67,12 @@ extension MoEReferenceEngine {
            let g = layer.rawBF16(expert: e, .gate), let u = layer.rawBF16(expert: e, .up), let d = layer.rawBF16(expert: e, .down) {
             fused = (g, u, d)
         }
+        var mark = PhaseProfile.start(cpu: true)
+        func phase(_ name: String) {
+            guard PhaseProfile.enabled else { return }
+            PhaseProfile.stop("expert: " + name, since: mark, cpu: true)
+            mark = PhaseProfile.start(cpu: true)
+        }
         // weight buffers are reused from expert to expert (decode overwrites every element)
         if fused != nil {
             // nothing to decode
@@ -80,12 +86,14 @@ extension MoEReferenceEngine {
             try scratch.w2.f64.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
         }
         let w13 = scratch.w13, w2 = scratch.w2
+        phase("decode weights")
         var xe = [Double](repeating: 0, count: n * H)
         inputs.x.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
             for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
         } }
         var gu = [Double](repeating: 0, count: n * 2 * Ie)
         var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
+        phase("gather rows")
         if let fused {
             try fusedGemm(Self.floats(xe) { $0 }, [(fused.gate, 0), (fused.up, Ie)], rowsEach: Ie, into: &gu, m: n, n: 2 * Ie, k: H) {
                 var tmp = [Float](repeating: 0, count: 2 * Ie * H)
@@ -94,6 +102,7 @@ extension MoEReferenceEngine {
         } else {
             gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
         }
+        phase("stage-1 GEMM")
         if bounds {
             let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
             var boundA1 = [Float](repeating: 0, count: n * H)
@@ -106,18 +115,22 @@ extension MoEReferenceEngine {
             } } }
             boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H)
         }
+        phase("stage-1 bound GEMM")
         // the accumulation model's range statistics of every gate/up dot product (statistics only)
         var guRange: (range: [Float], split: [Float])? = nil
         if stats && recipe.accumulationOrder == .contiguous {
             guRange = StatisticalModel.rangeStats(Self.floats(xe) { $0 }, m: n, k: H, w13.f32.isEmpty ? Self.floats(w13.f64) { $0 } : w13.f32, n: 2 * Ie)
         }
+        phase("stage-1 range stats")
         var part = swiGLU(gu: gu, guBound: guBound, guRange: guRange, rows: rows, inputs: inputs, n: n, Ie: Ie)
+        phase("SwiGLU, rounding, variance")
         var act = part.act, actBound = part.actBound
         var actVariance = part.actVariance
         var actTie = part.actTie
         var groupRowVariance = [Double](repeating: 0, count: stats ? n : 0)
         var groupFactors: [Double] = []
         let colNorm2 = stats ? Self.columnNorms2(w2, rows: H, columns: Ie) : []
+        phase("W2 column norms")
         if let q = inputs.requantizer {
             for r in 0..<n {
                 if stats {
@@ -129,6 +142,7 @@ extension MoEReferenceEngine {
                 Self.requantize(row: &act, rowBound: &actBound, offset: r * Ie, count: Ie, quantizer: q, bounds: bounds)
             }
         }
+        phase("fp8 requantization")
         // stage 2
         var y = [Double](repeating: 0, count: n * H)
         var yBound = [Double](repeating: 0, count: bounds ? n * H : 0)
@@ -141,16 +155,20 @@ extension MoEReferenceEngine {
         } else {
             gemm(act, w2, &y, m: n, n: H, k: Ie)
         }
+        phase("stage-2 GEMM")
         if bounds {
             var boundA2 = [Float](repeating: 0, count: n * Ie)
             for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
             boundGemm(boundA2, w2, &yBound, m: n, n: H, k: Ie)
         }
+        phase("stage-2 bound GEMM")
         var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = []
         if stats {
             (yVariance, rowVariance, part.yCorrelated) = stage2Variance(act: act, actVariance: actVariance, w2: w2, colNorm2: colNorm2,
                                                       groupRowVariance: groupRowVariance, groupFactors: groupFactors, n: n, H: H, Ie: Ie)
+            mark = PhaseProfile.start(cpu: true)
             rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
+            phase("row norms")
         }
         if recipe.down != .none {
             let flips = stats && recipe.combine.simulatesOrder
@@ -168,6 +186,7 @@ extension MoEReferenceEngine {
                 if bounds { yBound[i] = b }
             }
         }
+        phase("y rounding, flips, variance")
         if stats {
             part.rowTieNorm = (0..<n).map { r in (0..<Ie).reduce(0.0) { $0 + actTie[r * Ie + $1] * colNorm2[$1].squareRoot() } }
         }
@@ -179,6 +198,7 @@ extension MoEReferenceEngine {
         if !options.keepIntermediate { part.act = []; part.actBound = []; part.actVariance = []; part.actTie = [] }
         part.y = y; part.yBound = yBound
         part.yVariance = yVariance; part.rowVariance = rowVariance; part.rowNorm2 = rowNorm2
+        phase("tie norms, projection input")
         return part
     }
 
@@ -260,14 +280,22 @@ extension MoEReferenceEngine {
     private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, colNorm2: [Double], groupRowVariance: [Double],
                                 groupFactors: [Double], n: Int, H: Int, Ie: Int) -> ([Double], [Double], [Double]) {
         let u = recipe.accumulatorUnitRoundoff
+        var mark = PhaseProfile.start(cpu: true)
+        func phase(_ name: String) {
+            guard PhaseProfile.enabled else { return }
+            PhaseProfile.stop("expert: stage-2 variance: " + name, since: mark, cpu: true)
+            mark = PhaseProfile.start(cpu: true)
+        }
         var absDot = [Double](repeating: 0, count: n * H)
         boundGemm(Self.floats(act) { Swift.abs($0) }, w2, &absDot, m: n, n: H, k: Ie)
+        phase("|a|·|W2| GEMM")
         // each element's share of the correlated variance: Σ_i W2[h,i]²·Var(a_i) (+ the fp8 groups'
         // scale changes, at most max_g factor_g·(Σ|a||W2|)²)
         var squared = WeightMatrix()
         squared.f32 = w2.f64.isEmpty ? w2.f32.map { $0 * $0 } : w2.f64.map { Float($0 * $0) }
         var correlated = [Double](repeating: 0, count: n * H)
         boundGemm(actVariance.map { Float($0) }, squared, &correlated, m: n, n: H, k: Ie)
+        phase("Var(a)·W2² GEMM")
         if !groupFactors.isEmpty {
             // A group's scale moving by r moves every dequantized value of the group by r·a_i: along
             // output h that is r·Σ_{i∈g} a_i·W2[h,i], the group's signed partial dot product (not
@@ -294,6 +322,7 @@ extension MoEReferenceEngine {
                 }
             }
         }
+        phase("fp8 group partials")
         // the dot product's own accumulation: from Σ|a||w| and its range statistics
         let n2 = Ie + 2 * ((Ie + 127) / 128) + 4
         let order = recipe.accumulationOrder
@@ -301,13 +330,16 @@ extension MoEReferenceEngine {
         if order == .contiguous {
             yRange = StatisticalModel.rangeStats(Self.floats(act) { $0 }, m: n, k: Ie, w2.f32.isEmpty ? Self.floats(w2.f64) { $0 } : w2.f32, n: H)
         }
+        phase("range stats")
         var yVariance = [Double](repeating: 0, count: n * H)
         for i in 0..<(n * H) {
             let s = StatisticalModel.accumulationSigma(terms: n2, length: Ie, unitRoundoff: u, absSum: absDot[i], range: Double(yRange?.range[i] ?? 0),
                                                        split: Double(yRange?.split[i] ?? 0), order: order)
             yVariance[i] = s * s
         }
+        phase("accumulation sigma")
         var rowVariance = [Double](repeating: 0, count: n)
+        defer { phase("row variance") }
         for r in 0..<n {
             var v = groupRowVariance.isEmpty ? 0 : groupRowVariance[r]
             for i in 0..<Ie { v += actVariance[r * Ie + i] * colNorm2[i] }

@@ -22,6 +22,7 @@ extension MoEReferenceEngine {
         // routing terms: per token, the dot products of every slot's contribution with every direction
         var dots = [Float](repeating: 0, count: slotsAll * D)
         var dirs = [Float](repeating: 0, count: D * H)
+        let routingStart = PhaseProfile.start()
         for t in 0..<T {
             dirs.withUnsafeMutableBufferPointer { dp in
                 (dp.baseAddress!).update(from: outF.withUnsafeBufferPointer { $0.baseAddress! + t * H }, count: H)
@@ -34,7 +35,10 @@ extension MoEReferenceEngine {
                 result[t * D + j] = router.projectedVariance(token: t, slots: slotsAll, routed: K) { Double(dots[$0 * D + j]) }
             }
         }
+        PhaseProfile.stop("direction variance: routing terms", since: routingStart)
         // expert terms: each touched expert's W2 against the directions of the rows it serves
+        let expertStart = PhaseProfile.start()
+        defer { PhaseProfile.stop("direction variance: expert terms", since: expertStart) }
         for e in acc.projections.keys.sorted() {
             let p = acc.projections[e]!
             let Ie = c.intermediate(ofExpert: e)

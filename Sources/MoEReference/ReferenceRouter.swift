@@ -77,10 +77,13 @@ extension MoEReferenceEngine {
         var logits = [Double](repeating: 0, count: T * E)
         var logitBound = [Double](repeating: 0, count: T * E)
         var logitSigma = [Double](repeating: 0, count: stats ? T * E : 0)
+        PhaseProfile.measure("router: logits GEMM") {
         x.withUnsafeBufferPointer { xp in wg.withUnsafeBufferPointer { wp in logits.withUnsafeMutableBufferPointer { lp in
             BLAS.withPinnedThreads { BLAS.gemmABt(xp.baseAddress!, wp.baseAddress!, lp.baseAddress!, m: T, n: E, k: H) }
         } } }
+        }
         if bounds {
+            let boundStart = PhaseProfile.start()
             let absX: [Float] = x.map { Float(Swift.abs($0)) }
             let g = Self.gamma(H + 4, u)
             let absW = wg.map { Float(Swift.abs($0)) }
@@ -90,15 +93,22 @@ extension MoEReferenceEngine {
             } } }
             let safety = 1 + Double(H + 8) * 0x1p-23
             for i in 0..<(T * E) { logitBound[i] = g * Double(tmp[i]) * safety }
+            PhaseProfile.stop("router: bound GEMM", since: boundStart)
             if stats {
                 let order = recipe.accumulationOrder
-                let ranges = order == .contiguous ? StatisticalModel.rangeStats(x.map { Float($0) }, m: T, k: H, wg.map { Float($0) }, n: E) : nil
+                let ranges = PhaseProfile.measure("router: range stats") {
+                    order == .contiguous ? StatisticalModel.rangeStats(x.map { Float($0) }, m: T, k: H, wg.map { Float($0) }, n: E) : nil
+                }
+                let sigmaStart = PhaseProfile.start()
                 for i in 0..<(T * E) {
                     logitSigma[i] = StatisticalModel.accumulationSigma(terms: H + 4, length: H, unitRoundoff: u, absSum: Double(tmp[i]) * safety,
                                                                        range: Double(ranges?.range[i] ?? 0), split: Double(ranges?.split[i] ?? 0), order: order)
                 }
+                PhaseProfile.stop("router: logit sigma", since: sigmaStart)
             }
         }
+        let restStart = PhaseProfile.start()
+        defer { PhaseProfile.stop("router: top-K, softmax, shared gate", since: restStart) }
         let preRounding = stats ? logits : []
         for i in 0..<(T * E) {
             (logits[i], logitBound[i]) = Self.roundInterval(logits[i], logitBound[i], recipe.routerLogits)

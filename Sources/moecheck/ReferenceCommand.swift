@@ -32,6 +32,9 @@ struct Reference: ParsableCommand {
     @Flag(help: "Skip the per-element bound (faster; the bound tensors are then written as zeros).")
     var noBounds = false
 
+    @Flag(help: .hidden) // timing: keep the contributions and compute the direction variances, as verify's reference does
+    var keepContributions = false
+
     @OptionGroup var blas: BLASOptions
 
     func run() throws {
@@ -42,7 +45,8 @@ struct Reference: ParsableCommand {
         let x = try failing("moecheck reference") { try c.inputs() }
         let start = Date()
         do {
-            let engine = try MoEReferenceEngine(layer: c, recipe: r, options: ReferenceOptions(computeBounds: !noBounds, float32: float32, fuseShared: !unfused))
+            let engine = try MoEReferenceEngine(layer: c, recipe: r, options: ReferenceOptions(computeBounds: !noBounds, float32: float32, fuseShared: !unfused,
+                                                                                         keepContributions: keepContributions))
             let result = try engine.run(inputs: x, tokens: c.tokens)
             try result.write(to: output, extra: ["case": URL(fileURLWithPath: caseFile).lastPathComponent])
             let amb = result.ambiguousTokens.filter { $0 }.count
