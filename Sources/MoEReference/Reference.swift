@@ -581,9 +581,44 @@ public final class MoEReferenceEngine {
         }
     }
 
+    /// The float32 views of one expert matrix `W [rows, columns]` that the bound and statistics
+    /// GEMMs read, made in one pass over it (`prepare`); a view not asked for is empty.
+    struct PreparedWeights {
+        /// `|Float(W)|`: the bound GEMMs' operand.
+        var absolute: [Float] = []
+        /// `Float(W)`.
+        var values: [Float] = []
+        /// `Float(W²)`, the square in W's precision.
+        var square: [Float] = []
+        /// `Float(W)` packed for `StatisticalModel.rangeStats(_:m:k:packed:n:)`.
+        var packed: [Float] = []
+        /// `Σ_j W[j, q]²` per column, in float64.
+        var columnNorm2: [Double] = []
+
+        /// Fills the views asked for from `w` (its active precision), reusing the buffers.
+        mutating func prepare(_ w: WeightMatrix, rows n: Int, columns k: Int, absolute wantAbsolute: Bool, values wantValues: Bool = false,
+                              square wantSquare: Bool = false, packed wantPacked: Bool = false, columnNorm2 wantNorms: Bool = false) {
+            func size<T: BinaryFloatingPoint>(_ a: inout [T], _ count: Int) { if a.count != count { a = [T](repeating: 0, count: count) } }
+            size(&absolute, wantAbsolute ? n * k : 0)
+            size(&values, wantValues ? n * k : 0)
+            size(&square, wantSquare ? n * k : 0)
+            size(&packed, wantPacked ? StatisticalModel.packedCount(rows: n, columns: k) : 0)
+            size(&columnNorm2, wantNorms ? k : 0)
+            withPointer(&absolute) { ap in withPointer(&values) { vp in withPointer(&square) { sp in withPointer(&packed) { pp in
+                withPointer(&columnNorm2) { cp in
+                    if w.f64.isEmpty {
+                        w.f32.withUnsafeBufferPointer { mc_prepare_weights_f32($0.baseAddress!, n, k, ap, vp, sp, pp, cp) }
+                    } else {
+                        w.f64.withUnsafeBufferPointer { mc_prepare_weights_f64($0.baseAddress!, n, k, ap, vp, sp, pp, cp) }
+                    }
+                } } } } }
+        }
+    }
+
     /// One worker's expert weight buffers, reused across the experts it processes.
     struct WeightScratch {
         var w13 = WeightMatrix(), w2 = WeightMatrix()
+        var prepared13 = PreparedWeights(), prepared2 = PreparedWeights()
         mutating func reserve(gateUp: Int, down: Int, float32: Bool) {
             w13.reserve(gateUp, float32: float32)
             w2.reserve(down, float32: float32)
@@ -630,10 +665,9 @@ public final class MoEReferenceEngine {
         } }
     }
 
-    /// `C = A · |B|ᵀ` for non-negative `A` in float32, rounded up by the float32 GEMM's own
-    /// worst-case error so the result is an upper bound.
-    func boundGemm(_ a: [Float], _ b: WeightMatrix, _ c: inout [Double], m: Int, n: Int, k: Int) {
-        let bf = b.f32.isEmpty ? Self.floats(b.f64) { Swift.abs($0) } : b.f32.map { Swift.abs($0) }
+    /// `C = A · Bᵀ` for non-negative `A` and `B` (`|W|`: `PreparedWeights.absolute`) in float32,
+    /// rounded up by the float32 GEMM's own worst-case error so the result is an upper bound.
+    func boundGemm(_ a: [Float], _ bf: [Float], _ c: inout [Double], m: Int, n: Int, k: Int) {
         var cf = [Float](repeating: 0, count: m * n)
         a.withUnsafeBufferPointer { ap in bf.withUnsafeBufferPointer { bp in cf.withUnsafeMutableBufferPointer { cp in
             BLAS.sgemmABt(ap.baseAddress!, bp.baseAddress!, cp.baseAddress!, m: m, n: n, k: k)

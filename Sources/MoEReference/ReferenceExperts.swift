@@ -87,6 +87,15 @@ extension MoEReferenceEngine {
         }
         let w13 = scratch.w13, w2 = scratch.w2
         phase("decode weights")
+        // the float32 views the bound and statistics GEMMs read, one pass over each matrix
+        let contiguous = stats && recipe.accumulationOrder == .contiguous
+        if bounds {
+            scratch.prepared13.prepare(w13, rows: 2 * Ie, columns: H, absolute: true, packed: contiguous)
+            scratch.prepared2.prepare(w2, rows: H, columns: Ie, absolute: true, values: stats && inputs.requantizer != nil && w2.f32.isEmpty,
+                                      square: stats, packed: contiguous, columnNorm2: stats)
+        }
+        let p13 = scratch.prepared13, p2 = scratch.prepared2
+        phase("prepare float32 weights")
         var xe = [Double](repeating: 0, count: n * H)
         inputs.x.withUnsafeBufferPointer { xinP in xe.withUnsafeMutableBufferPointer { dst in
             for (r, (t, _)) in rows.enumerated() { (dst.baseAddress! + r * H).update(from: xinP.baseAddress! + t * H, count: H) }
@@ -113,13 +122,13 @@ extension MoEReferenceEngine {
                     }
                 }
             } } }
-            boundGemm(boundA1, w13, &guBound, m: n, n: 2 * Ie, k: H)
+            boundGemm(boundA1, p13.absolute, &guBound, m: n, n: 2 * Ie, k: H)
         }
         phase("stage-1 bound GEMM")
         // the accumulation model's range statistics of every gate/up dot product (statistics only)
         var guRange: (range: [Float], split: [Float])? = nil
-        if stats && recipe.accumulationOrder == .contiguous {
-            guRange = StatisticalModel.rangeStats(Self.floats(xe) { $0 }, m: n, k: H, w13.f32.isEmpty ? Self.floats(w13.f64) { $0 } : w13.f32, n: 2 * Ie)
+        if contiguous {
+            guRange = StatisticalModel.rangeStats(Self.floats(xe) { $0 }, m: n, k: H, packed: p13.packed, n: 2 * Ie)
         }
         phase("stage-1 range stats")
         var part = swiGLU(gu: gu, guBound: guBound, guRange: guRange, rows: rows, inputs: inputs, n: n, Ie: Ie)
@@ -129,8 +138,7 @@ extension MoEReferenceEngine {
         var actTie = part.actTie
         var groupRowVariance = [Double](repeating: 0, count: stats ? n : 0)
         var groupFactors: [Double] = []
-        let colNorm2 = stats ? Self.columnNorms2(w2, rows: H, columns: Ie) : []
-        phase("W2 column norms")
+        let colNorm2 = stats ? p2.columnNorm2 : []
         if let q = inputs.requantizer {
             for r in 0..<n {
                 if stats {
@@ -159,12 +167,12 @@ extension MoEReferenceEngine {
         if bounds {
             var boundA2 = [Float](repeating: 0, count: n * Ie)
             for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
-            boundGemm(boundA2, w2, &yBound, m: n, n: H, k: Ie)
+            boundGemm(boundA2, p2.absolute, &yBound, m: n, n: H, k: Ie)
         }
         phase("stage-2 bound GEMM")
         var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = []
         if stats {
-            (yVariance, rowVariance, part.yCorrelated) = stage2Variance(act: act, actVariance: actVariance, w2: w2, colNorm2: colNorm2,
+            (yVariance, rowVariance, part.yCorrelated) = stage2Variance(act: act, actVariance: actVariance, w2: w2, prepared: p2, colNorm2: colNorm2,
                                                       groupRowVariance: groupRowVariance, groupFactors: groupFactors, n: n, H: H, Ie: Ie)
             mark = PhaseProfile.start(cpu: true)
             rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
@@ -215,10 +223,10 @@ extension MoEReferenceEngine {
         // dot product's range statistics (StatisticalModel.accumulationSigma)
         let g1 = Self.gamma(n1, u)
         let sigmaPerBound = StatisticalModel.accumulationSigmaFactor(terms: n1, unitRoundoff: u) / g1
+        let contiguousSigma = StatisticalModel.AccumulationSigma(terms: n1, length: H, unitRoundoff: u, order: .contiguous)
         func accumulationSigma(_ bound: Double, _ index: Int) -> Double {
             guard let guRange else { return bound * sigmaPerBound }
-            return StatisticalModel.accumulationSigma(terms: n1, length: H, unitRoundoff: u, absSum: bound / g1, range: Double(guRange.range[index]),
-                                                      split: Double(guRange.split[index]), order: .contiguous)
+            return contiguousSigma(absSum: bound / g1, range: Double(guRange.range[index]), split: Double(guRange.split[index]))
         }
         var act = [Double](repeating: 0, count: n * Ie)
         var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
@@ -277,7 +285,8 @@ extension MoEReferenceEngine {
     /// The statistical model's stage 2: the independent part of each output element's variance
     /// (the dot product's own fp32 accumulation, `StatisticalModel.accumulationSigma`) and each row's correlated part
     /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
-    private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, colNorm2: [Double], groupRowVariance: [Double],
+    private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, prepared p2: PreparedWeights, colNorm2: [Double],
+                                groupRowVariance: [Double],
                                 groupFactors: [Double], n: Int, H: Int, Ie: Int) -> ([Double], [Double], [Double]) {
         let u = recipe.accumulatorUnitRoundoff
         var mark = PhaseProfile.start(cpu: true)
@@ -287,14 +296,12 @@ extension MoEReferenceEngine {
             mark = PhaseProfile.start(cpu: true)
         }
         var absDot = [Double](repeating: 0, count: n * H)
-        boundGemm(Self.floats(act) { Swift.abs($0) }, w2, &absDot, m: n, n: H, k: Ie)
+        boundGemm(Self.floats(act) { Swift.abs($0) }, p2.absolute, &absDot, m: n, n: H, k: Ie)
         phase("|a|·|W2| GEMM")
         // each element's share of the correlated variance: Σ_i W2[h,i]²·Var(a_i) (+ the fp8 groups'
         // scale changes, at most max_g factor_g·(Σ|a||W2|)²)
-        var squared = WeightMatrix()
-        squared.f32 = w2.f64.isEmpty ? w2.f32.map { $0 * $0 } : w2.f64.map { Float($0 * $0) }
         var correlated = [Double](repeating: 0, count: n * H)
-        boundGemm(actVariance.map { Float($0) }, squared, &correlated, m: n, n: H, k: Ie)
+        boundGemm(actVariance.map { Float($0) }, p2.square, &correlated, m: n, n: H, k: Ie)
         phase("Var(a)·W2² GEMM")
         if !groupFactors.isEmpty {
             // A group's scale moving by r moves every dequantized value of the group by r·a_i: along
@@ -303,7 +310,7 @@ extension MoEReferenceEngine {
             // float32 partial products, their error bounded by (k+8)·2⁻²³·Σ|a||W2|.
             let groups = groupFactors.count / Swift.max(n, 1)
             let af = Self.floats(act) { $0 }
-            let wf = w2.f32.isEmpty ? Self.floats(w2.f64) { $0 } : w2.f32
+            let wf = w2.f32.isEmpty ? p2.values : w2.f32
             var part = [Float](repeating: 0, count: n * H)
             for g in 0..<groups {
                 let k0 = g * 128, k = Swift.min(128, Ie - k0)
@@ -328,14 +335,24 @@ extension MoEReferenceEngine {
         let order = recipe.accumulationOrder
         var yRange: (range: [Float], split: [Float])? = nil
         if order == .contiguous {
-            yRange = StatisticalModel.rangeStats(Self.floats(act) { $0 }, m: n, k: Ie, w2.f32.isEmpty ? Self.floats(w2.f64) { $0 } : w2.f32, n: H)
+            yRange = StatisticalModel.rangeStats(Self.floats(act) { $0 }, m: n, k: Ie, packed: p2.packed, n: H)
         }
         phase("range stats")
-        var yVariance = [Double](repeating: 0, count: n * H)
-        for i in 0..<(n * H) {
-            let s = StatisticalModel.accumulationSigma(terms: n2, length: Ie, unitRoundoff: u, absSum: absDot[i], range: Double(yRange?.range[i] ?? 0),
-                                                       split: Double(yRange?.split[i] ?? 0), order: order)
-            yVariance[i] = s * s
+        let sigma = StatisticalModel.AccumulationSigma(terms: n2, length: Ie, unitRoundoff: u, order: order)
+        let yVariance = [Double](unsafeUninitializedCapacity: n * H) { out, count in
+            absDot.withUnsafeBufferPointer { ad in
+                if let yRange {
+                    yRange.range.withUnsafeBufferPointer { rp in yRange.split.withUnsafeBufferPointer { sp in
+                        for i in 0..<(n * H) {
+                            let s = sigma(absSum: ad[i], range: Double(rp[i]), split: Double(sp[i]))
+                            out[i] = s * s
+                        }
+                    } }
+                } else {
+                    for i in 0..<(n * H) { let s = sigma(absSum: ad[i], range: 0, split: 0); out[i] = s * s }
+                }
+            }
+            count = n * H
         }
         phase("accumulation sigma")
         var rowVariance = [Double](repeating: 0, count: n)
@@ -346,16 +363,5 @@ extension MoEReferenceEngine {
             rowVariance[r] = v
         }
         return (yVariance, rowVariance, correlated)
-    }
-
-    /// ‖W[:, i]‖² for each column of a row-major `[rows, columns]` matrix.
-    static func columnNorms2(_ w: WeightMatrix, rows: Int, columns: Int) -> [Double] {
-        var out = [Double](repeating: 0, count: columns)
-        if w.f64.isEmpty {
-            for h in 0..<rows { for i in 0..<columns { let v = Double(w.f32[h * columns + i]); out[i] += v * v } }
-        } else {
-            for h in 0..<rows { for i in 0..<columns { let v = w.f64[h * columns + i]; out[i] += v * v } }
-        }
-        return out
     }
 }

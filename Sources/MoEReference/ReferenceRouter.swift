@@ -86,7 +86,10 @@ extension MoEReferenceEngine {
             let boundStart = PhaseProfile.start()
             let absX: [Float] = x.map { Float(Swift.abs($0)) }
             let g = Self.gamma(H + 4, u)
-            let absW = wg.map { Float(Swift.abs($0)) }
+            // |W| for the bound GEMM and, for the statistics, W packed for the range statistics: one pass
+            var prepared = PreparedWeights()
+            prepared.prepare(WeightMatrix(f64: wg), rows: E, columns: H, absolute: true, packed: stats && recipe.accumulationOrder == .contiguous)
+            let absW = prepared.absolute
             var tmp = [Float](repeating: 0, count: T * E)
             absX.withUnsafeBufferPointer { a in absW.withUnsafeBufferPointer { b in tmp.withUnsafeMutableBufferPointer { t in
                 BLAS.withPinnedThreads { BLAS.sgemmABt(a.baseAddress!, b.baseAddress!, t.baseAddress!, m: T, n: E, k: H) }
@@ -97,12 +100,12 @@ extension MoEReferenceEngine {
             if stats {
                 let order = recipe.accumulationOrder
                 let ranges = PhaseProfile.measure("router: range stats") {
-                    order == .contiguous ? StatisticalModel.rangeStats(x.map { Float($0) }, m: T, k: H, wg.map { Float($0) }, n: E) : nil
+                    order == .contiguous ? StatisticalModel.rangeStats(x.map { Float($0) }, m: T, k: H, packed: prepared.packed, n: E, parallel: true) : nil
                 }
                 let sigmaStart = PhaseProfile.start()
+                let sigma = StatisticalModel.AccumulationSigma(terms: H + 4, length: H, unitRoundoff: u, order: order)
                 for i in 0..<(T * E) {
-                    logitSigma[i] = StatisticalModel.accumulationSigma(terms: H + 4, length: H, unitRoundoff: u, absSum: Double(tmp[i]) * safety,
-                                                                       range: Double(ranges?.range[i] ?? 0), split: Double(ranges?.split[i] ?? 0), order: order)
+                    logitSigma[i] = sigma(absSum: Double(tmp[i]) * safety, range: Double(ranges?.range[i] ?? 0), split: Double(ranges?.split[i] ?? 0))
                 }
                 PhaseProfile.stop("router: logit sigma", since: sigmaStart)
             }

@@ -235,13 +235,34 @@ extension StatisticalModel {
     /// `.any` (or a larger result): `√terms·u·Σ|t|`.
     public static func accumulationSigma(terms n: Int, length k: Int, unitRoundoff u: Double, absSum: Double, range: Double, split: Double,
                                          order: AccumulationOrder) -> Double {
-        let old = accumulationSigmaFactor(terms: n, unitRoundoff: u) * absSum
-        guard order == .contiguous, absSum.isFinite else { return old }
-        let blocks = (k + accumulationBlock - 1) / accumulationBlock
-        let margin = (2 * Self.gamma(k + 3, 0x1p-24) + Self.gamma(n + blocks, u)) * absSum
-        let r = range + margin, s = split + margin
-        let v = (Double(n) * r * r + Double(Swift.max(0, blocks - 1)) * s * s).squareRoot() * u
-        return Swift.min(old, v)
+        AccumulationSigma(terms: n, length: k, unitRoundoff: u, order: order)(absSum: absSum, range: range, split: split)
+    }
+
+    /// `accumulationSigma` for many dot products of one shape: what depends only on the shape
+    /// (√n·u, the margin's factor, the block count) computed once, then the same operations.
+    public struct AccumulationSigma: Sendable {
+        let contiguous: Bool
+        let oldFactor: Double, marginFactor: Double, terms: Double, splits: Double, u: Double
+
+        public init(terms n: Int, length k: Int, unitRoundoff u: Double, order: AccumulationOrder) {
+            let blocks = (k + accumulationBlock - 1) / accumulationBlock
+            contiguous = order == .contiguous
+            oldFactor = accumulationSigmaFactor(terms: n, unitRoundoff: u)
+            marginFactor = 2 * StatisticalModel.gamma(k + 3, 0x1p-24) + StatisticalModel.gamma(n + blocks, u)
+            terms = Double(n)
+            splits = Double(Swift.max(0, blocks - 1))
+            self.u = u
+        }
+
+        @inline(__always)
+        public func callAsFunction(absSum: Double, range: Double, split: Double) -> Double {
+            let old = oldFactor * absSum
+            guard contiguous, absSum.isFinite else { return old }
+            let margin = marginFactor * absSum
+            let r = range + margin, s = split + margin
+            let v = (terms * r * r + splits * s * s).squareRoot() * u
+            return Swift.min(old, v)
+        }
     }
 
     @inline(__always)
@@ -258,6 +279,42 @@ extension StatisticalModel {
                 mc_range_stats(ap.baseAddress!, m, k, bp.baseAddress!, k, n, accumulationBlock, rp.baseAddress!, sp.baseAddress!)
             } } } }
         precondition(ok == 1, "rangeStats: out of memory")
+        return (range, split)
+    }
+
+    /// The size in floats of `B [rows, columns]` packed for `rangeStats(_:m:k:packed:n:)`.
+    public static func packedCount(rows n: Int, columns k: Int) -> Int { mc_range_packed_count(n, k) }
+
+    /// The code path of the packed range statistics: the best this CPU has, or one named (tests:
+    /// every path gives the same bits).
+    public enum RangeStatsPath: Int32, Sendable, CaseIterable {
+        case auto = 0, portable = 1, avx2 = 2
+    }
+
+    /// `rangeStats(_:m:k:_:n:)` against `B [n, k]` packed by `ReferenceEngine.PreparedWeights`
+    /// (panels of 8 columns, `mc_range_stats_packed`), with rows of `a` `lda` apart, into `[m, n]`
+    /// outputs `ldc` apart. False when `path` is not available on this CPU.
+    @discardableResult
+    public static func rangeStats(_ a: UnsafePointer<Float>, lda: Int, m: Int, k: Int, packed: UnsafePointer<Float>, n: Int,
+                                  range: UnsafeMutablePointer<Float>, split: UnsafeMutablePointer<Float>, ldc: Int,
+                                  path: RangeStatsPath = .auto) -> Bool {
+        mc_range_stats_packed(a, lda, m, k, packed, n, accumulationBlock, range, split, ldc, path.rawValue) == 1
+    }
+
+    /// The same into new `[m, n]` arrays; with `parallel`, rows spread over the pinned thread
+    /// count (each output is computed on its own: the same bits).
+    public static func rangeStats(_ a: [Float], m: Int, k: Int, packed: [Float], n: Int, parallel: Bool = false) -> (range: [Float], split: [Float]) {
+        var range = [Float](repeating: 0, count: m * n), split = [Float](repeating: 0, count: m * n)
+        guard m > 0, n > 0, k > 0 else { return (range, split) }
+        precondition(a.count >= m * k && packed.count >= packedCount(rows: n, columns: k), "rangeStats: operands smaller than [m, k] and packed [n, k]")
+        a.withUnsafeBufferPointer { ap in packed.withUnsafeBufferPointer { bp in range.withUnsafeMutableBufferPointer { rp in
+            split.withUnsafeMutableBufferPointer { sp in
+                let (a0, b0, r0, s0) = (ap.baseAddress!, bp.baseAddress!, rp.baseAddress!, sp.baseAddress!)
+                ParallelLoops.chunks(m, minimum: parallel ? 1 : m) { rows in
+                    rangeStats(a0 + rows.lowerBound * k, lda: k, m: rows.count, k: k, packed: b0, n: n,
+                               range: r0 + rows.lowerBound * n, split: s0 + rows.lowerBound * n, ldc: n)
+                }
+            } } } }
         return (range, split)
     }
 
