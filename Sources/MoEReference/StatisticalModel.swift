@@ -49,12 +49,21 @@ public enum StatisticalModel {
         let twoSigma2 = 2 * sigma * sigma
         for k in 1...3 {
             let kk = Double(k - 1), weight = Double(2 * k - 1)
-            let pOut = Foundation.exp(-(dOut + kk * qOut) * (dOut + kk * qOut) / twoSigma2)
-            let pIn = Foundation.exp(-(dIn + kk * qIn) * (dIn + kk * qIn) / twoSigma2)
+            let pOut = crossing(dOut + kk * qOut, twoSigma2)
+            let pIn = crossing(dIn + kk * qIn, twoSigma2)
             variance += weight * (pOut * qOut * qOut + pIn * qIn * qIn)
         }
         if sigma > qIn / 4 { variance += sigma * sigma + qOut * qOut }
         return variance
+    }
+
+    /// `exp(−d²/(2σ²))` (`twoSigma2` = 2σ²), without calling `exp` where the result is 0: below
+    /// −746 the exact value is under half the smallest subnormal (e^−745.13…), so `exp` rounds it
+    /// to 0 — the same bits, the cost of a comparison (most boundaries lie many σ away).
+    @inline(__always)
+    static func crossing(_ d: Double, _ twoSigma2: Double) -> Double {
+        let x = -d * d / twoSigma2
+        return x < -746 ? 0 : Foundation.exp(x)
     }
 
     /// The size of the systematic error a kernel may make where the reference's value sits on a
@@ -159,7 +168,7 @@ extension StatisticalModel {
         let (dOut, dIn, _, qIn) = boundaryDistances(v, f)
         if sigma > qIn / 4 { return 1 }
         let twoSigma2 = 2 * sigma * sigma
-        return Swift.min(1, Foundation.exp(-dOut * dOut / twoSigma2) + Foundation.exp(-dIn * dIn / twoSigma2))
+        return Swift.min(1, crossing(dOut, twoSigma2) + crossing(dIn, twoSigma2))
     }
 
     /// One rounding of an accumulation the reference simulates in the kernel's own order (a bf16
