@@ -423,6 +423,7 @@ public final class MoEReferenceEngine {
                     let part = parts[bi]
                     let Ie = c.intermediate(ofExpert: e)
                     part.y.withUnsafeBufferPointer { yP in part.yBound.withUnsafeBufferPointer { ybP in
+                    part.yVariance.withUnsafeBufferPointer { yvP in part.yCorrelated.withUnsafeBufferPointer { ycP in
                         for (r, (t, s)) in rowsOf[e].enumerated() where t >= t0 && t < t1 {
                             if let ip = p.inter, s < S {
                                 for i in 0..<Ie {
@@ -441,7 +442,30 @@ public final class MoEReferenceEngine {
                                 p.slotNorm![t * slotsAll + s] = part.rowNorm2[r].squareRoot()
                                 p.tieNorm![t] += Swift.abs(w) * part.rowTieNorm[r]
                             }
-                            if bounds {
+                            if bounds && !isOrdered && weighted == .none {
+                                // the default recipes' case through raw pointers, the loop below's
+                                // operations in its order (w·w first, as `w * w * x` groups)
+                                let yb = ybP.baseAddress! + r * H, obrow = p.outBound + t * H, arow = p.absSum + t * H
+                                let ww = w * w, aw = Swift.abs(w)
+                                let cp = p.contributions.map { $0 + (t * slotsAll + s) * H }
+                                if stats {
+                                    let yv = yvP.baseAddress! + r * H, yc = ycP.baseAddress! + r * H
+                                    let ev = p.elementVariance! + t * H, cvr = p.correlatedVariance! + t * H
+                                    for h in 0..<H {
+                                        ev[h] += ww * yv[h]
+                                        cvr[h] += ww * yc[h]
+                                    }
+                                }
+                                for h in 0..<H {
+                                    let yv = y[h], ybh = yb[h]
+                                    let cv = w * yv
+                                    let cb = aw * ybh + wb * (Swift.abs(yv) + ybh) + u * Swift.abs(cv)
+                                    orow[h] += cv
+                                    obrow[h] += cb
+                                    arow[h] += Swift.abs(cv) + cb
+                                }
+                                if let cp { for h in 0..<H { cp[h] = Float(w * y[h]) } }
+                            } else if bounds {
                                 let yb = ybP.baseAddress! + r * H, obrow = p.outBound + t * H, arow = p.absSum + t * H
                                 for h in 0..<H {
                                     let yv = y[h]
@@ -482,7 +506,7 @@ public final class MoEReferenceEngine {
                             }
                             if isOrdered { sp.added[t] += 1 }
                         }
-                    } }
+                    } } } }
                 }
             }
             if lanes > 1 {
