@@ -62,24 +62,38 @@ extension MoEReferenceEngine {
                 a.withUnsafeBufferPointer { ap in w2.withUnsafeBufferPointer { wp in proj.withUnsafeMutableBufferPointer { op in
                     BLAS.sgemmAB(ap.baseAddress!, wp.baseAddress!, op.baseAddress!, m: m, n: Ie, k: H)
                 } } }
+                // per (row, direction): Σ_i Var(a_i)·p_i² (+ the groups' scale changes) and Σ_i tie_i·|p_i|,
+                // each a pure function of its index (computed in parallel), then added in row order
+                var projected = [Double](repeating: 0, count: m), tied = [Double](repeating: 0, count: m)
+                proj.withUnsafeBufferPointer { pp in projected.withUnsafeMutableBufferPointer { vp in tied.withUnsafeMutableBufferPointer { bp in
+                p.inputVariance.withUnsafeBufferPointer { ivp in p.inputTie.withUnsafeBufferPointer { itp in p.input.withUnsafeBufferPointer { inp in
+                    let (proj, vOut, bOut) = (pp.baseAddress!, vp.baseAddress!, bp.baseAddress!)
+                    ParallelLoops.chunks(m, minimum: Swift.max(1, (1 << 14) / Swift.max(Ie, 1))) { range in
+                        for u in range {
+                            let r = r0 + u / D
+                            var v = 0.0, b = 0.0
+                            for i in 0..<Ie {
+                                let pu = Double(proj[u * Ie + i])
+                                v += ivp[r * Ie + i] * pu * pu
+                                b += Double(itp[r * Ie + i]) * Swift.abs(pu)
+                            }
+                            for g in 0..<p.groups {
+                                var shift = 0.0
+                                for i in (g * 128)..<Swift.min(Ie, (g + 1) * 128) { shift += Double(inp[r * Ie + i]) * Double(proj[u * Ie + i]) }
+                                v += p.groupFactors[r * p.groups + g] * shift * shift
+                            }
+                            vOut[u] = v
+                            bOut[u] = b
+                        }
+                    }
+                } } } } } }
                 for r in r0..<r1 {
                     let (t, s) = p.rows[r]
                     let w = router.slotWeight[t * slotsAll + s]
                     for j in 0..<D {
                         let u = (r - r0) * D + j
-                        var v = 0.0, b = 0.0
-                        for i in 0..<Ie {
-                            let pu = Double(proj[u * Ie + i])
-                            v += p.inputVariance[r * Ie + i] * pu * pu
-                            b += Double(p.inputTie[r * Ie + i]) * Swift.abs(pu)
-                        }
-                        bias[t * D + j] += Swift.abs(w) * b
-                        for g in 0..<p.groups {
-                            var shift = 0.0
-                            for i in (g * 128)..<Swift.min(Ie, (g + 1) * 128) { shift += Double(p.input[r * Ie + i]) * Double(proj[u * Ie + i]) }
-                            v += p.groupFactors[r * p.groups + g] * shift * shift
-                        }
-                        result[t * D + j] += w * w * v
+                        bias[t * D + j] += Swift.abs(w) * tied[u]
+                        result[t * D + j] += w * w * projected[u]
                     }
                 }
                 r0 = r1
