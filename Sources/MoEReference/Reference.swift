@@ -234,19 +234,25 @@ public final class MoEReferenceEngine {
         var midpointTokens = [Bool](repeating: false, count: statisticsEnabled && recipe.activationFP8 ? T : 0)
         if recipe.activationFP8, let f = layer.weightFormat.fp8 {
             let q = GroupQuantizer(format: f, convention: recipe.scaleConvention)
-            for t in 0..<T {
-                let row = x[(t * H)..<((t + 1) * H)].map { Float($0) }
-                let deq = q.fakeQuantize(row: row)
-                for h in 0..<H { xin[t * H + h] = deq[h] }
-                if bounds {
-                    // A kernel whose x·(1/scale) differs in the last bit may pick the other code where
-                    // the scaled value sits on a rounding midpoint: one fp8 step there.
-                    Self.midpointRadius(row: row.map(Double.init), quantizer: q) { i, r in
-                        xinRadius[t * H + i] = Float(r)
-                        if !midpointTokens.isEmpty { midpointTokens[t] = true }
+            // tokens in parallel chunks: each writes only its own row and flag
+            let midpoints = !midpointTokens.isEmpty
+            withPointer(&xin) { xp in withPointer(&xinRadius) { rp in withPointer(&midpointTokens) { mp in
+                ParallelLoops.chunks(T, minimum: 4) { tokens in
+                    for t in tokens {
+                        let row = x[(t * H)..<((t + 1) * H)].map { Float($0) }
+                        let deq = q.fakeQuantize(row: row)
+                        for h in 0..<H { xp![t * H + h] = deq[h] }
+                        if bounds {
+                            // A kernel whose x·(1/scale) differs in the last bit may pick the other code where
+                            // the scaled value sits on a rounding midpoint: one fp8 step there.
+                            Self.midpointRadius(row: row.map(Double.init), quantizer: q) { i, r in
+                                rp![t * H + i] = Float(r)
+                                if midpoints { mp![t] = true }
+                            }
+                        }
                     }
                 }
-            }
+            } } }
         }
         let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
         var rowsOf = [[(Int, Int)]](repeating: [], count: E + 1)
@@ -255,13 +261,40 @@ public final class MoEReferenceEngine {
         }
         let fp8q: GroupQuantizer? = recipe.intermediateFP8 ? layer.weightFormat.fp8.map { GroupQuantizer(format: $0, convention: recipe.scaleConvention) } : nil
         // tokens whose (quantized) input repeats an earlier token's: the same computation, the same error
-        var duplicateTokens = [Bool](repeating: false, count: T)
-        if statisticsEnabled {
-            var seen = Set<[Double]>()
-            for t in 0..<T where !seen.insert(Array(xin[(t * H)..<((t + 1) * H)])).inserted { duplicateTokens[t] = true }
-        }
+        let duplicateTokens = statisticsEnabled ? Self.repeatedRows(xin, rows: T, columns: H) : [Bool](repeating: false, count: T)
         return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, duplicateTokens: duplicateTokens, rowsOf: rowsOf,
                             requantizer: fp8q)
+    }
+
+    /// Per row of `x` (`[rows, columns]`), whether an earlier row equals it element for element
+    /// (`==`: −0 equals +0). The rows' hashes in parallel (zeros hashed alike), then in row order
+    /// each row against the earlier distinct rows of its hash.
+    static func repeatedRows(_ x: [Double], rows: Int, columns: Int) -> [Bool] {
+        var hashes = [UInt64](repeating: 0, count: rows)
+        x.withUnsafeBufferPointer { xp in hashes.withUnsafeMutableBufferPointer { hp in
+            let (x, out) = (xp, hp.baseAddress!)
+            ParallelLoops.chunks(rows, minimum: Swift.max(1, (1 << 14) / Swift.max(columns, 1))) { range in
+                for t in range {
+                    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+                    for v in x[(t * columns)..<((t + 1) * columns)] { h = (h ^ (v == 0 ? 0 : v.bitPattern)) &* 0x0000_0100_0000_01b3 }
+                    out[t] = h
+                }
+            }
+        } }
+        var distinct: [UInt64: [Int]] = [:]
+        var repeated = [Bool](repeating: false, count: rows)
+        x.withUnsafeBufferPointer { xp in
+            for t in 0..<rows {
+                let row = xp[(t * columns)..<((t + 1) * columns)]
+                let key = hashes[t]
+                if distinct[key, default: []].contains(where: { row.elementsEqual(xp[($0 * columns)..<(($0 + 1) * columns)]) }) {
+                    repeated[t] = true
+                } else {
+                    distinct[key, default: []].append(t)
+                }
+            }
+        }
+        return repeated
     }
 
     /// What the expert pipeline accumulates per token.

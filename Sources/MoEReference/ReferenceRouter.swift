@@ -39,7 +39,39 @@ struct RouterStep {
     var tieTokens: [Bool] = []
 }
 
+/// Raw views of a `RouterStep`'s arrays for tokens routed concurrently: a token's work writes
+/// only its own elements (`[t]`, `[t·S + s]`, `[t·slotsAll + s]`). Empty arrays give empty views.
+struct RouterStepBuffers {
+    var logits: UnsafeMutableBufferPointer<Double>, logitBound: UnsafeMutableBufferPointer<Double>
+    var topkIds: UnsafeMutableBufferPointer<Int32>, topkWeights: UnsafeMutableBufferPointer<Double>
+    var topkWeightBound: UnsafeMutableBufferPointer<Double>
+    var sharedGate: UnsafeMutableBufferPointer<Double>, sharedGateBound: UnsafeMutableBufferPointer<Double>
+    var ambiguous: UnsafeMutableBufferPointer<Bool>, routerTolerance: UnsafeMutableBufferPointer<Double>
+    var slotExpert: UnsafeMutableBufferPointer<Int>, slotWeight: UnsafeMutableBufferPointer<Double>
+    var slotWeightBound: UnsafeMutableBufferPointer<Double>
+    var slotWeightVariance: UnsafeMutableBufferPointer<Double>, slotLogitVariance: UnsafeMutableBufferPointer<Double>
+    var unchosenLogitVariance: UnsafeMutableBufferPointer<Double>, slotFlip: UnsafeMutableBufferPointer<Double>
+    var statisticallyAmbiguous: UnsafeMutableBufferPointer<Bool>, tieTokens: UnsafeMutableBufferPointer<Bool>
+}
+
 extension RouterStep {
+    /// Calls `body` with raw views of every array.
+    mutating func withBuffers<R>(_ body: (RouterStepBuffers) -> R) -> R {
+        logits.withUnsafeMutableBufferPointer { a in logitBound.withUnsafeMutableBufferPointer { b in
+        topkIds.withUnsafeMutableBufferPointer { c in topkWeights.withUnsafeMutableBufferPointer { d in
+        topkWeightBound.withUnsafeMutableBufferPointer { e in sharedGate.withUnsafeMutableBufferPointer { f in
+        sharedGateBound.withUnsafeMutableBufferPointer { g in ambiguous.withUnsafeMutableBufferPointer { h in
+        routerTolerance.withUnsafeMutableBufferPointer { i in slotExpert.withUnsafeMutableBufferPointer { j in
+        slotWeight.withUnsafeMutableBufferPointer { k in slotWeightBound.withUnsafeMutableBufferPointer { l in
+        slotWeightVariance.withUnsafeMutableBufferPointer { m in slotLogitVariance.withUnsafeMutableBufferPointer { n in
+        unchosenLogitVariance.withUnsafeMutableBufferPointer { o in slotFlip.withUnsafeMutableBufferPointer { p in
+        statisticallyAmbiguous.withUnsafeMutableBufferPointer { q in tieTokens.withUnsafeMutableBufferPointer { r in
+            body(RouterStepBuffers(logits: a, logitBound: b, topkIds: c, topkWeights: d, topkWeightBound: e, sharedGate: f, sharedGateBound: g,
+                                   ambiguous: h, routerTolerance: i, slotExpert: j, slotWeight: k, slotWeightBound: l, slotWeightVariance: m,
+                                   slotLogitVariance: n, unchosenLogitVariance: o, slotFlip: p, statisticallyAmbiguous: q, tieTokens: r))
+        } } } } } } } } } } } } } } } } } }
+    }
+
     /// The variance the routing brings to `Σ_h d_h·e_h` at token `t`, from each slot's projected
     /// contribution `c_s·d` (`projected(s)`, s < slots; the first `routed` slots are the routed
     /// experts): `Σ_s Var(w_s)·(y_s·d)² + Σ_j Var(l_j)·w_j²·(y_j·d − ȳ·d)² + Σ_left out Var(l)·p²·(ȳ·d)²`,
@@ -104,8 +136,8 @@ extension MoEReferenceEngine {
                 }
                 let sigmaStart = PhaseProfile.start()
                 let sigma = StatisticalModel.AccumulationSigma(terms: H + 4, length: H, unitRoundoff: u, order: order)
-                for i in 0..<(T * E) {
-                    logitSigma[i] = sigma(absSum: Double(tmp[i]) * safety, range: Double(ranges?.range[i] ?? 0), split: Double(ranges?.split[i] ?? 0))
+                logitSigma = ParallelLoops.map(T * E) { i in
+                    sigma(absSum: Double(tmp[i]) * safety, range: Double(ranges?.range[i] ?? 0), split: Double(ranges?.split[i] ?? 0))
                 }
                 PhaseProfile.stop("router: logit sigma", since: sigmaStart)
             }
@@ -113,9 +145,12 @@ extension MoEReferenceEngine {
         let restStart = PhaseProfile.start()
         defer { PhaseProfile.stop("router: top-K, softmax, shared gate", since: restStart) }
         let preRounding = stats ? logits : []
-        for i in 0..<(T * E) {
-            (logits[i], logitBound[i]) = Self.roundInterval(logits[i], logitBound[i], recipe.routerLogits)
-        }
+        logits.withUnsafeMutableBufferPointer { lp in logitBound.withUnsafeMutableBufferPointer { bp in
+            let (l, b, rounding) = (lp.baseAddress!, bp.baseAddress!, recipe.routerLogits)
+            ParallelLoops.chunks(T * E) { range in
+                for i in range { (l[i], b[i]) = Self.roundInterval(l[i], b[i], rounding) }
+            }
+        } }
         var step = RouterStep(
             logits: logits, logitBound: logitBound,
             topkIds: [Int32](repeating: 0, count: T * S), topkWeights: [Double](repeating: 0, count: T * S),
@@ -132,11 +167,12 @@ extension MoEReferenceEngine {
             step.slotFlip = [Double](repeating: 0, count: T * slotsAll)
             step.statisticallyAmbiguous = [Bool](repeating: false, count: T)
             step.tieTokens = [Bool](repeating: false, count: T)
-            logitVariance = (0..<(T * E)).map { StatisticalModel.roundingVariance(preRounding[$0], sigma: logitSigma[$0], recipe.routerLogits) }
+            let rounding = recipe.routerLogits
+            logitVariance = ParallelLoops.map(T * E) { StatisticalModel.roundingVariance(preRounding[$0], sigma: logitSigma[$0], rounding) }
         }
         let ws = try layer.sharedGateWeight()
-        for t in 0..<T {
-            try routeToken(t, step: &step, routing: routing, preRounding: preRounding, logitSigma: logitSigma, logitVariance: logitVariance)
+        /// The shared gate of token `t`: its dot product, rounding points and sigmoid, and its variances.
+        func sharedGate(_ t: Int, _ step: RouterStepBuffers) {
             if shared, let ws {
                 var dot = 0.0, absDot = 0.0
                 for h in 0..<H { dot += x[t * H + h] * ws[h]; absDot += Swift.abs(x[t * H + h] * ws[h]) }
@@ -173,11 +209,31 @@ extension MoEReferenceEngine {
                 }
             }
         }
+        // tokens in parallel chunks (each writes only its own elements: the same bits); a failure
+        // is the lowest token's, the one a serial loop stops at
+        var failure: (token: Int, error: Error)? = nil
+        let lock = NSLock()
+        step.withBuffers { step in
+            ParallelLoops.chunks(T, minimum: 8) { tokens in
+                for t in tokens {
+                    do {
+                        try routeToken(t, step: step, routing: routing, preRounding: preRounding, logitSigma: logitSigma, logitVariance: logitVariance)
+                    } catch {
+                        lock.lock()
+                        if failure == nil || t < failure!.token { failure = (t, error) }
+                        lock.unlock()
+                        return
+                    }
+                    sharedGate(t, step)
+                }
+            }
+        }
+        if let failure { throw failure.error }
         return step
     }
 
     /// One token's top-K, softmax, renormalization and (statistics) routing-weight variances.
-    private func routeToken(_ t: Int, step: inout RouterStep, routing: RoutingOverride?, preRounding: [Double], logitSigma: [Double],
+    private func routeToken(_ t: Int, step: RouterStepBuffers, routing: RoutingOverride?, preRounding: [Double], logitSigma: [Double],
                             logitVariance: [Double]) throws {
         let c = layer.config
         let E = c.experts, K = c.topK
