@@ -102,6 +102,9 @@ public final class MoEReferenceEngine {
     public let layer: MoELayerSource
     public let recipe: Recipe
     public let options: ReferenceOptions
+    /// The combine's raw-pointer loop for the default recipes' case (on; tests turn it off to
+    /// compare it with the general loop, bit for bit).
+    var combineFastPath = true
 
     public init(layer: MoELayerSource, recipe: Recipe, options: ReferenceOptions = ReferenceOptions()) throws {
         self.layer = layer
@@ -362,7 +365,7 @@ public final class MoEReferenceEngine {
             // a thread of its own, not a queue's: it must start now, whatever else the process runs
             let thread = Thread {
                 var scratch = WeightScratch()
-                box.result = Result { try self.processExpert(E, inputs, &scratch) }
+                box.result = Result { try self.processExpert(E, inputs, &scratch, concurrent: workers > 2) }
                 group.leave()
             }
             thread.stackSize = 1 << 23
@@ -444,6 +447,7 @@ public final class MoEReferenceEngine {
         let mode = recipe.combine
         // flips of a contribution are known where it is a rounded grid value (else: may always differ)
         let discrete = weighted.format != nil && weighted != .bf16OrFP32
+        let fastPath = combineFastPath
         var ordered = acc.ordered ?? OrderedCombineState(tokens: 0, hidden: 0, stats: false, mode: mode)
         let isOrdered = acc.ordered != nil
         acc.ordered = nil
@@ -475,7 +479,7 @@ public final class MoEReferenceEngine {
                                 p.slotNorm![t * slotsAll + s] = part.rowNorm2[r].squareRoot()
                                 p.tieNorm![t] += Swift.abs(w) * part.rowTieNorm[r]
                             }
-                            if bounds && !isOrdered && weighted == .none {
+                            if bounds && !isOrdered && weighted == .none && fastPath {
                                 // the default recipes' case through raw pointers, the loop below's
                                 // operations in its order (w·w first, as `w * w * x` groups)
                                 let yb = ybP.baseAddress! + r * H, obrow = p.outBound + t * H, arow = p.absSum + t * H

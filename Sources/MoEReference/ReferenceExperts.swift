@@ -51,9 +51,23 @@ struct ProjectionInput {
 }
 
 extension MoEReferenceEngine {
+    /// Runs `count` independent tasks, each writing only its own outputs: side by side on the
+    /// GCD pool when `concurrent`, else in order. The same operations either way (each GEMM
+    /// single-threaded as the caller's BLAS phase has it), so the same bits.
+    static func tasks(_ concurrent: Bool, _ count: Int, _ body: (Int) -> Void) {
+        if concurrent && count > 1 {
+            DispatchQueue.concurrentPerform(iterations: count, execute: body)
+        } else {
+            for i in 0..<count { body(i) }
+        }
+    }
+
     /// Stage 1 (gate/up GEMM, SwiGLU with the recipe's rounding points), the fp8 requantization
     /// and stage 2 (down GEMM) of expert `e` for all its rows. Pure: safe to run concurrently.
-    func processExpert(_ e: Int, _ inputs: ExpertInputs, _ scratch: inout WeightScratch) throws -> ExpertPart {
+    /// `concurrent`: the expert's independent GEMMs side by side and its range statistics over
+    /// the pinned thread count (the shared expert, the longest job, on a thread of its own
+    /// beside the routed experts: the critical path on a many-core host).
+    func processExpert(_ e: Int, _ inputs: ExpertInputs, _ scratch: inout WeightScratch, concurrent: Bool = false) throws -> ExpertPart {
         let c = layer.config
         let H = c.hidden
         let bounds = options.computeBounds, stats = statisticsEnabled
@@ -103,34 +117,41 @@ extension MoEReferenceEngine {
         var gu = [Double](repeating: 0, count: n * 2 * Ie)
         var guBound = [Double](repeating: 0, count: bounds ? n * 2 * Ie : 0)
         phase("gather rows")
+        // the value GEMM, its bound GEMM and the range statistics of every gate/up dot product
+        // (statistics only) are independent
+        var guRange: (range: [Float], split: [Float])? = nil
         if let fused {
             try fusedGemm(Self.floats(xe) { $0 }, [(fused.gate, 0), (fused.up, Ie)], rowsEach: Ie, into: &gu, m: n, n: 2 * Ie, k: H) {
                 var tmp = [Float](repeating: 0, count: 2 * Ie * H)
                 try tmp.withUnsafeMutableBufferPointer { try layer.decodeGateUp(expert: e, into: $0.baseAddress!) }
             }
-        } else {
-            gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H)
         }
-        phase("stage-1 GEMM")
-        if bounds {
-            let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
-            var boundA1 = [Float](repeating: 0, count: n * H)
-            inputs.x.withUnsafeBufferPointer { xinP in inputs.xRadius.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
-                for (r, (t, _)) in rows.enumerated() {
-                    for h in 0..<H {
-                        dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
-                    }
+        Self.tasks(concurrent, 3) { task in
+            switch task {
+            case 0:
+                if fused == nil { PhaseProfile.measure("expert: stage-1 GEMM", cpu: true) { gemm(xe, w13, &gu, m: n, n: 2 * Ie, k: H) } }
+            case 1:
+                guard bounds else { break }
+                PhaseProfile.measure("expert: stage-1 bound GEMM", cpu: true) {
+                    let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
+                    var boundA1 = [Float](repeating: 0, count: n * H)
+                    inputs.x.withUnsafeBufferPointer { xinP in inputs.xRadius.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
+                        for (r, (t, _)) in rows.enumerated() {
+                            for h in 0..<H {
+                                dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
+                            }
+                        }
+                    } } }
+                    boundGemm(boundA1, p13.absolute, &guBound, m: n, n: 2 * Ie, k: H)
                 }
-            } } }
-            boundGemm(boundA1, p13.absolute, &guBound, m: n, n: 2 * Ie, k: H)
+            default:
+                guard contiguous else { break }
+                PhaseProfile.measure("expert: stage-1 range stats", cpu: true) {
+                    guRange = StatisticalModel.rangeStats(Self.floats(xe) { $0 }, m: n, k: H, packed: p13.packed, n: 2 * Ie, parallel: concurrent)
+                }
+            }
         }
-        phase("stage-1 bound GEMM")
-        // the accumulation model's range statistics of every gate/up dot product (statistics only)
-        var guRange: (range: [Float], split: [Float])? = nil
-        if contiguous {
-            guRange = StatisticalModel.rangeStats(Self.floats(xe) { $0 }, m: n, k: H, packed: p13.packed, n: 2 * Ie)
-        }
-        phase("stage-1 range stats")
+        mark = PhaseProfile.start(cpu: true)
         var part = swiGLU(gu: gu, guBound: guBound, guRange: guRange, rows: rows, inputs: inputs, n: n, Ie: Ie)
         phase("SwiGLU, rounding, variance")
         var act = part.act, actBound = part.actBound
@@ -151,7 +172,7 @@ extension MoEReferenceEngine {
             }
         }
         phase("fp8 requantization")
-        // stage 2
+        // stage 2: the value GEMM, its bound GEMM and the statistics' GEMMs are independent
         var y = [Double](repeating: 0, count: n * H)
         var yBound = [Double](repeating: 0, count: bounds ? n * H : 0)
         let g2 = Self.gamma(Ie + 2 * ((Ie + 127) / 128) + 4, u)
@@ -160,21 +181,29 @@ extension MoEReferenceEngine {
                 var tmp = [Float](repeating: 0, count: H * Ie)
                 try tmp.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             }
-        } else {
-            gemm(act, w2, &y, m: n, n: H, k: Ie)
         }
-        phase("stage-2 GEMM")
-        if bounds {
-            var boundA2 = [Float](repeating: 0, count: n * Ie)
-            for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(act[i]) + actBound[i]) }
-            boundGemm(boundA2, p2.absolute, &yBound, m: n, n: H, k: Ie)
-        }
-        phase("stage-2 bound GEMM")
         var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = []
+        let (actNow, actBoundNow, actVarianceNow) = (act, actBound, actVariance)
+        Self.tasks(concurrent, 3) { task in
+            switch task {
+            case 0:
+                if fused == nil { PhaseProfile.measure("expert: stage-2 GEMM", cpu: true) { gemm(actNow, w2, &y, m: n, n: H, k: Ie) } }
+            case 1:
+                guard bounds else { break }
+                PhaseProfile.measure("expert: stage-2 bound GEMM", cpu: true) {
+                    var boundA2 = [Float](repeating: 0, count: n * Ie)
+                    for i in 0..<(n * Ie) { boundA2[i] = Float(g2 * Swift.abs(actNow[i]) + actBoundNow[i]) }
+                    boundGemm(boundA2, p2.absolute, &yBound, m: n, n: H, k: Ie)
+                }
+            default:
+                guard stats else { break }
+                (yVariance, rowVariance, part.yCorrelated) = stage2Variance(
+                    act: actNow, actVariance: actVarianceNow, w2: w2, prepared: p2, colNorm2: colNorm2, groupRowVariance: groupRowVariance,
+                    groupFactors: groupFactors, n: n, H: H, Ie: Ie, concurrent: concurrent)
+            }
+        }
+        mark = PhaseProfile.start(cpu: true)
         if stats {
-            (yVariance, rowVariance, part.yCorrelated) = stage2Variance(act: act, actVariance: actVariance, w2: w2, prepared: p2, colNorm2: colNorm2,
-                                                      groupRowVariance: groupRowVariance, groupFactors: groupFactors, n: n, H: H, Ie: Ie)
-            mark = PhaseProfile.start(cpu: true)
             rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
             phase("row norms")
         }
@@ -287,7 +316,7 @@ extension MoEReferenceEngine {
     /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
     private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, prepared p2: PreparedWeights, colNorm2: [Double],
                                 groupRowVariance: [Double],
-                                groupFactors: [Double], n: Int, H: Int, Ie: Int) -> ([Double], [Double], [Double]) {
+                                groupFactors: [Double], n: Int, H: Int, Ie: Int, concurrent: Bool) -> ([Double], [Double], [Double]) {
         let u = recipe.accumulatorUnitRoundoff
         var mark = PhaseProfile.start(cpu: true)
         func phase(_ name: String) {
@@ -295,14 +324,31 @@ extension MoEReferenceEngine {
             PhaseProfile.stop("expert: stage-2 variance: " + name, since: mark, cpu: true)
             mark = PhaseProfile.start(cpu: true)
         }
+        // Σ|a||W2|, each element's share of the correlated variance Σ_i W2[h,i]²·Var(a_i) (+ the
+        // fp8 groups' scale changes below, at most max_g factor_g·(Σ|a||W2|)²) and the range
+        // statistics of the dot product's own accumulation: independent
+        let order = recipe.accumulationOrder
         var absDot = [Double](repeating: 0, count: n * H)
-        boundGemm(Self.floats(act) { Swift.abs($0) }, p2.absolute, &absDot, m: n, n: H, k: Ie)
-        phase("|a|·|W2| GEMM")
-        // each element's share of the correlated variance: Σ_i W2[h,i]²·Var(a_i) (+ the fp8 groups'
-        // scale changes, at most max_g factor_g·(Σ|a||W2|)²)
         var correlated = [Double](repeating: 0, count: n * H)
-        boundGemm(actVariance.map { Float($0) }, p2.square, &correlated, m: n, n: H, k: Ie)
-        phase("Var(a)·W2² GEMM")
+        var yRange: (range: [Float], split: [Float])? = nil
+        Self.tasks(concurrent, 3) { task in
+            switch task {
+            case 0:
+                PhaseProfile.measure("expert: stage-2 variance: |a|·|W2| GEMM", cpu: true) {
+                    boundGemm(Self.floats(act) { Swift.abs($0) }, p2.absolute, &absDot, m: n, n: H, k: Ie)
+                }
+            case 1:
+                PhaseProfile.measure("expert: stage-2 variance: Var(a)·W2² GEMM", cpu: true) {
+                    boundGemm(actVariance.map { Float($0) }, p2.square, &correlated, m: n, n: H, k: Ie)
+                }
+            default:
+                guard order == .contiguous else { break }
+                PhaseProfile.measure("expert: stage-2 variance: range stats", cpu: true) {
+                    yRange = StatisticalModel.rangeStats(Self.floats(act) { $0 }, m: n, k: Ie, packed: p2.packed, n: H, parallel: concurrent)
+                }
+            }
+        }
+        mark = PhaseProfile.start(cpu: true)
         if !groupFactors.isEmpty {
             // A group's scale moving by r moves every dequantized value of the group by r·a_i: along
             // output h that is r·Σ_{i∈g} a_i·W2[h,i], the group's signed partial dot product (not
@@ -332,26 +378,18 @@ extension MoEReferenceEngine {
         phase("fp8 group partials")
         // the dot product's own accumulation: from Σ|a||w| and its range statistics
         let n2 = Ie + 2 * ((Ie + 127) / 128) + 4
-        let order = recipe.accumulationOrder
-        var yRange: (range: [Float], split: [Float])? = nil
-        if order == .contiguous {
-            yRange = StatisticalModel.rangeStats(Self.floats(act) { $0 }, m: n, k: Ie, packed: p2.packed, n: H)
-        }
-        phase("range stats")
         let sigma = StatisticalModel.AccumulationSigma(terms: n2, length: Ie, unitRoundoff: u, order: order)
+        let range = yRange?.range ?? [], split = yRange?.split ?? []
         let yVariance = [Double](unsafeUninitializedCapacity: n * H) { out, count in
-            absDot.withUnsafeBufferPointer { ad in
-                if let yRange {
-                    yRange.range.withUnsafeBufferPointer { rp in yRange.split.withUnsafeBufferPointer { sp in
-                        for i in 0..<(n * H) {
-                            let s = sigma(absSum: ad[i], range: Double(rp[i]), split: Double(sp[i]))
-                            out[i] = s * s
-                        }
-                    } }
-                } else {
-                    for i in 0..<(n * H) { let s = sigma(absSum: ad[i], range: 0, split: 0); out[i] = s * s }
+            absDot.withUnsafeBufferPointer { ad in range.withUnsafeBufferPointer { rp in split.withUnsafeBufferPointer { sp in
+                let (o, ranged) = (out.baseAddress!, yRange != nil)
+                ParallelLoops.chunks(n * H, minimum: concurrent ? 1 << 14 : Int.max) { chunk in
+                    for i in chunk {
+                        let s = ranged ? sigma(absSum: ad[i], range: Double(rp[i]), split: Double(sp[i])) : sigma(absSum: ad[i], range: 0, split: 0)
+                        (o + i).initialize(to: s * s)
+                    }
                 }
-            }
+            } } }
             count = n * H
         }
         phase("accumulation sigma")
