@@ -190,12 +190,18 @@ public final class MoEReferenceEngine {
                     tie = [Double](repeating: 0, count: T * c.hidden)
                     combined.elementVariance = [Double](repeating: 0, count: T * c.hidden)
                 } else {
-                    flip = ParallelLoops.map(T * c.hidden) { i in
-                        let sigma = (combined.elementVariance[i] + combined.correlatedVariance[i] + routerShare(i)).squareRoot()
-                        return StatisticalModel.roundingVariance(combined.out[i], sigma: sigma, recipe.output)
+                    // one pass: each element's flip variance and its tie bias (tieBias(o, f), f the output's format)
+                    tie = [Double](repeating: 0, count: T * c.hidden)
+                    let (out, elementVariance, correlatedVariance, output) = (combined.out, combined.elementVariance, combined.correlatedVariance, recipe.output)
+                    flip = tie.withUnsafeMutableBufferPointer { tp in
+                        let ties = tp.baseAddress!
+                        return ParallelLoops.map(T * c.hidden) { i in
+                            let sigma = (elementVariance[i] + correlatedVariance[i] + routerShare(i)).squareRoot()
+                            let (variance, t) = StatisticalModel.roundingVarianceAndTieBias(out[i], sigma: sigma, output)
+                            ties[i] = t
+                            return variance
+                        }
                     }
-                    let out = combined.out
-                    tie = ParallelLoops.map(out.count) { StatisticalModel.tieBias(out[$0], f) }
                 }
             }
             PhaseProfile.stop("output flips and ties", since: outputFlipStart)

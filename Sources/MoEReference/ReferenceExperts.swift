@@ -274,12 +274,14 @@ extension MoEReferenceEngine {
                     vg = StatisticalModel.roundingVariance(g, sigma: sg, recipe.gateUp)
                     vu = StatisticalModel.roundingVariance(up, sigma: su, recipe.gateUp)
                     let tg = StatisticalModel.tieBias(g, recipe.gateUp.format), tu = StatisticalModel.tieBias(up, recipe.gateUp.format)
-                    let ts = StatisticalModel.tieBias(g * Self.sigmoid(g), recipe.activation.format)
+                    // (tieBias is 0 without a format: no sigmoid to evaluate then)
+                    let ts = recipe.activation.format == nil ? 0 : StatisticalModel.tieBias(g * Self.sigmoid(g), recipe.activation.format)
                     if tg + tu + ts > 0 { upstreamTie = 1.1 * Swift.abs(up) * (tg + ts) + Swift.abs(g * Self.sigmoid(g)) * tu }
                 }
                 (g, gb) = Self.roundInterval(g, gb, recipe.gateUp)
                 (up, ub) = Self.roundInterval(up, ub, recipe.gateUp)
-                var s = g * Self.sigmoid(g)
+                let sigmoidG = Self.sigmoid(g)
+                var s = g * sigmoidG
                 var sb = 1.1 * gb + trans * Swift.abs(s)
                 // An fp32 silu of a gate below about −87 gives 0: x/(1+exp(−x)) with exp(−x) past
                 // fp32's range, or a result in fp32's subnormal range flushed (measured: HF
@@ -288,7 +290,7 @@ extension MoEReferenceEngine {
                 if mayVanish { sb = Swift.max(sb, Swift.abs(s) * (1 + 0x1p-20) + 0x1p-126) }
                 var vs = 0.0
                 if stats {
-                    let sg = Self.sigmoid(g)
+                    let sg = sigmoidG
                     let d = sg * (1 + g * (1 - sg))
                     vs = StatisticalModel.roundingVariance(s, sigma: (d * d * vg).squareRoot() + trans * Swift.abs(s), recipe.activation)
                     if mayVanish { vs = Swift.max(vs, s * s + 0x1p-252) }
@@ -298,8 +300,8 @@ extension MoEReferenceEngine {
                 var hb = Swift.abs(up) * sb + Swift.abs(s) * ub + sb * ub + (trans + 2 * u) * Swift.abs(h)
                 if stats {
                     let sigma = (up * up * vs + s * s * vu + vs * vu).squareRoot() + (trans + 2 * u) * Swift.abs(h)
-                    actVariance[r * Ie + i] = StatisticalModel.roundingVariance(h, sigma: sigma, recipe.intermediate)
-                    let t = StatisticalModel.tieBias(h, recipe.intermediate.format)
+                    let (variance, t) = StatisticalModel.roundingVarianceAndTieBias(h, sigma: sigma, recipe.intermediate)
+                    actVariance[r * Ie + i] = variance
                     actTie[r * Ie + i] = upstreamTie > 0 ? Swift.max(t, upstreamTie, recipe.intermediate.format?.ulp(of: h) ?? 0) : t
                 }
                 (h, hb) = Self.roundInterval(h, bounds ? hb : 0, recipe.intermediate)

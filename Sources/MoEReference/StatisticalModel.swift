@@ -39,10 +39,30 @@ public enum StatisticalModel {
         return Swift.max(grid, (v - rv) * (v - rv) + sigma * sigma)
     }
 
+    /// `roundingVariance(v, sigma:, rounding)` and `tieBias(v, rounding.format)` together: the
+    /// boundary distances found once, then the same operations as the two.
+    public static func roundingVarianceAndTieBias(_ v: Double, sigma: Double, _ rounding: Rounding) -> (variance: Double, tie: Double) {
+        guard let f = rounding.format, v.isFinite else { return (roundingVariance(v, sigma: sigma, rounding), 0) }
+        let distances = boundaryDistances(v, f)
+        let grid = Swift.max(sigma > 0 ? gridVariance(sigma: sigma, distances) : 0, Swift.abs(v) < 0x1p-126 ? 0x1p-252 : 0)
+        var variance = grid
+        if rounding == .bf16OrFP32 {
+            let rv = f.round(v)
+            variance = Swift.max(grid, (v - rv) * (v - rv) + sigma * sigma)
+        }
+        return (variance, tieBias(distances))
+    }
+
     /// `roundingVariance` for a grid `f` (round to nearest even).
     public static func gridVariance(_ v: Double, sigma: Double, _ f: SmallFloatFormat) -> Double {
         guard sigma > 0, v.isFinite else { return 0 }
-        let (dOut, dIn, qOut, qIn) = boundaryDistances(v, f)
+        return gridVariance(sigma: sigma, boundaryDistances(v, f))
+    }
+
+    /// `gridVariance` from the value's boundary distances (`boundaryDistances`), sigma > 0.
+    @inline(__always)
+    static func gridVariance(sigma: Double, _ distances: (out: Double, in: Double, stepOut: Double, stepIn: Double)) -> Double {
+        let (dOut, dIn, qOut, qIn) = distances
         // beyond 9σ of both boundaries the crossing probability is below e^-40: nothing to add
         if Swift.min(dOut, dIn) > 9 * sigma && sigma <= qIn / 4 { return 0 }
         var variance = 0.0
@@ -72,7 +92,12 @@ public enum StatisticalModel {
     /// same way, which no zero-mean model covers. One step of the grid there, else 0.
     public static func tieBias(_ v: Double, _ f: SmallFloatFormat?) -> Double {
         guard let f, v.isFinite else { return 0 }
-        let (dOut, dIn, qOut, qIn) = boundaryDistances(v, f)
+        return tieBias(boundaryDistances(v, f))
+    }
+
+    @inline(__always)
+    static func tieBias(_ distances: (out: Double, in: Double, stepOut: Double, stepIn: Double)) -> Double {
+        let (dOut, dIn, qOut, qIn) = distances
         return Swift.min(dOut, dIn) <= Swift.max(qOut, qIn) * 0x1p-12 ? Swift.max(qOut, qIn) : 0
     }
 
