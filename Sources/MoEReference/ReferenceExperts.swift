@@ -384,12 +384,11 @@ extension MoEReferenceEngine {
         let range = yRange?.range ?? [], split = yRange?.split ?? []
         let yVariance = [Double](unsafeUninitializedCapacity: n * H) { out, count in
             absDot.withUnsafeBufferPointer { ad in range.withUnsafeBufferPointer { rp in split.withUnsafeBufferPointer { sp in
-                let (o, ranged) = (out.baseAddress!, yRange != nil)
+                let (o, a) = (out.baseAddress!, ad.baseAddress!)
+                let (r, s) = yRange != nil ? (rp.baseAddress, sp.baseAddress) : (nil, nil)
                 ParallelLoops.chunks(n * H, minimum: concurrent ? 1 << 14 : Int.max) { chunk in
-                    for i in chunk {
-                        let s = ranged ? sigma(absSum: ad[i], range: Double(rp[i]), split: Double(sp[i])) : sigma(absSum: ad[i], range: 0, split: 0)
-                        (o + i).initialize(to: s * s)
-                    }
+                    sigma.variances(absSum: a + chunk.lowerBound, range: r.map { $0 + chunk.lowerBound }, split: s.map { $0 + chunk.lowerBound },
+                                    count: chunk.count, into: o + chunk.lowerBound)
                 }
             } } }
             count = n * H

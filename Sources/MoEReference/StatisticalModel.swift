@@ -297,6 +297,13 @@ extension StatisticalModel {
             let v = (terms * r * r + splits * s * s).squareRoot() * u
             return Swift.min(old, v)
         }
+
+        /// The square of `callAsFunction` for `count` dot products at once, `range`/`split` nil
+        /// for zeros (`mc_accumulation_variance`: the same operations, vectorized; the same bits).
+        public func variances(absSum: UnsafePointer<Double>, range: UnsafePointer<Float>?, split: UnsafePointer<Float>?, count: Int,
+                              into out: UnsafeMutablePointer<Double>) {
+            mc_accumulation_variance(absSum, range, split, count, oldFactor, marginFactor, terms, splits, u, contiguous ? 1 : 0, out)
+        }
     }
 
     @inline(__always)

@@ -129,3 +129,35 @@ struct RangeStatsKernelTests {
         }
     }
 }
+
+@Suite("Accumulation sigma, vectorized")
+struct AccumulationVarianceTests {
+    @Test("AccumulationSigma.variances equals the square of the scalar sigma, bit for bit")
+    func vectorEqualsScalar() {
+        var rng = SeededGenerator(seed: 21)
+        let count = 1003
+        var absSum = (0..<count).map { _ in Double(rng.next() % 1_000_000) / 997 * Double(sign: .plus, exponent: Int(rng.next() % 60) - 30, significand: 1) }
+        absSum[3] = .infinity; absSum[4] = 0; absSum[5] = .nan; absSum[6] = .greatestFiniteMagnitude
+        let range = (0..<count).map { i in Float(absSum[i].isFinite ? absSum[i] : 1) * Float(rng.next() % 1000) / 1000 }
+        let split = (0..<count).map { i in Float(absSum[i].isFinite ? absSum[i] : 1) * Float(rng.next() % 1000) / 1000 }
+        for order in AccumulationOrder.allCases {
+            for (terms, length) in [(132, 128), (4172, 4096), (1, 1), (40, 33)] {
+                let sigma = StatisticalModel.AccumulationSigma(terms: terms, length: length, unitRoundoff: 0x1p-24, order: order)
+                for ranged in [true, false] {
+                    var out = [Double](repeating: .nan, count: count)
+                    absSum.withUnsafeBufferPointer { a in range.withUnsafeBufferPointer { r in split.withUnsafeBufferPointer { s in
+                        out.withUnsafeMutableBufferPointer { o in
+                            sigma.variances(absSum: a.baseAddress!, range: ranged ? r.baseAddress : nil, split: ranged ? s.baseAddress : nil,
+                                            count: count, into: o.baseAddress!)
+                        }
+                    } } }
+                    let want = (0..<count).map { i -> Double in
+                        let v = sigma(absSum: absSum[i], range: ranged ? Double(range[i]) : 0, split: ranged ? Double(split[i]) : 0)
+                        return v * v
+                    }
+                    #expect(out.map(\.bitPattern) == want.map(\.bitPattern), "order \(order) terms \(terms) ranged \(ranged)")
+                }
+            }
+        }
+    }
+}

@@ -42,4 +42,12 @@ void mc_prepare_weights_f64(const double *w, long n, long k, float *absolute, fl
 void mc_prepare_weights_f32(const float *w, long n, long k, float *absolute, float *values, float *square,
                             float *packed, double *columnNorm2);
 
+/* The squared accumulation sigma (StatisticalModel.AccumulationSigma) of `count` dot products of
+ * one shape, from their absSum (float64) and range/split (float32, NULL: 0), the shape's
+ * constants given: sigma = old = oldFactor*absSum when !contiguous or absSum is not finite,
+ * else min(old, sqrt(terms*r*r + splits*s*s)*u) with r = range + marginFactor*absSum,
+ * s = split + marginFactor*absSum; out[i] = sigma*sigma. */
+void mc_accumulation_variance(const double *absSum, const float *range, const float *split, long count, double oldFactor,
+                              double marginFactor, double terms, double splits, double u, int contiguous, double *out);
+
 #endif
