@@ -200,20 +200,54 @@ int mc_range_stats(const float *a, long m, long k, const float *b, long ldb, lon
 MC_PREPARE(mc_prepare_weights_f64, double, (float)(x * x))
 MC_PREPARE(mc_prepare_weights_f32, float, x * x)
 
-/* See include/rangesums.h. Written without branches so that it vectorizes (the AVX2 clone four
- * at a time); sqrt is correctly rounded in every width, and the pragma above keeps the products
- * and sums separate roundings: the same bits as the scalar definition. */
-__attribute__((target_clones("avx2", "default")))
+/* See include/rangesums.h. The scalar definition, then the AVX2 path four at a time with the same
+ * operations (sqrt is correctly rounded at any width; the pragma above keeps every product and
+ * sum a separate rounding; min and the finiteness test are the comparisons they replace): the
+ * same bits. */
+static double accumulation_variance_1(double a, double r0, double s0, double oldFactor, double marginFactor, double terms,
+                                      double splits, double u, int contiguous) {
+    const double old = oldFactor * a;
+    if (!contiguous || !isfinite(a)) return old * old;
+    const double margin = marginFactor * a;
+    const double r = r0 + margin, s = s0 + margin;
+    const double v = sqrt(terms * r * r + splits * s * s) * u;
+    const double sigma = v < old ? v : old;
+    return sigma * sigma;
+}
+
+#ifdef MC_RANGE_X86
+__attribute__((target("avx2")))
+static long accumulation_variance_avx2(const double *absSum, const float *range, const float *split, long count, double oldFactor,
+                                       double marginFactor, double terms, double splits, double u, double *out) {
+    const __m256d of = _mm256_set1_pd(oldFactor), mf = _mm256_set1_pd(marginFactor), tm = _mm256_set1_pd(terms);
+    const __m256d sp = _mm256_set1_pd(splits), uu = _mm256_set1_pd(u), inf = _mm256_set1_pd(INFINITY);
+    const __m256d sign = _mm256_set1_pd(-0.0), zero = _mm256_setzero_pd();
+    long i = 0;
+    for (; i + 4 <= count; i += 4) {
+        const __m256d a = _mm256_loadu_pd(absSum + i);
+        const __m256d old = _mm256_mul_pd(of, a);
+        const __m256d margin = _mm256_mul_pd(mf, a);
+        const __m256d r = _mm256_add_pd(range ? _mm256_cvtps_pd(_mm_loadu_ps(range + i)) : zero, margin);
+        const __m256d s = _mm256_add_pd(split ? _mm256_cvtps_pd(_mm_loadu_ps(split + i)) : zero, margin);
+        const __m256d sum = _mm256_add_pd(_mm256_mul_pd(_mm256_mul_pd(tm, r), r), _mm256_mul_pd(_mm256_mul_pd(sp, s), s));
+        const __m256d v = _mm256_mul_pd(_mm256_sqrt_pd(sum), uu);
+        __m256d sigma = _mm256_blendv_pd(old, v, _mm256_cmp_pd(v, old, _CMP_LT_OQ));            /* v < old ? v : old */
+        const __m256d finite = _mm256_cmp_pd(_mm256_andnot_pd(sign, a), inf, _CMP_LT_OQ);       /* |a| < inf: not NaN/Inf */
+        sigma = _mm256_blendv_pd(old, sigma, finite);
+        _mm256_storeu_pd(out + i, _mm256_mul_pd(sigma, sigma));
+    }
+    return i;
+}
+#endif
+
 void mc_accumulation_variance(const double *absSum, const float *range, const float *split, long count, double oldFactor,
                               double marginFactor, double terms, double splits, double u, int contiguous, double *out) {
-    for (long i = 0; i < count; ++i) {
-        const double a = absSum[i];
-        const double old = oldFactor * a;
-        const double margin = marginFactor * a;
-        const double r = (range ? (double)range[i] : 0.0) + margin, s = (split ? (double)split[i] : 0.0) + margin;
-        const double v = sqrt(terms * r * r + splits * s * s) * u;
-        double sigma = v < old ? v : old;
-        sigma = contiguous && isfinite(a) ? sigma : old;
-        out[i] = sigma * sigma;
-    }
+    long i = 0;
+#ifdef MC_RANGE_X86
+    if (contiguous && have_avx2())
+        i = accumulation_variance_avx2(absSum, range, split, count, oldFactor, marginFactor, terms, splits, u, out);
+#endif
+    for (; i < count; ++i)
+        out[i] = accumulation_variance_1(absSum[i], range ? (double)range[i] : 0.0, split ? (double)split[i] : 0.0, oldFactor,
+                                         marginFactor, terms, splits, u, contiguous);
 }
