@@ -199,7 +199,8 @@ public final class MoEReferenceEngine {
                 routerTokenVariance: routerVariance,
                 intermediateVariance: combined.interVariance, intermediateTieBias: combined.interTie, slotExperts: router.slotExpert.map { Int32($0) },
                 slots: c.topK + (c.hasSharedExpert ? 1 : 0), contributions: combined.contributions,
-                ambiguousTokens: router.statisticallyAmbiguous, midpointTokens: inputs.midpointTokens,
+                ambiguousTokens: router.statisticallyAmbiguous,
+                midpointTokens: recipe.quantizationArithmetic == .approximate ? inputs.midpointTokens : inputs.midpointTokens.map { _ in false },
                 directionVariance: direction?.variance)
         }
         return ReferenceResult(
@@ -248,7 +249,8 @@ public final class MoEReferenceEngine {
             var seen = Set<[Double]>()
             for t in 0..<T where !seen.insert(Array(xin[(t * H)..<((t + 1) * H)])).inserted { duplicateTokens[t] = true }
         }
-        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, duplicateTokens: duplicateTokens, rowsOf: rowsOf,
+        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, approximateCodes: recipe.quantizationArithmetic == .approximate,
+                            duplicateTokens: duplicateTokens, rowsOf: rowsOf,
                             requantizer: fp8q)
     }
 
