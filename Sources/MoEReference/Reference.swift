@@ -147,6 +147,14 @@ public final class MoEReferenceEngine {
     /// Whether this run computes the statistical model (it needs the bounds' GEMMs).
     var statisticsEnabled: Bool { options.computeBounds && options.statistics }
 
+    /// Whether a run of `T` tokens keeps the contributions (`options.keepContributions` within
+    /// `options.contributionLimit` values).
+    func keepsContributions(tokens T: Int) -> Bool {
+        let c = layer.config
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
+        return statisticsEnabled && options.keepContributions && T * slotsAll * c.hidden <= options.contributionLimit
+    }
+
     /// Runs the layer on `x` (`[T, H]` row-major): the router, the activations' fp8
     /// quantization, the expert pipeline with the weighted combine, and the final bound.
     public func run(inputs x: [Double], tokens T: Int, routing: RoutingOverride? = nil) throws -> ReferenceResult {
@@ -282,7 +290,7 @@ public final class MoEReferenceEngine {
         let S = c.topK + (c.fusable && options.fuseShared ? 1 : 0)
         let Imax = Swift.max(c.intermediate, c.sharedIntermediate)
         let keep = options.keepIntermediate
-        let keepContributions = stats && options.keepContributions && T * slotsAll * H <= options.contributionLimit
+        let keepContributions = keepsContributions(tokens: T)
         var acc = Combined(
             out: [Double](repeating: 0, count: T * H), outBound: [Double](repeating: 0, count: T * H),
             absSum: [Double](repeating: 0, count: T * H),
