@@ -9,7 +9,9 @@ bf16 combine.
 import aiter_fused_moe as base
 
 NAME = "aiter fused_moe, fp8 block scale"
-RECIPE = {"base": "fused-fp8", "weighted": "bf16-or-fp32", "combine": "bf16"}
+# aiter's quantiser build flags (fast math or not) are not checked here: a scaled value on an fp8
+# midpoint may take either code
+RECIPE = {"base": "fused-fp8", "weighted": "bf16-or-fp32", "combine": "bf16", "quantization": "approximate"}
 FORMATS = ["fp8-e4m3fnuz", "fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = base.MUTANTS
 

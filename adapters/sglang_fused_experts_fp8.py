@@ -5,7 +5,9 @@ installed). Activation and intermediate groups are quantised by per_token_group_
 import sglang_fused_experts as base
 
 NAME = "sglang fused_moe (Triton), fp8 block scale"
-RECIPE = {"base": "fused-fp8", "gateUp": "bf16", "weighted": "bf16", "scaleConvention": "divide"}
+# the quantiser's division may be approximate (Triton's fp32 `/` is div.full.f32; sgl-kernel's build flags
+# unchecked): a scaled value on an fp8 midpoint may take either code
+RECIPE = {"base": "fused-fp8", "gateUp": "bf16", "weighted": "bf16", "scaleConvention": "divide", "quantization": "approximate"}
 FORMATS = ["fp8-e4m3fn"]  # weight formats of the case files this adapter takes
 MUTANTS = base.MUTANTS
 

@@ -21,6 +21,22 @@ public enum Rounding: String, Codable, Sendable, CaseIterable {
     }
 }
 
+/// How a kernel computes its dynamic fp8 quantization's scaled values `x / scale` or
+/// `x · (1/scale)` (docs/error-bounds.md, "fp8 midpoints").
+public enum QuantizationArithmetic: String, Codable, Sendable, CaseIterable {
+    /// Correctly rounded binary32 exactly as the recipe's `scaleConvention` says (IEEE division
+    /// and reciprocal: nvcc and hipcc without fast math, torch's `/` and `reciprocal`): the
+    /// kernel's codes equal the reference's, those whose scaled value sits on a rounding midpoint
+    /// included, so the statistical tier treats them as known.
+    case exact
+    /// The division or reciprocal may be off by a few ulp (Triton's fp32 `/` lowers to
+    /// `div.full.f32`, ≤ 2 ulp; fast-math builds): a code whose scaled value sits within 2⁻²¹
+    /// (relative) of a midpoint may be either, and the statistical tier takes the rigorous
+    /// radius as the noise of that token's stage 1 (far less sensitive at H ≥ 2048, where most
+    /// tokens have such a code).
+    case approximate
+}
+
 /// How the weighted sum over a token's slots is accumulated.
 public enum CombineMode: String, Codable, Sendable, CaseIterable {
     /// Exactly (float64): the `exact` recipe.
@@ -84,8 +100,16 @@ public struct Recipe: Codable, Sendable, Equatable, CustomStringConvertible {
     /// `√n·u·Σ|t|` for kernels whose order is unknown). The rigorous bound does not depend on it.
     public var accumulation: AccumulationOrder? = nil
 
+    /// How exactly the kernel's fp8 quantizations (activations, and the intermediate's
+    /// requantization) follow `scaleConvention`, as the statistical tier assumes (nil: `.exact`).
+    /// The rigorous bound allows either code at a midpoint whatever this says.
+    public var quantization: QuantizationArithmetic? = nil
+
     /// `accumulation`, its default filled in.
     public var accumulationOrder: AccumulationOrder { accumulation ?? .contiguous }
+
+    /// `quantization`, its default filled in.
+    public var quantizationArithmetic: QuantizationArithmetic { quantization ?? .exact }
 
     public var description: String { name }
 

@@ -7,10 +7,10 @@ import Foundation
 /// recipe name, default `fused-bf16`) plus any `Recipe` field to override, keyed by its Swift
 /// name (`routerLogits`, `routingWeights`, `sharedGate`, `activationFP8`, `scaleConvention`,
 /// `gateUp`, `activation`, `intermediate`, `intermediateFP8`, `down`, `weighted`, `combine`,
-/// `output`, `accumulatorUnitRoundoff`, `transcendentalRelativeError`, `accumulation`, `name`). Values: a
+/// `output`, `accumulatorUnitRoundoff`, `transcendentalRelativeError`, `accumulation`, `quantization`, `name`). Values: a
 /// `Rounding` (`none`, `fp32`, `bf16`, `bf16-or-fp32`), a `CombineMode` (`exact`, `fp32`, `bf16`),
 /// a `ScaleConvention` (`divide`, `multiply-reciprocal`), an `AccumulationOrder` (`contiguous`,
-/// `any`), booleans and numbers. An unknown key or
+/// `any`), a `QuantizationArithmetic` (`exact`, `approximate`), booleans and numbers. An unknown key or
 /// value is an error naming it: a typo never silently leaves a rounding point unmodelled.
 public struct RecipeSpecError: Error, CustomStringConvertible, Equatable {
     public let message: String
@@ -71,8 +71,9 @@ extension Recipe {
             case "accumulatorUnitRoundoff": r.accumulatorUnitRoundoff = try number(key, v)
             case "transcendentalRelativeError": r.transcendentalRelativeError = try number(key, v)
             case "accumulation": r.accumulation = try enumValue(key, v) as AccumulationOrder
+            case "quantization": r.quantization = try enumValue(key, v) as QuantizationArithmetic
             default:
-                throw RecipeSpecError("\(origin): unknown recipe field '\(key)' (fields: base, name, routerLogits, routingWeights, sharedGate, activationFP8, scaleConvention, gateUp, activation, intermediate, intermediateFP8, down, weighted, combine, output, accumulatorUnitRoundoff, transcendentalRelativeError, accumulation)")
+                throw RecipeSpecError("\(origin): unknown recipe field '\(key)' (fields: base, name, routerLogits, routingWeights, sharedGate, activationFP8, scaleConvention, gateUp, activation, intermediate, intermediateFP8, down, weighted, combine, output, accumulatorUnitRoundoff, transcendentalRelativeError, accumulation, quantization)")
             }
         }
         let overrides = object.keys.filter { $0 != "base" && $0 != "name" }.sorted()

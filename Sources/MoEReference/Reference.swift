@@ -150,6 +150,14 @@ public final class MoEReferenceEngine {
     /// Whether this run computes the statistical model (it needs the bounds' GEMMs).
     var statisticsEnabled: Bool { options.computeBounds && options.statistics }
 
+    /// Whether a run of `T` tokens keeps the contributions (`options.keepContributions` within
+    /// `options.contributionLimit` values).
+    func keepsContributions(tokens T: Int) -> Bool {
+        let c = layer.config
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
+        return statisticsEnabled && options.keepContributions && T * slotsAll * c.hidden <= options.contributionLimit
+    }
+
     /// Runs the layer on `x` (`[T, H]` row-major): the router, the activations' fp8
     /// quantization, the expert pipeline with the weighted combine, and the final bound.
     public func run(inputs x: [Double], tokens T: Int, routing: RoutingOverride? = nil) throws -> ReferenceResult {
@@ -213,7 +221,8 @@ public final class MoEReferenceEngine {
                 routerTokenVariance: routerVariance,
                 intermediateVariance: combined.interVariance, intermediateTieBias: combined.interTie, slotExperts: router.slotExpert.map { Int32($0) },
                 slots: c.topK + (c.hasSharedExpert ? 1 : 0), contributions: combined.contributions,
-                ambiguousTokens: router.statisticallyAmbiguous, midpointTokens: inputs.midpointTokens,
+                ambiguousTokens: router.statisticallyAmbiguous,
+                midpointTokens: recipe.quantizationArithmetic == .approximate ? inputs.midpointTokens : inputs.midpointTokens.map { _ in false },
                 directionVariance: direction?.variance)
         }
         let result = ReferenceResult(
@@ -271,7 +280,8 @@ public final class MoEReferenceEngine {
         let fp8q: GroupQuantizer? = recipe.intermediateFP8 ? layer.weightFormat.fp8.map { GroupQuantizer(format: $0, convention: recipe.scaleConvention) } : nil
         // tokens whose (quantized) input repeats an earlier token's: the same computation, the same error
         let duplicateTokens = statisticsEnabled ? Self.repeatedRows(xin, rows: T, columns: H) : [Bool](repeating: false, count: T)
-        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, duplicateTokens: duplicateTokens, rowsOf: rowsOf,
+        return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, approximateCodes: recipe.quantizationArithmetic == .approximate,
+                            duplicateTokens: duplicateTokens, rowsOf: rowsOf,
                             requantizer: fp8q)
     }
 
@@ -334,7 +344,7 @@ public final class MoEReferenceEngine {
         let S = c.topK + (c.fusable && options.fuseShared ? 1 : 0)
         let Imax = Swift.max(c.intermediate, c.sharedIntermediate)
         let keep = options.keepIntermediate
-        let keepContributions = stats && options.keepContributions && T * slotsAll * H <= options.contributionLimit
+        let keepContributions = keepsContributions(tokens: T)
         var acc = Combined(
             out: [Double](repeating: 0, count: T * H), outBound: [Double](repeating: 0, count: T * H),
             absSum: [Double](repeating: 0, count: T * H),

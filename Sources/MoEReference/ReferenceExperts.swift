@@ -9,9 +9,13 @@ struct ExpertInputs {
     /// of each quantized element (empty without fp8 activations or bounds).
     let x: [Double]
     let xRadius: [Float]
-    /// Tokens with an fp8 code at a rounding midpoint: the statistical model takes the rigorous
-    /// stage-1 radius for them (a kernel's code there is not a random event).
+    /// Tokens with an fp8 code at a rounding midpoint (empty without fp8 activations, bounds or
+    /// statistics). With `approximateCodes` the statistical model takes the rigorous stage-1
+    /// radius for them (a kernel's code there is not a random event); with exact quantization
+    /// arithmetic their codes are the reference's and only the rigorous bound widens there.
     let midpointTokens: [Bool]
+    /// The recipe's quantization arithmetic is `.approximate`.
+    let approximateCodes: Bool
     /// Tokens whose quantized input repeats an earlier token's (statistics only).
     let duplicateTokens: [Bool]
     /// `(token, slot)` rows routed to each expert (index E: the shared expert).
@@ -120,6 +124,7 @@ extension MoEReferenceEngine {
         // the value GEMM, its bound GEMM and the range statistics of every gate/up dot product
         // (statistics only) are independent
         var guRange: (range: [Float], split: [Float])? = nil
+        var guAccumulation: [Double]? = nil   // γ·Σ|x||w| alone, where guBound also holds midpoint radii
         if let fused {
             try fusedGemm(Self.floats(xe) { $0 }, [(fused.gate, 0), (fused.up, Ie)], rowsEach: Ie, into: &gu, m: n, n: 2 * Ie, k: H) {
                 var tmp = [Float](repeating: 0, count: 2 * Ie * H)
@@ -143,6 +148,18 @@ extension MoEReferenceEngine {
                         }
                     } } }
                     boundGemm(boundA1, p13.absolute, &guBound, m: n, n: 2 * Ie, k: H)
+                    // exact quantization arithmetic: a midpoint code is the reference's, so the statistical
+                    // model takes its accumulation noise from Σ|x||w| alone (without the codes' radius)
+                    if stats && !inputs.approximateCodes && !inputs.midpointTokens.isEmpty && rows.contains(where: { inputs.midpointTokens[$0.0] }) {
+                        inputs.x.withUnsafeBufferPointer { xinP in boundA1.withUnsafeMutableBufferPointer { dst in
+                            for (r, (t, _)) in rows.enumerated() {
+                                for h in 0..<H { dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) }
+                            }
+                        } }
+                        var acc = [Double](repeating: 0, count: n * 2 * Ie)
+                        boundGemm(boundA1, p13.absolute, &acc, m: n, n: 2 * Ie, k: H)
+                        guAccumulation = acc
+                    }
                 }
             default:
                 guard contiguous else { break }
@@ -152,7 +169,7 @@ extension MoEReferenceEngine {
             }
         }
         mark = PhaseProfile.start(cpu: true)
-        var part = swiGLU(gu: gu, guBound: guBound, guRange: guRange, rows: rows, inputs: inputs, n: n, Ie: Ie)
+        var part = swiGLU(gu: gu, guBound: guBound, guAccumulation: guAccumulation, guRange: guRange, rows: rows, inputs: inputs, n: n, Ie: Ie)
         phase("SwiGLU, rounding, variance")
         var act = part.act, actBound = part.actBound
         var actVariance = part.actVariance
@@ -164,7 +181,8 @@ extension MoEReferenceEngine {
             for r in 0..<n {
                 if stats {
                     let g = StatisticalModel.requantizationVariance(
-                        row: act, variance: &actVariance, tie: &actTie, offset: r * Ie, count: Ie, quantizer: q, columnNorms2: colNorm2)
+                        row: act, variance: &actVariance, tie: &actTie, offset: r * Ie, count: Ie, quantizer: q, columnNorms2: colNorm2,
+                        approximate: inputs.approximateCodes)
                     groupRowVariance[r] = g.trace
                     groupFactors += g.groupFactors
                 }
@@ -241,15 +259,15 @@ extension MoEReferenceEngine {
 
     /// SwiGLU with the recipe's rounding points (gate/up, silu, product), the bounds and the
     /// statistical variances of the intermediate.
-    private func swiGLU(gu: [Double], guBound: [Double], guRange: (range: [Float], split: [Float])?, rows: [(Int, Int)], inputs: ExpertInputs,
+    private func swiGLU(gu: [Double], guBound: [Double], guAccumulation: [Double]?, guRange: (range: [Float], split: [Float])?, rows: [(Int, Int)], inputs: ExpertInputs,
                         n: Int, Ie: Int) -> ExpertPart {
         let bounds = options.computeBounds, stats = statisticsEnabled
         let u = recipe.accumulatorUnitRoundoff
         let trans = recipe.transcendentalRelativeError
         let H = layer.config.hidden
         let n1 = H + 2 * ((H + 127) / 128) + 4
-        // guBound = γ(n1)·Σ|x||w| where no fp8 code sat on a midpoint: σ from Σ|x||w| and the
-        // dot product's range statistics (StatisticalModel.accumulationSigma)
+        // guBound = γ(n1)·Σ|x||w| where no fp8 code sat on a midpoint (else guAccumulation holds
+        // it): σ from Σ|x||w| and the dot product's range statistics (StatisticalModel.accumulationSigma)
         let g1 = Self.gamma(n1, u)
         let sigmaPerBound = StatisticalModel.accumulationSigmaFactor(terms: n1, unitRoundoff: u) / g1
         let contiguousSigma = StatisticalModel.AccumulationSigma(terms: n1, length: H, unitRoundoff: u, order: .contiguous)
@@ -262,15 +280,16 @@ extension MoEReferenceEngine {
         var actVariance = [Double](repeating: 0, count: stats ? n * Ie : 0)
         var actTie = [Double](repeating: 0, count: stats ? n * Ie : 0)
         for r in 0..<n {
-            // a token with an fp8 code on a midpoint: the rigorous radius stands for σ
-            let midpoint = !inputs.midpointTokens.isEmpty && inputs.midpointTokens[rows[r].0]
+            // a token with an fp8 code on a midpoint, approximate quantization: the rigorous radius stands for σ
+            let midpoint = inputs.approximateCodes && !inputs.midpointTokens.isEmpty && inputs.midpointTokens[rows[r].0]
             for i in 0..<Ie {
                 var g = gu[r * 2 * Ie + i], up = gu[r * 2 * Ie + Ie + i]
                 var gb = bounds ? guBound[r * 2 * Ie + i] : 0, ub = bounds ? guBound[r * 2 * Ie + Ie + i] : 0
                 var vg = 0.0, vu = 0.0, upstreamTie = 0.0
                 if stats {
-                    let sg = midpoint ? gb : accumulationSigma(gb, r * 2 * Ie + i)
-                    let su = midpoint ? ub : accumulationSigma(ub, r * 2 * Ie + Ie + i)
+                    let ag = guAccumulation?[r * 2 * Ie + i] ?? gb, au = guAccumulation?[r * 2 * Ie + Ie + i] ?? ub
+                    let sg = midpoint ? gb : accumulationSigma(ag, r * 2 * Ie + i)
+                    let su = midpoint ? ub : accumulationSigma(au, r * 2 * Ie + Ie + i)
                     vg = StatisticalModel.roundingVariance(g, sigma: sg, recipe.gateUp)
                     vu = StatisticalModel.roundingVariance(up, sigma: su, recipe.gateUp)
                     let tg = StatisticalModel.tieBias(g, recipe.gateUp.format), tu = StatisticalModel.tieBias(up, recipe.gateUp.format)

@@ -121,9 +121,11 @@ public enum StatisticalModel {
     /// An element's code changes with the probability that its bf16 value flips (Var/step²)
     /// when an fp8 midpoint lies within one bf16 step, with the probability that the scale moves
     /// when one lies within the scale's relative step, and always when the scaled value sits on
-    /// a midpoint (a kernel's `x·(1/scale)` may differ in the last bit).
+    /// a midpoint and the quantization arithmetic is `approximate` (a kernel's `x·(1/scale)` may
+    /// differ in the last bit; with `exact` arithmetic the same bf16 value and scale give the same code).
     public static func requantizationVariance(row: [Double], variance: inout [Double], tie: inout [Double], offset: Int, count: Int,
-                                              quantizer q: GroupQuantizer, columnNorms2: [Double]) -> (groupFactors: [Double], trace: Double) {
+                                              quantizer q: GroupQuantizer, columnNorms2: [Double],
+                                              approximate: Bool = true) -> (groupFactors: [Double], trace: Double) {
         let bf = SmallFloatFormat.bfloat16
         let f8 = q.codec.format
         var correlated = 0.0
@@ -152,9 +154,9 @@ public enum StatisticalModel {
                 var vq = 0.0
                 if dMid * s <= 1.01 * stepB { vq += Swift.min(1, vv / (stepB * stepB)) * step * step }
                 if dMid <= 1.01 * Swift.abs(z) * relScale { vq += pScale * step * step }
-                if dMid <= Swift.abs(z) * 0x1p-21 + 0x1p-60 { vq += step * step }
-                // a systematic choice: on an fp8 midpoint, or a bf16 tie one bf16 step from one
-                let onMidpoint = dMid <= Swift.abs(z) * 0x1p-20 + 0x1p-60
+                if approximate && dMid <= Swift.abs(z) * 0x1p-21 + 0x1p-60 { vq += step * step }
+                // a systematic choice: on an fp8 midpoint (approximate arithmetic), or a bf16 tie one bf16 step from one
+                let onMidpoint = approximate && dMid <= Swift.abs(z) * 0x1p-20 + 0x1p-60
                 tie[offset + i] = onMidpoint || (tie[offset + i] > 0 && dMid * s <= 1.01 * stepB) ? step : 0
                 // noise wider than a bf16 step is continuous: its own tail decides (a bf16 flip
                 // moves by exactly one step and cannot reach an fp8 midpoint further away)
@@ -332,7 +334,7 @@ extension StatisticalModel {
         case auto = 0, portable = 1, avx2 = 2
     }
 
-    /// `rangeStats(_:m:k:_:n:)` against `B [n, k]` packed by `ReferenceEngine.PreparedWeights`
+    /// `rangeStats(_:m:k:_:n:)` against `B [n, k]` packed by `MoEReferenceEngine.PreparedWeights`
     /// (panels of 8 columns, `mc_range_stats_packed`), with rows of `a` `lda` apart, into `[m, n]`
     /// outputs `ldc` apart. False when `path` is not available on this CPU.
     @discardableResult

@@ -146,13 +146,17 @@ public final class PreparedReference: @unchecked Sendable {
 
     private let rerunLock = NSLock()
 
-    /// The reference rerun with other routing (teacher forcing, mutations): never cached.
+    /// The reference rerun with other routing (teacher forcing, mutations): never cached. Only
+    /// the tokens whose routed experts the override changes are rerun, spliced into `reference`
+    /// (`MoEReferenceEngine.run(inputs:tokens:routing:replacing:)`); no engine is built where
+    /// none changes.
     func rerun(_ routing: RoutingOverride) throws -> ReferenceResult {
         rerunLock.lock()
         defer { rerunLock.unlock() }
+        if routing.ids.count == reference.tokens && MoEReferenceEngine.changedTokens(routing, from: reference).isEmpty { return reference }
         if engine == nil { engine = try MoEReferenceEngine(layer: referenceLayer, recipe: reference.recipe, options: options) }
         if inputs == nil { inputs = storedInputs ? try layer.inputs() : try layer.kernelInputs() }
-        return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing)
+        return try engine!.run(inputs: inputs!, tokens: reference.tokens, routing: routing, replacing: reference)
     }
 }
 
@@ -414,8 +418,9 @@ public struct CaseVerifier {
         }
         var override = [[Int]]()
         var forced = 0
-        // every token's choice goes into the override (a partial one cannot be rerun); the list
-        // of problems stops growing after 20 and says how many more there were
+        // every token's choice goes into the override (the rerun takes one per token and reruns
+        // those that change the reference's experts); the list of problems stops growing after
+        // 20 and says how many more there were
         var moreProblems = 0
         func problem(_ p: String) {
             if routerProblems.count < 20 { routerProblems.append(p) } else { moreProblems += 1 }

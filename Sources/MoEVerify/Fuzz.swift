@@ -289,7 +289,7 @@ public final class ReferenceSelfCheckKernel: KernelUnderTest {
         func routed(_ ids: [Int32]) -> [[Int]] { (0..<T).map { t in (0..<K).map { Int(ids[t * S + $0]) } } }
         let want = routed(referenceIds)
         let same = routed(free.topkIds) == want
-        let forced = same ? free : try engine.run(inputs: x, tokens: T, routing: RoutingOverride(ids: want))
+        let forced = same ? free : try engine.run(inputs: x, tokens: T, routing: RoutingOverride(ids: want), replacing: free)
         var inter = [Double](repeating: 0, count: T * S * I)
         let width = forced.intermediateWidth
         if let fi = forced.intermediate {

@@ -85,6 +85,51 @@ struct StatisticalTierTests {
         #expect(!r.passed)
     }
 
+    /// At H ≥ 2048 almost every token has an fp8 activation code whose scaled value sits on a
+    /// rounding midpoint. With exact quantization arithmetic (the default) those codes are the
+    /// reference's; with `approximate` the token's stage-1 noise is the rigorous radius.
+    @Test("fp8 midpoint codes: exact quantization arithmetic keeps the statistical tier sharp, approximate widens it")
+    func quantizationArithmetic() throws {
+        let wide = MoEConfig(family: .qwen35Moe, hidden: 2048, intermediate: 128, sharedIntermediate: 128, experts: 8, topK: 2)
+        var approximate = Recipe.fusedFP8
+        approximate.quantization = .approximate
+        #expect(Recipe.fusedFP8.quantizationArithmetic == .exact)
+        #expect(try Recipe.fromJSON(#"{"base": "fused-fp8", "quantization": "approximate"}"#, origin: "t").quantization == .approximate)
+        // the first seed whose inputs put some token's scaled value within 2^-21 of an fp8 midpoint
+        // (the recipe's quantizer, binary32 as the kernel computes it)
+        let q = GroupQuantizer(format: .e4m3fn, convention: Recipe.fusedFP8.scaleConvention)
+        func hasMidpoint(_ x: [Double]) -> Bool {
+            stride(from: 0, to: x.count, by: 128).contains { start in
+                let g = x[start..<Swift.min(start + 128, x.count)].map { Float($0) }
+                let s = q.scale(amax: g.map { Swift.abs($0) }.max()!)
+                return g.contains { v in
+                    let z = Double(q.scaled(v, scale: s)), eps = Swift.abs(z) * 0x1p-21 + 0x1p-60
+                    return q.codec.round(z - eps, saturating: true) != q.codec.round(z + eps, saturating: true)
+                }
+            }
+        }
+        let seed = try #require((UInt64(1)...64).first { try! hasMidpoint(SyntheticLayer(SyntheticSpec(config: wide, format: .fp8e4m3fn, tokens: 6, seed: $0)).inputs()) })
+        let vc = VerifyCase(name: "h2048-fp8fn-T6", spec: SyntheticSpec(config: wide, format: .fp8e4m3fn, tokens: 6, seed: seed))
+        let layer = try SyntheticLayer(vc.spec!)
+        #expect(throws: RecipeSpecError.self) { try Recipe.fromJSON(#"{"quantization": "fast"}"#, origin: "t") }
+        let options = ReferenceOptions(keepContributions: true)
+        let exactRef = try MoEReferenceEngine(layer: layer, recipe: .fusedFP8, options: options).run(inputs: layer.inputs(), tokens: 6)
+        let approxRef = try MoEReferenceEngine(layer: layer, recipe: approximate, options: options).run(inputs: layer.inputs(), tokens: 6)
+        #expect(try #require(approxRef.statistics).midpointTokens.contains(true), "H = 2048: some token has a code on a midpoint")
+        #expect(!(try #require(exactRef.statistics).midpointTokens.contains(true)))
+        // the rigorous tier allows either code at a midpoint whatever the recipe says
+        #expect(exactRef.bound == approxRef.bound && exactRef.output == approxRef.output)
+        // the CPU model quantizes exactly: it passes either way, and exact is the sharper
+        let exact = try forwardOnly(vc, nil)
+        let loose = try #require(try CaseVerifier(kernel: try CPUModelKernel(), adjustRecipe: { _ in approximate }, mode: .forwardOnly)
+            .forwardOnlyStudy(vc, mutations: [nil]).first).1
+        #expect(exact.passed && loose.passed, "\(line(exact)) / \(line(loose))")
+        let se = try #require(exact.precision?.sensitivity), sa = try #require(loose.precision?.sensitivity)
+        #expect(se.statisticalOutput < sa.statisticalOutput / 3, "exact \(se.line) vs approximate \(sa.line)")
+        let flagged = try forwardOnly(vc, .everyExpert1p01)
+        #expect(tiers(flagged).statistical, "every expert ×1.01 at H = 2048 fp8: \(line(flagged))")
+    }
+
     @Test("--rigorous-only reports the statistical tier but does not fail on it")
     func rigorousOnly() throws {
         let r = try forwardOnly(mediumCase(.bf16, tokens: 24), .everyExpert1p01, rigorousOnly: true)

@@ -326,4 +326,28 @@ struct RouterJudgeTests {
         let rerunChoice = Set((0..<K).map { Int(judged.forcedRef.topkIds[forcedToken * S + $0]) })
         #expect(rerunChoice == Set(alt), "the rerun followed the forced choice")
     }
+
+    @Test("the teacher-forced rerun of a case reruns only its forced tokens: the others keep the reference's bits")
+    func partialRerun() throws {
+        let verifier = CaseVerifier(kernel: try CPUModelKernel())
+        let p = try verifier.prepare(try smokeCase("smoke-inputs-large-bf16"))
+        let ref = p.reference.reference, routing = try #require(p.run.routing)
+        let judged = try verifier.judgeRouter(routing, ref: ref, rerun: p.rerun)
+        #expect(judged.report.passed && judged.forced > 0, "the case no longer teacher-forces: pick another for this test")
+        let T = ref.tokens, H = ref.hidden, K = ref.topK, S = ref.slots
+        let forcedRef = judged.forcedRef, st = try #require(ref.statistics), fst = try #require(forcedRef.statistics)
+        var changed = 0
+        for t in 0..<T {
+            let kernelSet = Set((0..<K).map { routing.ids[t * routing.slots + $0] }), refSet = Set((0..<K).map { ref.topkIds[t * S + $0] })
+            #expect(Set((0..<K).map { forcedRef.topkIds[t * S + $0] }) == kernelSet, "token \(t): the rerun follows the kernel's choice")
+            if kernelSet != refSet { changed += 1; continue }
+            let rows = (t * H)..<((t + 1) * H)
+            #expect(bitDifferences(Array(forcedRef.output[rows]), Array(ref.output[rows])).isEmpty
+                    && bitDifferences(Array(forcedRef.bound[rows]), Array(ref.bound[rows])).isEmpty
+                    && bitDifferences(Array(fst.elementVariance[rows]), Array(st.elementVariance[rows])).isEmpty
+                    && bitDifferences(Array(forcedRef.topkWeights[(t * S)..<((t + 1) * S)]), Array(ref.topkWeights[(t * S)..<((t + 1) * S)])).isEmpty,
+                    "token \(t), not forced, has other bits than the reference")
+        }
+        #expect(changed == judged.forced)
+    }
 }
