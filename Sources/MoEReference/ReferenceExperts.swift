@@ -140,26 +140,26 @@ extension MoEReferenceEngine {
                 PhaseProfile.measure("expert: stage-1 bound GEMM", cpu: true) {
                     let g1 = Self.gamma(H + 2 * ((H + 127) / 128) + 4, u)
                     var boundA1 = [Float](repeating: 0, count: n * H)
-                    inputs.x.withUnsafeBufferPointer { xinP in inputs.xRadius.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
+                    inputs.x.withUnsafeBufferPointer { xinP in boundA1.withUnsafeMutableBufferPointer { dst in
                         for (r, (t, _)) in rows.enumerated() {
-                            for h in 0..<H {
-                                dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) + (xinRadiusP.isEmpty ? 0 : xinRadiusP[t * H + h])
-                            }
+                            for h in 0..<H { dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) }
                         }
-                    } } }
-                    boundGemm(boundA1, p13.absolute, &guBound, m: n, n: 2 * Ie, k: H)
+                    } }
                     // exact quantization arithmetic: a midpoint code is the reference's, so the statistical
                     // model takes its accumulation noise from Σ|x||w| alone (without the codes' radius)
                     if stats && !inputs.approximateCodes && !inputs.midpointTokens.isEmpty && rows.contains(where: { inputs.midpointTokens[$0.0] }) {
-                        inputs.x.withUnsafeBufferPointer { xinP in boundA1.withUnsafeMutableBufferPointer { dst in
-                            for (r, (t, _)) in rows.enumerated() {
-                                for h in 0..<H { dst[r * H + h] = Float(g1 * Swift.abs(xinP[t * H + h])) }
-                            }
-                        } }
                         var acc = [Double](repeating: 0, count: n * 2 * Ie)
                         boundGemm(boundA1, p13.absolute, &acc, m: n, n: 2 * Ie, k: H)
                         guAccumulation = acc
                     }
+                    if !inputs.xRadius.isEmpty {
+                        inputs.xRadius.withUnsafeBufferPointer { xinRadiusP in boundA1.withUnsafeMutableBufferPointer { dst in
+                            for (r, (t, _)) in rows.enumerated() {
+                                for h in 0..<H { dst[r * H + h] += xinRadiusP[t * H + h] }
+                            }
+                        } }
+                    }
+                    boundGemm(boundA1, p13.absolute, &guBound, m: n, n: 2 * Ie, k: H)
                 }
             default:
                 guard contiguous else { break }
