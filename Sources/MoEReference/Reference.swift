@@ -218,7 +218,7 @@ public final class MoEReferenceEngine {
                 directionBias: direction?.bias,
                 excludedTokens: (0..<T).map { router.tieTokens[$0] || inputs.duplicateTokens[$0] },
                 expertTokenVariance: combined.expertTokenVariance,
-                routerTokenVariance: routerVariance,
+                routerTokenVariance: routerVariance, expertTokenBlockMax: combined.expertTokenBlockMax,
                 intermediateVariance: combined.interVariance, intermediateTieBias: combined.interTie, slotExperts: router.slotExpert.map { Int32($0) },
                 slots: c.topK + (c.hasSharedExpert ? 1 : 0), contributions: combined.contributions,
                 ambiguousTokens: router.statisticallyAmbiguous,
@@ -321,6 +321,8 @@ public final class MoEReferenceEngine {
         var out: [Double], outBound: [Double], absSum: [Double]
         var inter: [Double]?, interBound: [Double]?, interVariance: [Double]?, interTie: [Double]?
         var elementVariance: [Double], expertTokenVariance: [Double]
+        /// `[T]` the largest single cause in `expertTokenVariance` (`ReferenceStatistics.expertTokenBlockMax`).
+        var expertTokenBlockMax: [Double] = []
         /// ‖y_s‖ per (token, slot) `[T, slotsAll]`, and the contributions `w_s·y_s` when kept.
         var slotNorm: [Double]
         /// Σ over the token's rows of |w|·Σ_i ‖W2[:,i]‖·tie_i `[T]`.
@@ -355,6 +357,7 @@ public final class MoEReferenceEngine {
             slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0), tieNorm: [Double](repeating: 0, count: stats ? T : 0),
             correlatedVariance: [Double](repeating: 0, count: stats ? T * H : 0),
             contributions: keepContributions ? [Float](repeating: 0, count: T * slotsAll * H) : nil)
+        acc.expertTokenBlockMax = [Double](repeating: 0, count: stats ? T : 0)
         if recipe.combine.simulatesOrder {
             acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds, mode: recipe.combine)
         }
@@ -492,6 +495,7 @@ public final class MoEReferenceEngine {
                             let slotFlip = isOrdered && stats && discrete ? router.slotFlip[t * slotsAll + s] : 1
                             if stats {
                                 p.expertTokenVariance![t] += w * w * part.rowVariance[r]
+                                if let bm = p.expertTokenBlockMax, !part.rowBlockMax.isEmpty { bm[t] = Swift.max(bm[t], w * w * part.rowBlockMax[r]) }
                                 p.slotNorm![t * slotsAll + s] = part.rowNorm2[r].squareRoot()
                                 p.tieNorm![t] += Swift.abs(w) * part.rowTieNorm[r]
                             }
@@ -841,6 +845,7 @@ struct CombinedPointers {
     var elementVariance: UnsafeMutablePointer<Double>?, expertTokenVariance: UnsafeMutablePointer<Double>?, slotNorm: UnsafeMutablePointer<Double>?
     var tieNorm: UnsafeMutablePointer<Double>?, correlatedVariance: UnsafeMutablePointer<Double>?
     var contributions: UnsafeMutablePointer<Float>?
+    var expertTokenBlockMax: UnsafeMutablePointer<Double>? = nil
 }
 
 /// Calls `body` with the base address of `a` (nil where it is nil or empty).
@@ -859,10 +864,11 @@ func withUnsafeMutablePointers(_ acc: inout MoEReferenceEngine.Combined, _ body:
     withPointer(&acc.inter) { ip in withPointer(&acc.interBound) { ibp in withPointer(&acc.interVariance) { ivp in
     withPointer(&acc.elementVariance) { ev in withPointer(&acc.expertTokenVariance) { tv in withPointer(&acc.slotNorm) { sn in
     withPointer(&acc.contributions) { cp in withPointer(&acc.tieNorm) { tn in withPointer(&acc.interTie) { itp in
-    withPointer(&acc.correlatedVariance) { cv in
+    withPointer(&acc.correlatedVariance) { cv in withPointer(&acc.expertTokenBlockMax) { bm in
         body(CombinedPointers(out: o!, outBound: ob!, absSum: asum!, inter: ip, interBound: ibp, interVariance: ivp, interTie: itp,
-                              elementVariance: ev, expertTokenVariance: tv, slotNorm: sn, tieNorm: tn, correlatedVariance: cv, contributions: cp))
-    } } } } } } } } } } } } }
+                              elementVariance: ev, expertTokenVariance: tv, slotNorm: sn, tieNorm: tn, correlatedVariance: cv, contributions: cp,
+                              expertTokenBlockMax: bm))
+    } } } } } } } } } } } } } }
 }
 
 /// The fused bf16-weight GEMM's code path on this CPU (CFastGEMM).

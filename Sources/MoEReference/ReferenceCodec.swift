@@ -15,7 +15,7 @@ import Foundation
 /// out of the cache. Bump `formatVersion` whenever the stream changes.
 public enum ReferenceCodec {
     /// Version of the stream layout (part of every cache key).
-    public static let formatVersion = 1
+    public static let formatVersion = 2
 
     /// `ReferenceResult`'s stored properties, in the order `encode` writes them.
     public static let resultFields = [
@@ -27,7 +27,7 @@ public enum ReferenceCodec {
     /// `ReferenceStatistics`' stored properties, in the order `encode` writes them.
     public static let statisticsFields = [
         "elementVariance", "outputFlipVariance", "outputTieBias", "tieNorm", "directionBias", "excludedTokens",
-        "expertTokenVariance", "routerTokenVariance", "intermediateVariance", "intermediateTieBias", "slotExperts", "slots",
+        "expertTokenVariance", "routerTokenVariance", "expertTokenBlockMax", "intermediateVariance", "intermediateTieBias", "slotExperts", "slots",
         "contributions", "ambiguousTokens", "midpointTokens", "directionVariance",
     ]
 
@@ -58,6 +58,7 @@ public enum ReferenceCodec {
             w.doubles("outputTieBias", s.outputTieBias); w.doubles("tieNorm", s.tieNorm); w.doubles("directionBias", s.directionBias)
             w.bools("excludedTokens", s.excludedTokens)
             w.doubles("expertTokenVariance", s.expertTokenVariance); w.doubles("routerTokenVariance", s.routerTokenVariance)
+            w.doubles("expertTokenBlockMax", s.expertTokenBlockMax)
             w.doubles("intermediateVariance", s.intermediateVariance); w.doubles("intermediateTieBias", s.intermediateTieBias)
             w.int32s("slotExperts", s.slotExperts); w.int("slots", s.slots); w.floats("contributions", s.contributions)
             w.bools("ambiguousTokens", s.ambiguousTokens); w.bools("midpointTokens", s.midpointTokens)
@@ -86,11 +87,17 @@ public enum ReferenceCodec {
         let intermediateWidth = try r.int("intermediateWidth")
         var statistics: ReferenceStatistics? = nil
         if try r.present("statistics") {
+            // read in stream order (the initializer's argument order differs)
+            let elementVariance = try r.doubles("elementVariance"), outputFlipVariance = try r.doubles("outputFlipVariance")
+            let outputTieBias = try r.doubles("outputTieBias"), tieNorm = try r.doubles("tieNorm"), directionBias = try r.optionalDoubles("directionBias")
+            let excludedTokens = try r.bools("excludedTokens")
+            let expertTokenVariance = try r.doubles("expertTokenVariance"), routerTokenVariance = try r.doubles("routerTokenVariance")
+            let expertTokenBlockMax = try r.doubles("expertTokenBlockMax")
             statistics = ReferenceStatistics(
-                elementVariance: try r.doubles("elementVariance"), outputFlipVariance: try r.doubles("outputFlipVariance"),
-                outputTieBias: try r.doubles("outputTieBias"), tieNorm: try r.doubles("tieNorm"), directionBias: try r.optionalDoubles("directionBias"),
-                excludedTokens: try r.bools("excludedTokens"),
-                expertTokenVariance: try r.doubles("expertTokenVariance"), routerTokenVariance: try r.doubles("routerTokenVariance"),
+                elementVariance: elementVariance, outputFlipVariance: outputFlipVariance,
+                outputTieBias: outputTieBias, tieNorm: tieNorm, directionBias: directionBias,
+                excludedTokens: excludedTokens,
+                expertTokenVariance: expertTokenVariance, routerTokenVariance: routerTokenVariance, expertTokenBlockMax: expertTokenBlockMax,
                 intermediateVariance: try r.optionalDoubles("intermediateVariance"), intermediateTieBias: try r.optionalDoubles("intermediateTieBias"),
                 slotExperts: try r.int32s("slotExperts"), slots: try r.int("slots"), contributions: try r.optionalFloats("contributions"),
                 ambiguousTokens: try r.bools("ambiguousTokens"), midpointTokens: try r.bools("midpointTokens"),

@@ -31,6 +31,8 @@ struct ExpertPart {
     /// Statistical model: per element of y, the variance of independent errors `[n, H]`; per row,
     /// the variance reaching the row's output through correlated paths (Σ_i Var(a_i)·‖W2[:,i]‖²) and ‖y‖².
     var yVariance: [Double], rowVariance: [Double], rowNorm2: [Double]
+    /// Per row, the largest single term of `rowVariance` (one element's flip, one fp8 group's scale move).
+    var rowBlockMax: [Double] = []
     /// Per element of y, its share of the correlated variance (Σ_i W2[h,i]²·Var(a_i) + fp8 scale changes).
     var yCorrelated: [Double] = []
     /// Per element of y, the probability that a kernel's rounded y differs from the reference's
@@ -200,7 +202,7 @@ extension MoEReferenceEngine {
                 try tmp.withUnsafeMutableBufferPointer { try layer.decodeDown(expert: e, into: $0.baseAddress!) }
             }
         }
-        var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = []
+        var yVariance: [Double] = [], rowVariance: [Double] = [], rowNorm2: [Double] = [], rowBlockMax: [Double] = []
         let (actNow, actBoundNow, actVarianceNow) = (act, actBound, actVariance)
         Self.tasks(concurrent, 3) { task in
             switch task {
@@ -215,7 +217,7 @@ extension MoEReferenceEngine {
                 }
             default:
                 guard stats else { break }
-                (yVariance, rowVariance, part.yCorrelated) = stage2Variance(
+                (yVariance, rowVariance, part.yCorrelated, rowBlockMax) = stage2Variance(
                     act: actNow, actVariance: actVarianceNow, w2: w2, prepared: p2, colNorm2: colNorm2, groupRowVariance: groupRowVariance,
                     groupFactors: groupFactors, n: n, H: H, Ie: Ie, concurrent: concurrent)
             }
@@ -252,7 +254,7 @@ extension MoEReferenceEngine {
         }
         if !options.keepIntermediate { part.act = []; part.actBound = []; part.actVariance = []; part.actTie = [] }
         part.y = y; part.yBound = yBound
-        part.yVariance = yVariance; part.rowVariance = rowVariance; part.rowNorm2 = rowNorm2
+        part.yVariance = yVariance; part.rowVariance = rowVariance; part.rowNorm2 = rowNorm2; part.rowBlockMax = rowBlockMax
         phase("tie norms, projection input")
         return part
     }
@@ -337,7 +339,7 @@ extension MoEReferenceEngine {
     /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
     private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, prepared p2: PreparedWeights, colNorm2: [Double],
                                 groupRowVariance: [Double],
-                                groupFactors: [Double], n: Int, H: Int, Ie: Int, concurrent: Bool) -> ([Double], [Double], [Double]) {
+                                groupFactors: [Double], n: Int, H: Int, Ie: Int, concurrent: Bool) -> ([Double], [Double], [Double], [Double]) {
         let u = recipe.accumulatorUnitRoundoff
         var mark = PhaseProfile.start(cpu: true)
         func phase(_ name: String) {
@@ -351,6 +353,7 @@ extension MoEReferenceEngine {
         let order = recipe.accumulationOrder
         var absDot = [Double](repeating: 0, count: n * H)
         var correlated = [Double](repeating: 0, count: n * H)
+        var rowBlockMax = [Double](repeating: 0, count: n)   // the largest single cause per row (one χ² block)
         var yRange: (range: [Float], split: [Float])? = nil
         Self.tasks(concurrent, 3) { task in
             switch task {
@@ -389,10 +392,13 @@ extension MoEReferenceEngine {
                 for r in 0..<n {
                     let f = groupFactors[r * groups + g]
                     guard f > 0 else { continue }
+                    var block = 0.0
                     for h in 0..<H {
                         let d = Swift.abs(Double(part[r * H + h])) + slack * absDot[r * H + h]
                         correlated[r * H + h] += f * d * d
+                        block += f * d * d
                     }
+                    rowBlockMax[r] = Swift.max(rowBlockMax[r], block)
                 }
             }
         }
@@ -417,9 +423,15 @@ extension MoEReferenceEngine {
         defer { phase("row variance") }
         for r in 0..<n {
             var v = groupRowVariance.isEmpty ? 0 : groupRowVariance[r]
-            for i in 0..<Ie { v += actVariance[r * Ie + i] * colNorm2[i] }
+            var b = rowBlockMax[r]
+            for i in 0..<Ie {
+                let term = actVariance[r * Ie + i] * colNorm2[i]
+                v += term
+                b = Swift.max(b, term)
+            }
             rowVariance[r] = v
+            rowBlockMax[r] = b
         }
-        return (yVariance, rowVariance, correlated)
+        return (yVariance, rowVariance, correlated, rowBlockMax)
     }
 }

@@ -100,6 +100,7 @@ extension ReferenceResult {
         for t in tokens where st.excludedTokens[t] { s.excludedTokens[t] = true }
         s.expertTokenVariance = try splice(st.expertTokenVariance, ss.expertTokenVariance, "expertTokenVariance")
         s.routerTokenVariance = try splice(st.routerTokenVariance, ss.routerTokenVariance, "routerTokenVariance")
+        s.expertTokenBlockMax = try splice(st.expertTokenBlockMax, ss.expertTokenBlockMax, "expertTokenBlockMax")
         s.intermediateVariance = try splice(st.intermediateVariance, ss.intermediateVariance, "intermediateVariance")
         s.intermediateTieBias = try splice(st.intermediateTieBias, ss.intermediateTieBias, "intermediateTieBias")
         s.slotExperts = try splice(st.slotExperts, ss.slotExperts, "slotExperts")

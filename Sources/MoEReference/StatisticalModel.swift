@@ -403,6 +403,12 @@ public struct ReferenceStatistics: Sendable {
     public var expertTokenVariance: [Double]
     /// `[T]`: routing weights (logit flips, softmax evaluation, weight rounding) and shared gate.
     public var routerTokenVariance: [Double]
+    /// `[T]`: the largest single independent cause in `expertTokenVariance[t]`: one intermediate
+    /// element's flip (`w²·Var(a_i)·‖W2[:,i]‖²`) or one fp8 group's scale move (`factor·‖Σ_{i∈g}
+    /// a_i·W2[:,i]‖²`). Each such cause moves a whole output row along one vector, so the mean
+    /// square test takes it as one χ² block, not as H independent elements. Empty: unknown (the
+    /// whole token's correlated variance is then one block).
+    public var expertTokenBlockMax: [Double] = []
     /// `[T·S, Imax]` variance of the bf16 intermediate (before fp8 requantization), when kept.
     public var intermediateVariance: [Double]?
     /// `[T·S, Imax]` one bf16 step where the intermediate sits on a rounding tie, when kept.

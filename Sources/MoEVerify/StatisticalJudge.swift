@@ -112,6 +112,7 @@ public enum StatisticalJudge {
         var rigNum = [Double](repeating: 0, count: H) // the token's rigorous-sensitivity numerators 2·bound + half an output step
         for t in judged {
             var tokenOut = Accumulator()
+            var tokenM = 0.0, tokenA2 = 0.0, tokenMax = 0.0, tokenPre = 0.0
             for h in 0..<H {
                 let i = t * H + h
                 let o = ref.output[i]
@@ -121,14 +122,38 @@ public enum StatisticalJudge {
                 if !e.isFinite { nonFinite += 1; continue }
                 let pre = st.elementVariance[i], flip = rounded ? st.outputFlipVariance[i] : 0
                 let m = rounded ? flip : pre
-                Q += e * e; M += m; A2 += m * m; Amax = Swift.max(Amax, m)
+                Q += e * e; tokenM += m; tokenA2 += m * m; tokenMax = Swift.max(tokenMax, m); tokenPre += pre
                 let tie = rounded ? st.outputTieBias[i] : 0
                 tieNorm2 += tie * tie
                 tokenOut.n += e * o; tokenOut.pre += o * o * pre; tokenOut.flip += o * o * flip; tokenOut.bias += Swift.abs(o) * tie
                 tokenOut.d2 += o * o
                 if o != 0 { output.rig = Swift.min(output.rig, rigNum[h] / Swift.abs(o)) }
             }
-            if !rounded { M += F[t]; A2 += F[t] * F[t]; Amax = Swift.max(Amax, F[t]) }
+            // The token's correlated variance is a sum of independent causes, each moving the whole
+            // row along one vector (one χ² block, not H independent elements): Σ b² ≤ b_max·E + R²
+            // (E the experts' share with its largest cause b_max, R the routing weights' as one block).
+            let E = st.expertTokenVariance[t], R = st.routerTokenVariance[t]
+            let bE = st.expertTokenBlockMax.isEmpty ? E : Swift.min(E, st.expertTokenBlockMax[t])
+            M += tokenM
+            if !rounded {
+                let Rj = includeRouter ? R : 0
+                A2 += tokenA2 + bE * E + Rj * Rj; Amax = Swift.max(Amax, tokenMax, bE, Rj)
+                M += F[t]
+            } else if E + R > 0 {
+                // the flips' mass: the independent share (1 − c) elementwise, the correlated share c in
+                // blocks proportional to the causes before the rounding; an ordered combine keeps no
+                // independent part apart (c unknown): max of the two pure cases bounds any mix
+                let corr = E + R, k = tokenM / corr
+                let blockA2 = k * k * (bE * E + R * R), blockMax = k * Swift.max(bE, R)
+                if st.elementVariance.isEmpty || tokenPre == 0 && ref.recipe.combine.simulatesOrder {
+                    A2 += Swift.max(tokenA2, blockA2); Amax = Swift.max(Amax, tokenMax, blockMax)
+                } else {
+                    let c = corr / (tokenPre + corr)
+                    A2 += (1 - c) * (1 - c) * tokenA2 + c * c * blockA2; Amax = Swift.max(Amax, (1 - c) * tokenMax, c * blockMax)
+                }
+            } else {
+                A2 += tokenA2; Amax = Swift.max(Amax, tokenMax)
+            }
             tokenOut.add(token: directional(t, 0, tokenOut.d2))
             output.n += tokenOut.n; output.pre += tokenOut.pre; output.flip += tokenOut.flip; output.bias += tokenOut.bias; output.d2 += tokenOut.d2
             if let contrib = st.contributions {

@@ -87,7 +87,7 @@ struct TeacherForcingTests {
         case "output", "routerLogits", "topkWeights", "sharedGate", "routerTolerance", "intermediate", "contributions", "outputTieBias",
              "intermediateTieBias", "tieNorm", "routerTokenVariance": return (1e-12, 0)
         case "bound", "routerLogitBound", "topkWeightBound", "sharedGateBound", "intermediateBound", "elementVariance", "outputFlipVariance",
-             "directionBias", "expertTokenVariance", "intermediateVariance", "directionVariance": return (1e-4, 0.005)
+             "directionBias", "expertTokenVariance", "expertTokenBlockMax", "intermediateVariance", "directionVariance": return (1e-4, 0.005)
         default: return nil
         }
     }
@@ -239,7 +239,7 @@ struct TeacherForcingTests {
                                         "ambiguousTokens", "routerTolerance", "intermediate", "intermediateBound", "intermediateWidth", "statistics"],
                 "ReferenceResult's fields changed: splice the new one in ReferenceResult.replacingTokens")
         #expect(storedProperties(s) == ["elementVariance", "outputFlipVariance", "outputTieBias", "tieNorm", "directionBias", "excludedTokens",
-                                        "expertTokenVariance", "routerTokenVariance", "intermediateVariance", "intermediateTieBias", "slotExperts",
+                                        "expertTokenVariance", "routerTokenVariance", "expertTokenBlockMax", "intermediateVariance", "intermediateTieBias", "slotExperts",
                                         "slots", "contributions", "ambiguousTokens", "midpointTokens", "directionVariance"],
                 "ReferenceStatistics' fields changed: splice the new one in ReferenceResult.replacingTokens")
     }
