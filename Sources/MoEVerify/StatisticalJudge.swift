@@ -110,8 +110,7 @@ public enum StatisticalJudge {
         struct Accumulator {
             var n = 0.0, pre = 0.0, flip = 0.0, bias = 0.0, d2 = 0.0, rig = Double.infinity, low = 0.0, high = 0.0
             mutating func add(token: (Double, Double)) { pre += token.0; bias += token.1 }
-            mutating func add(flip f: Double, tie: Double, _ alt: (low: Double, high: Double, flip: Double, tie: Double)?) {
-                guard let alt else { flip += f; bias += tie; return }
+            mutating func add(alternative alt: (low: Double, high: Double, flip: Double, tie: Double)) {
                 flip += alt.flip; bias += alt.tie; low += alt.low; high += alt.high
             }
             /// How far Σ d·e lies outside the hypotheses' shifts.
@@ -130,7 +129,8 @@ public enum StatisticalJudge {
         var rigNum = [Double](repeating: 0, count: H) // the token's rigorous-sensitivity numerators 2·bound + half an output step
         for t in judged {
             var tokenOut = Accumulator()
-            var tokenFlip = 0.0, tokenTie = 0.0
+            // with known alternatives the output rounding's flips and ties are the token's own (below)
+            let outAlternative = alternative(t, 0)
             for h in 0..<H {
                 let i = t * H + h
                 let o = ref.output[i]
@@ -143,31 +143,33 @@ public enum StatisticalJudge {
                 Q += e * e; M += m; A2 += m * m; Amax = Swift.max(Amax, m)
                 let tie = rounded ? st.outputTieBias[i] : 0
                 tieNorm2 += tie * tie
-                tokenOut.n += e * o; tokenOut.pre += o * o * pre; tokenFlip += o * o * flip; tokenTie += Swift.abs(o) * tie
+                tokenOut.n += e * o; tokenOut.pre += o * o * pre
+                if outAlternative == nil { tokenOut.flip += o * o * flip; tokenOut.bias += Swift.abs(o) * tie }
                 tokenOut.d2 += o * o
                 if o != 0 { output.rig = Swift.min(output.rig, rigNum[h] / Swift.abs(o)) }
             }
             if !rounded { M += F[t]; A2 += F[t] * F[t]; Amax = Swift.max(Amax, F[t]) }
             tokenOut.add(token: directional(t, 0, tokenOut.d2))
-            tokenOut.add(flip: tokenFlip, tie: tokenTie, alternative(t, 0))
+            if let outAlternative { tokenOut.add(alternative: outAlternative) }
             output.n += tokenOut.n; output.pre += tokenOut.pre; output.flip += tokenOut.flip; output.bias += tokenOut.bias; output.d2 += tokenOut.d2
             output.low += tokenOut.low; output.high += tokenOut.high
             if let contrib = st.contributions {
                 for s in 0..<slots {
                     let ex = Int(st.slotExperts[t * slots + s])
                     var a = experts[ex] ?? Accumulator()
-                    var d2 = 0.0, flip = 0.0, tie = 0.0
+                    var d2 = 0.0
+                    let slotAlternative = alternative(t, 1 + s)
                     for h in 0..<H {
                         let i = t * H + h
                         let c = Double(contrib[(t * slots + s) * H + h])
                         if !err[h].isFinite { continue }
                         a.n += err[h] * c; a.pre += c * c * st.elementVariance[i]; d2 += c * c
-                        if rounded { flip += c * c * st.outputFlipVariance[i]; tie += Swift.abs(c) * st.outputTieBias[i] }
+                        if rounded && slotAlternative == nil { a.flip += c * c * st.outputFlipVariance[i]; a.bias += Swift.abs(c) * st.outputTieBias[i] }
                         if c != 0 { a.rig = Swift.min(a.rig, rigNum[h] / Swift.abs(c)) }
                     }
                     a.d2 += d2
                     a.add(token: directional(t, 1 + s, d2))
-                    a.add(flip: flip, tie: tie, alternative(t, 1 + s))
+                    if let slotAlternative { a.add(alternative: slotAlternative) }
                     experts[ex] = a
                 }
             }
