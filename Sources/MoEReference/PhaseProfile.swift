@@ -105,6 +105,7 @@ extension ReferenceResult {
                 ("intermediateTieBias", PhaseProfile.digest(s.intermediateTieBias)), ("slotExperts", PhaseProfile.digest(s.slotExperts)),
                 ("contributions", PhaseProfile.digest(s.contributions)), ("ambiguousTokens(stat)", PhaseProfile.digest(s.ambiguousTokens)),
                 ("midpointTokens", PhaseProfile.digest(s.midpointTokens)), ("directionVariance", PhaseProfile.digest(s.directionVariance)),
+                ("alternatives", PhaseProfile.digest(s.alternatives)),
             ]
         }
         return d

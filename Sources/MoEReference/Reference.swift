@@ -177,16 +177,18 @@ public final class MoEReferenceEngine {
         var statistics: ReferenceStatistics? = nil
         if statisticsEnabled {
             let routerVariance = PhaseProfile.measure("router token variance") { routerTokenVariance(router, combined, tokens: T) }
+            // likely fp8 group-scale moves become known alternatives: only their residual stays in the projections
+            let known = combined.alternatives.isEmpty ? [] : selectAlternatives(&combined, tokens: T)
             // its GEMMs at the pinned thread count, in one phase (BLAS.withThreads)
             let direction = try PhaseProfile.measure("direction variance") {
                 try BLAS.withPinnedThreads { try directionVariance(combined, router: router, tokens: T) }
             }
             var flip: [Double] = [], tie: [Double] = []
             let outputFlipStart = PhaseProfile.start()
+            let routerElement = recipe.output.format != nil || !known.isEmpty ? routerElementVariance(router, combined, tokens: T) : nil
+            func routerShare(_ i: Int) -> Double { routerElement.map { $0[i] } ?? routerVariance[i / c.hidden] }
             if let f = recipe.output.format {
                 // the kernel's output about round(o): flips of the final rounding under its noise
-                let routerElement = routerElementVariance(router, combined, tokens: T)
-                func routerShare(_ i: Int) -> Double { routerElement.map { $0[i] } ?? routerVariance[i / c.hidden] }
                 if let st = combined.ordered, st.stats {
                     // the last rounding of the kernel's own accumulation is the output's: its input
                     // and noise were kept; the routing weights' variance joins here. Ties are the
@@ -213,6 +215,9 @@ public final class MoEReferenceEngine {
                 }
             }
             PhaseProfile.stop("output flips and ties", since: outputFlipStart)
+            let alternatives = combined.alternatives.isEmpty ? nil : PhaseProfile.measure("known alternatives") {
+                alternativeBounds(known, combined, routerShare: routerShare, tokens: T)
+            }
             statistics = ReferenceStatistics(
                 elementVariance: combined.elementVariance, outputFlipVariance: flip, outputTieBias: tie, tieNorm: combined.tieNorm,
                 directionBias: direction?.bias,
@@ -223,7 +228,7 @@ public final class MoEReferenceEngine {
                 slots: c.topK + (c.hasSharedExpert ? 1 : 0), contributions: combined.contributions,
                 ambiguousTokens: router.statisticallyAmbiguous,
                 midpointTokens: recipe.quantizationArithmetic == .approximate ? inputs.midpointTokens : inputs.midpointTokens.map { _ in false },
-                directionVariance: direction?.variance)
+                directionVariance: direction?.variance, alternatives: alternatives)
         }
         let result = ReferenceResult(
             tokens: T, hidden: c.hidden, experts: c.experts, topK: c.topK, slots: S, sharedFused: fused, recipe: recipe,
@@ -282,7 +287,7 @@ public final class MoEReferenceEngine {
         let duplicateTokens = statisticsEnabled ? Self.repeatedRows(xin, rows: T, columns: H) : [Bool](repeating: false, count: T)
         return ExpertInputs(x: xin, xRadius: xinRadius, midpointTokens: midpointTokens, approximateCodes: recipe.quantizationArithmetic == .approximate,
                             duplicateTokens: duplicateTokens, rowsOf: rowsOf,
-                            requantizer: fp8q)
+                            requantizer: fp8q, knownAlternatives: knownAlternativesEnabled(tokens: T))
     }
 
     /// Per row of `x` (`[rows, columns]`), whether an earlier row equals it element for element
@@ -334,6 +339,20 @@ public final class MoEReferenceEngine {
         var projections: [Int: ProjectionInput] = [:]
         /// The ordered accumulation's state (recipes whose combine `simulatesOrder`).
         var ordered: OrderedCombineState? = nil
+        /// `[T]`: each token's likely fp8 group-scale moves (known alternatives only, else empty).
+        var alternatives: [[TokenAlternative]] = []
+    }
+
+    /// Adds an expert's likely group-scale moves to its rows' tokens (`Combined.alternatives`).
+    private func collectAlternatives(_ e: Int, _ part: ExpertPart, into acc: inout Combined, router: RouterStep, rowsOf: [[(Int, Int)]]) {
+        guard !acc.alternatives.isEmpty else { return }
+        let c = layer.config
+        let slotsAll = c.topK + (c.hasSharedExpert ? 1 : 0)
+        for a in part.alternatives {
+            let (t, s) = rowsOf[e][a.row]
+            acc.alternatives[t].append(TokenAlternative(expert: e, row: a.row, weight: router.slotWeight[t * slotsAll + s], alternative: a.alternative,
+                                                        partial: a.partial, shifts: a.shifts, codeShare: a.codeShare))
+        }
     }
 
     /// Runs every touched expert (concurrently, each GEMM single-threaded, in batches that bound
@@ -361,6 +380,7 @@ public final class MoEReferenceEngine {
         if recipe.combine.simulatesOrder {
             acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds, mode: recipe.combine)
         }
+        if inputs.knownAlternatives { acc.alternatives = [[TokenAlternative]](repeating: [], count: T) }
         let rowsOf = inputs.rowsOf
         var touched = (0...E).filter { !rowsOf[$0].isEmpty }
         let workers = Swift.max(1, BLAS.threads)
@@ -429,7 +449,10 @@ public final class MoEReferenceEngine {
             }
             if let failure { throw failure }
             PhaseProfile.measure("combine") { combine(batch, parts.map { $0! }, into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers) }
-            for (bi, e) in batch.enumerated() { if let p = parts[bi]!.projection { acc.projections[e] = p } }
+            for (bi, e) in batch.enumerated() {
+                if let p = parts[bi]!.projection { acc.projections[e] = p }
+                collectAlternatives(e, parts[bi]!, into: &acc, router: router, rowsOf: rowsOf)
+            }
             batchStart = batchEnd
         }
         if let shared {
@@ -438,6 +461,7 @@ public final class MoEReferenceEngine {
             shared.box.result = nil
             PhaseProfile.measure("combine") { combine([E], [part], into: &acc, tokens: T, router: router, rowsOf: rowsOf, workers: workers) }
             if let p = part.projection { acc.projections[E] = p }
+            collectAlternatives(E, part, into: &acc, router: router, rowsOf: rowsOf)
         }
         }
         return acc

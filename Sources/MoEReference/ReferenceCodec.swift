@@ -15,7 +15,7 @@ import Foundation
 /// out of the cache. Bump `formatVersion` whenever the stream changes.
 public enum ReferenceCodec {
     /// Version of the stream layout (part of every cache key).
-    public static let formatVersion = 2
+    public static let formatVersion = 3
 
     /// `ReferenceResult`'s stored properties, in the order `encode` writes them.
     public static let resultFields = [
@@ -28,7 +28,7 @@ public enum ReferenceCodec {
     public static let statisticsFields = [
         "elementVariance", "outputFlipVariance", "outputTieBias", "tieNorm", "directionBias", "excludedTokens",
         "expertTokenVariance", "routerTokenVariance", "expertTokenBlockMax", "intermediateVariance", "intermediateTieBias", "slotExperts", "slots",
-        "contributions", "ambiguousTokens", "midpointTokens", "directionVariance",
+        "contributions", "ambiguousTokens", "midpointTokens", "directionVariance", "alternatives",
     ]
 
     /// The bytes of `r` (see the type's description).
@@ -62,7 +62,7 @@ public enum ReferenceCodec {
             w.doubles("intermediateVariance", s.intermediateVariance); w.doubles("intermediateTieBias", s.intermediateTieBias)
             w.int32s("slotExperts", s.slotExperts); w.int("slots", s.slots); w.floats("contributions", s.contributions)
             w.bools("ambiguousTokens", s.ambiguousTokens); w.bools("midpointTokens", s.midpointTokens)
-            w.doubles("directionVariance", s.directionVariance)
+            w.doubles("directionVariance", s.directionVariance); w.doubles("alternatives", s.alternatives)
         }
         return w.out
     }
@@ -101,7 +101,7 @@ public enum ReferenceCodec {
                 intermediateVariance: try r.optionalDoubles("intermediateVariance"), intermediateTieBias: try r.optionalDoubles("intermediateTieBias"),
                 slotExperts: try r.int32s("slotExperts"), slots: try r.int("slots"), contributions: try r.optionalFloats("contributions"),
                 ambiguousTokens: try r.bools("ambiguousTokens"), midpointTokens: try r.bools("midpointTokens"),
-                directionVariance: try r.optionalDoubles("directionVariance"))
+                directionVariance: try r.optionalDoubles("directionVariance"), alternatives: try r.optionalDoubles("alternatives"))
         }
         guard r.offset == bytes.count else { throw ReferenceCodecError.badValue(field: "end", "\(bytes.count - r.offset) byte(s) after the last field") }
         return ReferenceResult(

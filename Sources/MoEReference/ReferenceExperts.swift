@@ -21,6 +21,9 @@ struct ExpertInputs {
     /// `(token, slot)` rows routed to each expert (index E: the shared expert).
     let rowsOf: [[(Int, Int)]]
     let requantizer: GroupQuantizer?
+    /// Whether the statistical model tests likely fp8 group-scale moves as known alternatives
+    /// (`MoEReferenceEngine.knownAlternativesEnabled`).
+    var knownAlternatives = false
 }
 
 /// One expert's stage 1 and stage 2 for all its rows.
@@ -42,6 +45,23 @@ struct ExpertPart {
     var rowTieNorm: [Double] = []
     /// What the second pass needs to project this expert's correlated errors on any direction.
     var projection: ProjectionInput? = nil
+    /// The bf16 intermediate before its rounding and the σ of a kernel's noise there (known
+    /// alternatives only).
+    var actPre: [Double] = [], actSigma: [Double] = []
+    /// Likely fp8 group-scale moves of this expert's rows (known alternatives only).
+    var alternatives: [RowAlternative] = []
+}
+
+/// A likely move of one row's fp8 group scale (`ScaleAlternative`) as it reaches the row's y
+/// (`[H]` each, float32): the group's partial product `Σ_{i∈g} a_i·W2[:,i]` (its scale-move
+/// variance in yCorrelated is `factor·partial²`), each move's exact change of y
+/// `Σ_{i∈g} Δa_i·W2[:,i]`, and the code-change variance it takes over, `Σ_{i∈g} codeVariance_i·W2[:,i]²`.
+struct RowAlternative {
+    var row: Int
+    var alternative: ScaleAlternative
+    var partial: [Float]
+    var shifts: [[Float]] = []
+    var codeShare: [Float] = []
 }
 
 /// One expert's stage-2 inputs as the statistical model sees them, per row: the variance of
@@ -178,15 +198,18 @@ extension MoEReferenceEngine {
         var actTie = part.actTie
         var groupRowVariance = [Double](repeating: 0, count: stats ? n : 0)
         var groupFactors: [Double] = []
+        var candidates: [(row: Int, alternative: ScaleAlternative)] = []
         let colNorm2 = stats ? p2.columnNorm2 : []
         if let q = inputs.requantizer {
+            let pre = part.actPre.isEmpty ? nil : (value: part.actPre, sigma: part.actSigma)
             for r in 0..<n {
                 if stats {
                     let g = StatisticalModel.requantizationVariance(
                         row: act, variance: &actVariance, tie: &actTie, offset: r * Ie, count: Ie, quantizer: q, columnNorms2: colNorm2,
-                        approximate: inputs.approximateCodes)
+                        approximate: inputs.approximateCodes, preRounding: pre)
                     groupRowVariance[r] = g.trace
                     groupFactors += g.groupFactors
+                    candidates += g.alternatives.map { (r, $0) }
                 }
                 Self.requantize(row: &act, rowBound: &actBound, offset: r * Ie, count: Ie, quantizer: q, bounds: bounds)
             }
@@ -217,12 +240,37 @@ extension MoEReferenceEngine {
                 }
             default:
                 guard stats else { break }
-                (yVariance, rowVariance, part.yCorrelated, rowBlockMax) = stage2Variance(
+                var partials: [[Float]] = []
+                (yVariance, rowVariance, part.yCorrelated, rowBlockMax, partials) = stage2Variance(
                     act: actNow, actVariance: actVarianceNow, w2: w2, prepared: p2, colNorm2: colNorm2, groupRowVariance: groupRowVariance,
-                    groupFactors: groupFactors, n: n, H: H, Ie: Ie, concurrent: concurrent)
+                    groupFactors: groupFactors, candidates: candidates.map { ($0.row, $0.alternative.group) }, n: n, H: H, Ie: Ie, concurrent: concurrent)
+                part.alternatives = zip(candidates, partials).map { RowAlternative(row: $0.row, alternative: $0.alternative, partial: $1) }
             }
         }
         mark = PhaseProfile.start(cpu: true)
+        if !part.alternatives.isEmpty {
+            // each move's exact change of y and the code-change variance it takes over, through W2
+            let wf = w2.f32.isEmpty ? p2.values : w2.f32
+            for k in part.alternatives.indices {
+                let a = part.alternatives[k].alternative
+                var shifts = [[Float]](repeating: [Float](repeating: 0, count: H), count: a.deltas.count)
+                var share = [Float](repeating: 0, count: H)
+                for h in 0..<H {
+                    let w = h * Ie + a.start
+                    for (m, delta) in a.deltas.enumerated() {
+                        var v = 0.0
+                        for i in delta.indices where delta[i] != 0 { v += delta[i] * Double(wf[w + i]) }
+                        shifts[m][h] = Float(v)
+                    }
+                    var c = 0.0
+                    for i in a.codeVariance.indices where a.codeVariance[i] != 0 { c += a.codeVariance[i] * Double(wf[w + i]) * Double(wf[w + i]) }
+                    share[h] = Float(c)
+                }
+                part.alternatives[k].shifts = shifts
+                part.alternatives[k].codeShare = share
+            }
+            phase("known alternatives' shifts")
+        }
         if stats {
             rowNorm2 = (0..<n).map { r in (0..<H).reduce(0.0) { $0 + y[r * H + $1] * y[r * H + $1] } }
             phase("row norms")
@@ -253,6 +301,7 @@ extension MoEReferenceEngine {
                                               groupFactors: groupFactors, groups: inputs.requantizer == nil ? 0 : (Ie + 127) / 128)
         }
         if !options.keepIntermediate { part.act = []; part.actBound = []; part.actVariance = []; part.actTie = [] }
+        part.actPre = []; part.actSigma = []
         part.y = y; part.yBound = yBound
         part.yVariance = yVariance; part.rowVariance = rowVariance; part.rowNorm2 = rowNorm2; part.rowBlockMax = rowBlockMax
         phase("tie norms, projection input")
@@ -281,6 +330,8 @@ extension MoEReferenceEngine {
         var actBound = [Double](repeating: 0, count: bounds ? n * Ie : 0)
         var actVariance = [Double](repeating: 0, count: stats ? n * Ie : 0)
         var actTie = [Double](repeating: 0, count: stats ? n * Ie : 0)
+        let keepPre = stats && inputs.knownAlternatives
+        var actPre = [Double](repeating: 0, count: keepPre ? n * Ie : 0), actSigma = actPre
         for r in 0..<n {
             // a token with an fp8 code on a midpoint, approximate quantization: the rigorous radius stands for σ
             let midpoint = inputs.approximateCodes && !inputs.midpointTokens.isEmpty && inputs.midpointTokens[rows[r].0]
@@ -323,6 +374,7 @@ extension MoEReferenceEngine {
                     let sigma = (up * up * vs + s * s * vu + vs * vu).squareRoot() + (trans + 2 * u) * Swift.abs(h)
                     let (variance, t) = StatisticalModel.roundingVarianceAndTieBias(h, sigma: sigma, recipe.intermediate)
                     actVariance[r * Ie + i] = variance
+                    if keepPre { actPre[r * Ie + i] = h; actSigma[r * Ie + i] = sigma }
                     actTie[r * Ie + i] = upstreamTie > 0 ? Swift.max(t, upstreamTie, recipe.intermediate.format?.ulp(of: h) ?? 0) : t
                 }
                 (h, hb) = Self.roundInterval(h, bounds ? hb : 0, recipe.intermediate)
@@ -330,8 +382,10 @@ extension MoEReferenceEngine {
                 if bounds { actBound[r * Ie + i] = hb }
             }
         }
-        return ExpertPart(act: act, actBound: actBound, actVariance: actVariance, actTie: actTie, y: [], yBound: [], yVariance: [], rowVariance: [],
-                          rowNorm2: [])
+        var part = ExpertPart(act: act, actBound: actBound, actVariance: actVariance, actTie: actTie, y: [], yBound: [], yVariance: [], rowVariance: [],
+                              rowNorm2: [])
+        part.actPre = actPre; part.actSigma = actSigma
+        return part
     }
 
     /// The statistical model's stage 2: the independent part of each output element's variance
@@ -339,7 +393,8 @@ extension MoEReferenceEngine {
     /// (`Σ_i Var(a_i)·‖W2[:,i]‖²` plus the fp8 groups' scale changes).
     private func stage2Variance(act: [Double], actVariance: [Double], w2: WeightMatrix, prepared p2: PreparedWeights, colNorm2: [Double],
                                 groupRowVariance: [Double],
-                                groupFactors: [Double], n: Int, H: Int, Ie: Int, concurrent: Bool) -> ([Double], [Double], [Double], [Double]) {
+                                groupFactors: [Double], candidates: [(row: Int, group: Int)] = [], n: Int, H: Int, Ie: Int,
+                                concurrent: Bool) -> ([Double], [Double], [Double], [Double], [[Float]]) {
         let u = recipe.accumulatorUnitRoundoff
         var mark = PhaseProfile.start(cpu: true)
         func phase(_ name: String) {
@@ -351,6 +406,7 @@ extension MoEReferenceEngine {
         // fp8 groups' scale changes below, at most max_g factor_g·(Σ|a||W2|)²) and the range
         // statistics of the dot product's own accumulation: independent
         let order = recipe.accumulationOrder
+        var partials: [[Float]] = []
         var absDot = [Double](repeating: 0, count: n * H)
         var correlated = [Double](repeating: 0, count: n * H)
         var rowBlockMax = [Double](repeating: 0, count: n)   // the largest single cause per row (one χ² block)
@@ -382,12 +438,15 @@ extension MoEReferenceEngine {
             let af = Self.floats(act) { $0 }
             let wf = w2.f32.isEmpty ? p2.values : w2.f32
             var part = [Float](repeating: 0, count: n * H)
+            partials = [[Float]](repeating: [], count: candidates.count)
             for g in 0..<groups {
                 let k0 = g * 128, k = Swift.min(128, Ie - k0)
                 guard k > 0 else { break }
                 af.withUnsafeBufferPointer { ap in wf.withUnsafeBufferPointer { wp in part.withUnsafeMutableBufferPointer { cp in
                     BLAS.sgemmABtBlock(ap.baseAddress!, lda: Ie, wp.baseAddress!, ldb: Ie, cp.baseAddress!, m: n, n: H, k0: k0, k: k)
                 } } }
+                // the known alternatives' partial products: exactly these moves, along any direction
+                for (c, (r, cg)) in candidates.enumerated() where cg == g { partials[c] = Array(part[(r * H)..<((r + 1) * H)]) }
                 let slack = Double(k + 8) * 0x1p-23
                 for r in 0..<n {
                     let f = groupFactors[r * groups + g]
@@ -432,6 +491,6 @@ extension MoEReferenceEngine {
             rowVariance[r] = v
             rowBlockMax[r] = b
         }
-        return (yVariance, rowVariance, correlated, rowBlockMax)
+        return (yVariance, rowVariance, correlated, rowBlockMax, partials)
     }
 }

@@ -21,12 +21,14 @@ extension ReferenceResult {
     ///   token is excluded where this result or `sub` excludes it: the sub-run knows the new
     ///   routing's ties, this result the duplicates (a property of the inputs, which routing does
     ///   not change). Conservative: a tie of the replaced routing keeps excluding the token.
-    /// - `statistics.contributions` (and `directionVariance`, `directionBias`, computed from
+    /// - `statistics.contributions` (and `directionVariance`, `directionBias`, `alternatives`, computed from
     ///   them) are kept only where the whole case holds at most
     ///   `ReferenceOptions.contributionLimit` of them; `sub` must follow the whole case's choice
     ///   (present in both or absent in both), as `MoEReferenceEngine.run(inputs:tokens:routing:replacing:)`
     ///   makes it: a sub-run that kept them would also have modelled `outputFlipVariance` with
     ///   them, unlike the rest of the case.
+    /// - `statistics.alternatives` (the known alternatives' bounds along the same directions) as
+    ///   `directionVariance`: kept with the contributions.
     /// - `statistics.slots` and the scalars of the result (shape, recipe, fusion,
     ///   `intermediateWidth`): case-global, must be equal.
     ///
@@ -109,6 +111,7 @@ extension ReferenceResult {
         s.contributions = try splice(st.contributions, ss.contributions, "contributions")
         s.directionVariance = try splice(st.directionVariance, ss.directionVariance, "directionVariance")
         s.directionBias = try splice(st.directionBias, ss.directionBias, "directionBias")
+        s.alternatives = try splice(st.alternatives, ss.alternatives, "alternatives")
         r.statistics = s
         return r
     }

@@ -123,13 +123,22 @@ public enum StatisticalModel {
     /// when one lies within the scale's relative step, and always when the scaled value sits on
     /// a midpoint and the quantization arithmetic is `approximate` (a kernel's `x·(1/scale)` may
     /// differ in the last bit; with `exact` arithmetic the same bf16 value and scale give the same code).
+    ///
+    /// `preRounding` (the bf16 values before their rounding and the σ of a kernel's noise there,
+    /// indexed like `row`; `exact` quantization arithmetic only): also returns, for each group
+    /// whose scale may move by one bf16 step of its `amax` with probability at least
+    /// `knownMoveProbability`, that move as a known alternative (`ScaleAlternative`,
+    /// docs/error-bounds.md "Known alternatives"), and charges a bf16 flip that crosses an fp8
+    /// midpoint under any of the group's scales.
     public static func requantizationVariance(row: [Double], variance: inout [Double], tie: inout [Double], offset: Int, count: Int,
                                               quantizer q: GroupQuantizer, columnNorms2: [Double],
-                                              approximate: Bool = true) -> (groupFactors: [Double], trace: Double) {
+                                              approximate: Bool = true, preRounding: (value: [Double], sigma: [Double])? = nil)
+        -> (groupFactors: [Double], trace: Double, alternatives: [ScaleAlternative]) {
         let bf = SmallFloatFormat.bfloat16
         let f8 = q.codec.format
         var correlated = 0.0
         var factors: [Double] = []
+        var alternatives: [ScaleAlternative] = []
         var start = 0
         while start < count {
             let end = Swift.min(start + q.groupSize, count)
@@ -143,6 +152,11 @@ public enum StatisticalModel {
             }
             pScale = Swift.min(1, pScale)
             let relScale = amax > 0 ? stepAmax / amax : 0
+            var known = preRounding.flatMap { pre in
+                amax > 0 && pScale > 0 && !approximate
+                    ? scaleAlternative(group: factors.count, row: row, preRounding: pre, offset: offset, range: start..<end,
+                                       amax: amax, scale: s, factor: pScale * relScale * relScale, quantizer: q) : nil
+            }
             var groupShift = 0.0
             for i in start..<end {
                 let v = row[offset + i], vv = variance[offset + i]
@@ -152,8 +166,24 @@ public enum StatisticalModel {
                 let step = Swift.max(qOut, qIn) * s
                 let stepB = bf.ulp(of: v)
                 var vq = 0.0
-                if dMid * s <= 1.01 * stepB { vq += Swift.min(1, vv / (stepB * stepB)) * step * step }
-                if dMid <= 1.01 * Swift.abs(z) * relScale { vq += pScale * step * step }
+                var nearMidpoint = dMid * s <= 1.01 * stepB
+                if let scales = known?.scales {
+                    // each alternative scale's dequantized value (the codes a kernel then forms: the
+                    // exact move), and a bf16 flip that crosses an fp8 midpoint under any of the scales
+                    let deq = f8.round(z, saturating: true) * s
+                    for (k, sk) in scales.enumerated() {
+                        let zk = Double(q.scaled(Float(v), scale: sk)), sk = Double(sk)
+                        known!.deltas[k][i - start] = f8.round(zk, saturating: true) * sk - deq
+                        let (o, n, _, _) = boundaryDistances(zk, f8)
+                        if Swift.min(o, n) * sk <= 1.01 * stepB { nearMidpoint = true }
+                    }
+                }
+                if nearMidpoint { vq += Swift.min(1, vv / (stepB * stepB)) * step * step }
+                if dMid <= 1.01 * Swift.abs(z) * relScale {
+                    // codes a scale move changes: with known alternatives only their residual is noise
+                    vq += pScale * step * step
+                    if known != nil { known!.codeVariance[i - start] = Swift.max(0, pScale - known!.residualProbability) * step * step }
+                }
                 if approximate && dMid <= Swift.abs(z) * 0x1p-21 + 0x1p-60 { vq += step * step }
                 // a systematic choice: on an fp8 midpoint (approximate arithmetic), or a bf16 tie one bf16 step from one
                 let onMidpoint = approximate && dMid <= Swift.abs(z) * 0x1p-20 + 0x1p-60
@@ -165,10 +195,74 @@ public enum StatisticalModel {
                 groupShift += Swift.abs(f8.round(z, saturating: true) * s) * columnNorms2[i].squareRoot()
             }
             correlated += pScale * (relScale * groupShift) * (relScale * groupShift)
+            if let known { alternatives.append(known) }
             factors.append(pScale * relScale * relScale)
             start = end
         }
-        return (factors, correlated)
+        return (factors, correlated, alternatives)
+    }
+
+    /// A move of one fp8 group's scale by one bf16 step of its `amax` at or above this probability
+    /// is tested as a known alternative instead of charged as variance (λ·√p·r of threshold
+    /// against r of spread: the alternative is the sharper one from p ≈ 1/λ² ≈ 0.03 on).
+    public static let knownMoveProbability = 0.05
+
+    /// The one-step moves of a group's scale (`requantizationVariance`) that a correct kernel
+    /// makes with probability at least `knownMoveProbability`, from the bf16 values near the
+    /// group's `amax` before their rounding and the σ of a kernel's noise there.
+    ///
+    /// The scale is `scale(amax)`: it moves up when an element at `amax` rounds to the next bf16
+    /// value outward (probability ≤ Σ of their outward crossing probabilities), down when every
+    /// element at `amax` rounds inward (≤ the smallest inward crossing probability). Moves by two
+    /// or more steps (two or three boundaries away, as in `gridVariance`), and a one-step move
+    /// below the threshold, stay variance: `residualFactor` (in units of the relative step r²,
+    /// as `factor`). Nil where an element near `amax` has noise wider than a quarter step (the
+    /// move is no longer one of two discrete values) or no move reaches the threshold.
+    static func scaleAlternative(group: Int, row: [Double], preRounding: (value: [Double], sigma: [Double]), offset: Int, range: Range<Int>,
+                                 amax: Double, scale s: Double, factor: Double, quantizer q: GroupQuantizer) -> ScaleAlternative? {
+        let bf = SmallFloatFormat.bfloat16
+        let stepAmax = bf.ulp(of: amax)
+        var pUp = 0.0, pDown = 1.0, multi = 0.0
+        var qUp = stepAmax, qDown = stepAmax
+        for i in range where Swift.abs(row[offset + i]) >= amax - 1.01 * stepAmax {
+            let v = preRounding.value[offset + i], sigma = preRounding.sigma[offset + i]
+            guard v.isFinite, sigma.isFinite else { return nil }
+            if sigma == 0 { if Swift.abs(row[offset + i]) == amax { pDown = 0 }; continue }
+            let (dOut, dIn, qOut, qIn) = boundaryDistances(v, bf)
+            if sigma > qIn / 4 { return nil }
+            let twoSigma2 = 2 * sigma * sigma
+            // two and three boundaries away, on either side: moves of more than one step (or, for an
+            // element below amax, the move up one step), as gridVariance weighs them
+            for k in 2...3 {
+                let kk = Double(k - 1), weight = Double(2 * k - 1)
+                multi += weight * (crossing(dOut + kk * qOut, twoSigma2) + crossing(dIn + kk * qIn, twoSigma2))
+            }
+            if Swift.abs(row[offset + i]) == amax {
+                pUp += crossing(dOut, twoSigma2)
+                pDown = Swift.min(pDown, crossing(dIn, twoSigma2))
+                qUp = qOut; qDown = qIn
+            }
+        }
+        pUp = Swift.min(1, pUp)
+        guard amax - qDown > 0 else { return nil }
+        let up = q.scale(amax: Float(amax + qUp)), down = q.scale(amax: Float(amax - qDown))
+        let relStep = stepAmax / amax
+        var scales: [Float] = [], moves: [Double] = [], probabilities: [Double] = []
+        var residual = multi * relStep * relStep, residualP = multi
+        for (p, sk) in [(pUp, up), (pDown, down)] where p > 0 {
+            let r = Double(sk) / s - 1
+            if p >= knownMoveProbability && r != 0 {
+                scales.append(sk); moves.append(r); probabilities.append(p)
+            } else {
+                residual += p * r * r; residualP += p
+            }
+        }
+        guard !moves.isEmpty, residual < factor else { return nil }
+        let n = range.count
+        return ScaleAlternative(group: group, start: range.lowerBound, moves: moves, scales: scales, probabilities: probabilities, factor: factor,
+                                residualFactor: residual, residualProbability: Swift.min(1, residualP),
+                                deltas: [[Double]](repeating: [Double](repeating: 0, count: n), count: moves.count),
+                                codeVariance: [Double](repeating: 0, count: n))
     }
 
     /// Whether a correct kernel may order two logits the other way round (or tie them) with a
@@ -235,6 +329,34 @@ extension StatisticalModel {
     }
 
 
+}
+
+/// A move of one fp8 group's scale that a correct kernel makes with a probability too high to
+/// treat as noise (`StatisticalModel.scaleAlternative`): every dequantized value `a_i` of the
+/// group then moves by `r·a_i`, an error along `r·Σ_{i∈g} a_i·W2[:,i]` of known shape. The
+/// statistical tier tests it as an alternative (docs/error-bounds.md, "Known alternatives").
+public struct ScaleAlternative: Sendable, Equatable {
+    /// The group's index in its row, and its first element's.
+    public var group: Int
+    public var start: Int
+    /// The relative scale changes `s'/s − 1` tested as alternatives (one bf16 step of `amax` up,
+    /// down), the scales themselves, and a bound on the probability of each.
+    public var moves: [Double]
+    public var scales: [Float]
+    public var probabilities: [Double]
+    /// The group's variance factor as `requantizationVariance` charges it (`p·r²`), what of it
+    /// stays variance when the moves are alternatives, and the probability of a move that is not
+    /// one of them (two or more steps; a direction below `knownMoveProbability`).
+    public var factor: Double
+    public var residualFactor: Double
+    public var residualProbability: Double
+    /// Per move, the exact change of each dequantized value of the group (the kernel's codes at
+    /// the other scale times that scale, minus the reference's): the move's own code changes
+    /// included.
+    public var deltas: [[Double]]
+    /// The variance of each element's code changes by a scale move that the alternatives take
+    /// over (`requantizationVariance` charges the element `p·step²` for them; the residual's share stays).
+    public var codeVariance: [Double]
 }
 
 /// How a kernel may order the fp32 additions of one dot product, as the statistical model
@@ -430,4 +552,12 @@ public struct ReferenceStatistics: Sendable {
     /// 1 + s); nil when the contributions were not kept (the judge then falls back to
     /// Cauchy–Schwarz: ‖d‖²·(expert + router token variance)).
     public var directionVariance: [Double]?
+    /// `[T, 1 + slots, 4]`: per token and test direction (as `directionVariance`), the token's
+    /// known alternatives — likely fp8 group-scale moves tested as hypotheses, whose variance
+    /// `directionVariance` then leaves out: the lowest and highest shift of the error along the
+    /// direction over the token's hypotheses, and the largest flip variance and tie bias of the
+    /// output rounding along it under any of them; NaN flip where the token has none
+    /// (docs/error-bounds.md, "Known alternatives"). Nil where the model has none: the recipe
+    /// (`MoEReferenceEngine.knownAlternativesEnabled`), or the contributions not kept.
+    public var alternatives: [Double]? = nil
 }

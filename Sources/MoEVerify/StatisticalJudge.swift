@@ -96,12 +96,29 @@ public enum StatisticalJudge {
             let v = includeRouter ? dv[t * D + j] : Swift.min(dv[t * D + j], d2 * st.expertTokenVariance[t])
             return (v, st.directionBias?[t * D + j] ?? d2.squareRoot() * st.tieNorm[t])
         }
+        // The token's known alternatives along direction j (likely fp8 group-scale moves tested as
+        // hypotheses): the range of their shifts, and the output rounding's flip variance and tie
+        // bias under the worst of them, which replace the elementwise ones; nil where it has none.
+        func alternative(_ t: Int, _ j: Int) -> (low: Double, high: Double, flip: Double, tie: Double)? {
+            guard let a = st.alternatives, !a[4 * (t * D + j) + 2].isNaN else { return nil }
+            let k = 4 * (t * D + j)
+            return (a[k], a[k + 1], a[k + 2], a[k + 3])
+        }
+        // Σ d·e against the interval [low, high] of the hypotheses' shifts (0 without alternatives):
+        // under the true hypothesis the error minus its shift has the modelled sd, and the true
+        // shift lies in the interval, so a correct kernel is at most λ·sd + bias outside it.
         struct Accumulator {
-            var n = 0.0, pre = 0.0, flip = 0.0, bias = 0.0, d2 = 0.0, rig = Double.infinity
+            var n = 0.0, pre = 0.0, flip = 0.0, bias = 0.0, d2 = 0.0, rig = Double.infinity, low = 0.0, high = 0.0
             mutating func add(token: (Double, Double)) { pre += token.0; bias += token.1 }
+            mutating func add(alternative alt: (low: Double, high: Double, flip: Double, tie: Double)) {
+                flip += alt.flip; bias += alt.tie; low += alt.low; high += alt.high
+            }
+            /// How far Σ d·e lies outside the hypotheses' shifts.
+            var outside: Double { n > high ? n - high : (n < low ? n - low : 0) }
             func z() -> (z: Double, limit: Double) {
                 let sd = pre.squareRoot() + flip.squareRoot()
-                return (sd > 0 ? n / sd : (n != 0 ? .infinity : 0), bias / Swift.max(sd, .leastNormalMagnitude))
+                let m = outside
+                return (sd > 0 ? m / sd : (m != 0 ? .infinity : 0), bias / Swift.max(sd, .leastNormalMagnitude))
             }
         }
         var Q = 0.0, M = 0.0, A2 = 0.0, Amax = 0.0, tieNorm2 = 0.0
@@ -113,6 +130,8 @@ public enum StatisticalJudge {
         for t in judged {
             var tokenOut = Accumulator()
             var tokenM = 0.0, tokenA2 = 0.0, tokenMax = 0.0, tokenPre = 0.0
+            // with known alternatives the output rounding's flips and ties are the token's own (below)
+            let outAlternative = alternative(t, 0)
             for h in 0..<H {
                 let i = t * H + h
                 let o = ref.output[i]
@@ -125,7 +144,8 @@ public enum StatisticalJudge {
                 Q += e * e; tokenM += m; tokenA2 += m * m; tokenMax = Swift.max(tokenMax, m); tokenPre += pre
                 let tie = rounded ? st.outputTieBias[i] : 0
                 tieNorm2 += tie * tie
-                tokenOut.n += e * o; tokenOut.pre += o * o * pre; tokenOut.flip += o * o * flip; tokenOut.bias += Swift.abs(o) * tie
+                tokenOut.n += e * o; tokenOut.pre += o * o * pre
+                if outAlternative == nil { tokenOut.flip += o * o * flip; tokenOut.bias += Swift.abs(o) * tie }
                 tokenOut.d2 += o * o
                 if o != 0 { output.rig = Swift.min(output.rig, rigNum[h] / Swift.abs(o)) }
             }
@@ -155,22 +175,26 @@ public enum StatisticalJudge {
                 A2 += tokenA2; Amax = Swift.max(Amax, tokenMax)
             }
             tokenOut.add(token: directional(t, 0, tokenOut.d2))
+            if let outAlternative { tokenOut.add(alternative: outAlternative) }
             output.n += tokenOut.n; output.pre += tokenOut.pre; output.flip += tokenOut.flip; output.bias += tokenOut.bias; output.d2 += tokenOut.d2
+            output.low += tokenOut.low; output.high += tokenOut.high
             if let contrib = st.contributions {
                 for s in 0..<slots {
                     let ex = Int(st.slotExperts[t * slots + s])
                     var a = experts[ex] ?? Accumulator()
                     var d2 = 0.0
+                    let slotAlternative = alternative(t, 1 + s)
                     for h in 0..<H {
                         let i = t * H + h
                         let c = Double(contrib[(t * slots + s) * H + h])
                         if !err[h].isFinite { continue }
                         a.n += err[h] * c; a.pre += c * c * st.elementVariance[i]; d2 += c * c
-                        if rounded { a.flip += c * c * st.outputFlipVariance[i]; a.bias += Swift.abs(c) * st.outputTieBias[i] }
+                        if rounded && slotAlternative == nil { a.flip += c * c * st.outputFlipVariance[i]; a.bias += Swift.abs(c) * st.outputTieBias[i] }
                         if c != 0 { a.rig = Swift.min(a.rig, rigNum[h] / Swift.abs(c)) }
                     }
                     a.d2 += d2
                     a.add(token: directional(t, 1 + s, d2))
+                    if let slotAlternative { a.add(alternative: slotAlternative) }
                     experts[ex] = a
                 }
             }
@@ -191,7 +215,7 @@ public enum StatisticalJudge {
         let (zOut, biasOut) = output.z()
         if Swift.abs(zOut) > lam + biasOut {
             failures.append(String(format: "error correlates with the output: z = %+.1f (limit %.1f), a scale error of about %+.2e",
-                                   zOut, lam + biasOut, output.d2 > 0 ? output.n / output.d2 : 0))
+                                   zOut, lam + biasOut, output.d2 > 0 ? output.outside / output.d2 : 0))
         }
         var worstZ = 0.0, worstE = -1
         for (ex, a) in experts.sorted(by: { $0.key < $1.key }) {
@@ -199,13 +223,14 @@ public enum StatisticalJudge {
             if Swift.abs(z) - bias > Swift.abs(worstZ) || worstE < 0 { worstZ = z; worstE = ex }
             if Swift.abs(z) > lam + bias && failures.count < 12 {
                 failures.append(String(format: "error correlates with expert %d's contribution: z = %+.1f (limit %.1f), a scale error of about %+.2e",
-                                       ex, z, lam + bias, a.d2 > 0 ? a.n / a.d2 : 0))
+                                       ex, z, lam + bias, a.d2 > 0 ? a.outside / a.d2 : 0))
             }
         }
-        // the smallest scale error surely detected: ε·Σd² ≥ 2λ·sd + 2·bias
+        // the smallest scale error surely detected: ε·Σd² ≥ 2λ·sd + 2·bias + the spread of the
+        // known alternatives' shifts (the true one may sit at either end, the kernel's at the other)
         func detectable(_ a: Accumulator) -> Double {
             let sd = a.pre.squareRoot() + a.flip.squareRoot()
-            return a.d2 > 0 ? (2 * lam * sd + 2 * a.bias) / a.d2 : .infinity
+            return a.d2 > 0 ? (2 * lam * sd + 2 * a.bias + (a.high - a.low)) / a.d2 : .infinity
         }
         var sens: Sensitivity? = nil
         if output.d2 > 0 {

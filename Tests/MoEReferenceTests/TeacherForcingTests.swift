@@ -87,7 +87,7 @@ struct TeacherForcingTests {
         case "output", "routerLogits", "topkWeights", "sharedGate", "routerTolerance", "intermediate", "contributions", "outputTieBias",
              "intermediateTieBias", "tieNorm", "routerTokenVariance": return (1e-12, 0)
         case "bound", "routerLogitBound", "topkWeightBound", "sharedGateBound", "intermediateBound", "elementVariance", "outputFlipVariance",
-             "directionBias", "expertTokenVariance", "expertTokenBlockMax", "intermediateVariance", "directionVariance": return (1e-4, 0.005)
+             "directionBias", "expertTokenVariance", "expertTokenBlockMax", "intermediateVariance", "directionVariance", "alternatives": return (1e-4, 0.005)
         default: return nil
         }
     }
@@ -240,7 +240,7 @@ struct TeacherForcingTests {
                 "ReferenceResult's fields changed: splice the new one in ReferenceResult.replacingTokens")
         #expect(storedProperties(s) == ["elementVariance", "outputFlipVariance", "outputTieBias", "tieNorm", "directionBias", "excludedTokens",
                                         "expertTokenVariance", "routerTokenVariance", "expertTokenBlockMax", "intermediateVariance", "intermediateTieBias", "slotExperts",
-                                        "slots", "contributions", "ambiguousTokens", "midpointTokens", "directionVariance"],
+                                        "slots", "contributions", "ambiguousTokens", "midpointTokens", "directionVariance", "alternatives"],
                 "ReferenceStatistics' fields changed: splice the new one in ReferenceResult.replacingTokens")
     }
 }
