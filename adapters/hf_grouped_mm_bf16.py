@@ -20,6 +20,8 @@ RECIPE = "hf-mm-bf16"
 FORMATS = ["bf16"]  # weight formats of the case files this adapter takes
 # mutants acting through the weights the helper loads into the module
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero", "fnuz_as_fn"]
+# fuzz draws only layers torch's CUDA grouped_mm takes (16-byte strides; see the docstring)
+CONSTRAINTS = {"multiple_of": 8}
 
 
 def _check(layer):

@@ -18,6 +18,8 @@ NAME = "torch fused composition, fp8 block scale"
 RECIPE = "fused-fp8"
 FORMATS = ["fp8-e4m3fn", "fp8-e4m3fnuz"]  # weight formats of the case files this adapter takes
 MUTANTS = list(mc.MUTANT_NAMES)
+# fuzz draws only layers this composition takes: a shared expert that fuses (Is == I) at slot E
+CONSTRAINTS = {"fused_shared_expert": True}
 
 
 def _quantize(torch, a, fmt):

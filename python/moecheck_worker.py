@@ -113,7 +113,32 @@ def load_adapter(path: str):
         json.dumps(recipe)
     except (TypeError, ValueError) as e:
         raise RunError("contract", f"{path}: RECIPE is not JSON-serialisable ({e})") from None
+    constraints_of(module, path)  # a malformed CONSTRAINTS fails at hello
     return module, path, recipe, mutants
+
+
+CONSTRAINT_KEYS = {"multiple_of": "H, I and Is (when not 0) are multiples of this int",
+                   "fused_shared_expert": "True: a shared expert is always fusable (Is == I) and fused at slot E"}
+
+
+def constraints_of(module, path: str) -> dict:
+    """The adapter's optional CONSTRAINTS: which layers fuzz should draw for it (checked here)."""
+    c = getattr(module, "CONSTRAINTS", None)
+    if c is None:
+        return {}
+    if not isinstance(c, dict):
+        raise RunError("contract", f"{path}: CONSTRAINTS must be a dict, not {type(c).__name__}")
+    unknown = sorted(k for k in c if k not in CONSTRAINT_KEYS)
+    if unknown:
+        raise RunError("contract", f"{path}: CONSTRAINTS has unknown keys {unknown} (known: "
+                                   + "; ".join(f"{k}: {v}" for k, v in CONSTRAINT_KEYS.items()) + ")")
+    m = c.get("multiple_of", 1)
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 4096:
+        raise RunError("contract", f"{path}: CONSTRAINTS['multiple_of'] must be an int in 1...4096, not {m!r}")
+    f = c.get("fused_shared_expert", False)
+    if not isinstance(f, bool):
+        raise RunError("contract", f"{path}: CONSTRAINTS['fused_shared_expert'] must be True or False, not {f!r}")
+    return {"multiple_of": m, "fused_shared_expert": f}
 
 
 def torch_device_name() -> str:
@@ -396,6 +421,7 @@ def main(argv) -> int:
     reply({"ok": True, "op": "hello", "protocol": PROTOCOL, "name": str(name), "adapter": path, "recipe": recipe,
            "has_route": callable(getattr(adapter, "route", None)), "mutants": mutants,
            "formats": [str(f) for f in getattr(adapter, "FORMATS", None) or []] or None,
+           "constraints": constraints_of(adapter, path),
            "python": platform.python_version(),
            "versions": {"numpy": np.__version__, "torch": version("torch"), "transformers": version("transformers"),
                         "triton": version("triton")},

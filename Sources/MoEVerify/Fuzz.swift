@@ -136,6 +136,12 @@ public struct FuzzGenerator: Sendable {
     /// Only layers an HF config expresses (a Python adapter gets the config dict): a
     /// qwen3_5_moe layer always renormalizes (transformers ignores `norm_topk_prob` there).
     public var huggingFaceConfigsOnly = false
+    /// A kernel's shape constraints (a Python adapter's CONSTRAINTS): H, I and Is are rounded up
+    /// to multiples of `shapeMultiple`; with `fusedSharedOnly` a shared expert is drawn fusable
+    /// and fused. Drawing inside the contract costs nothing; generating a layer the kernel then
+    /// refuses cost grouped_mm's campaign on the H200 most of its time.
+    public var shapeMultiple = 1
+    public var fusedSharedOnly = false
 
     public init(seed: UInt64, limits: FuzzLimits, allExperts: Bool = false) {
         self.seed = seed
@@ -195,7 +201,7 @@ public struct FuzzGenerator: Sendable {
         var H = Self.dimension(&rng, max: L.maxHidden)
         var I = Self.dimension(&rng, max: L.maxIntermediate)
         // shared expert: none, fusable (Is == I), or not fusable
-        let sharedKind = rng.pick([(0, 30), (1, 45), (2, 25)])
+        var sharedKind = rng.pick([(0, 30), (1, 45), (2, 25)])
         var Is = 0
         if sharedKind == 2 {
             Is = Self.dimension(&rng, max: L.maxIntermediate)
@@ -212,20 +218,24 @@ public struct FuzzGenerator: Sendable {
             scales = .spreadAcrossK
             if rng.chance(70) { inputs = .coherent }
         }
-        let fuseDraw = rng.chance(85)
+        let fuseDraw = rng.chance(85) || fusedSharedOnly
+        if fusedSharedOnly && sharedKind == 2 { sharedKind = 1 }
         let splitDraw = rng.next()
         let splitOn = rng.chance(50)
         let caseSeed = rng.next() >> 16
 
         // bound the cost: halve dimensions (chosen at random, odd stays odd) until it fits
         func build() -> VerifyCase {
-            let sharedI = sharedKind == 0 ? 0 : (sharedKind == 1 ? I : Is)
-            let config = MoEConfig(family: family, hidden: H, intermediate: I, sharedIntermediate: sharedI, experts: E, topK: K,
+            let m = Swift.max(1, shapeMultiple)
+            func up(_ v: Int) -> Int { v == 0 ? 0 : (v + m - 1) / m * m }
+            var sharedI = sharedKind == 0 ? 0 : (sharedKind == 1 ? up(I) : up(Is))
+            if sharedKind == 2 && sharedI == up(I) { sharedI += m }   // rounding must not make it fusable
+            let config = MoEConfig(family: family, hidden: up(H), intermediate: up(I), sharedIntermediate: sharedI, experts: E, topK: K,
                                    renormalize: renormalize)
             let spec = SyntheticSpec(config: config, format: format, tokens: T, seed: caseSeed, routing: routing, inputs: inputs, scales: scales)
             var split = 1
             if format.fp8 != nil && splitOn {
-                let kb = (H + 127) / 128
+                let kb = (config.hidden + 127) / 128
                 split = 1 + Int(splitDraw % UInt64(kb))
             }
             return VerifyCase(name: "fuzz-s\(seed)-i\(index)", spec: spec, splitK: split, fuseShared: config.fusable && fuseDraw)

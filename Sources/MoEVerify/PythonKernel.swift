@@ -28,6 +28,10 @@ public final class PythonKernel: WholeLayerKernel {
     public private(set) var hasRoute = false
     /// The weight formats the adapter takes (`FORMATS`; default: fp8 for an fp8 recipe, else bf16).
     public private(set) var formats: [WeightFormat] = [.bf16]
+    /// The adapter's CONSTRAINTS (docs/python-adapters.md): fuzz draws only layers whose H, I and
+    /// Is are multiples of `shapeMultiple`, and (`fusedSharedOnly`) whose shared expert fuses.
+    public private(set) var shapeMultiple = 1
+    public private(set) var fusedSharedOnly = false
     /// Whether each mutant changed anything, per case name (the worker's `mutant_applied`).
     public private(set) var mutantAppliedOn: [String: [String: Bool]] = [:]
     /// The device the adapter's framework reports (at hello; updated by the first run, as an
@@ -82,6 +86,10 @@ public final class PythonKernel: WholeLayerKernel {
         } else {
             let r = try recipe(for: .bf16)
             formats = r.activationFP8 || r.intermediateFP8 ? [.fp8e4m3fn, .fp8e4m3fnuz] : [.bf16]
+        }
+        if let c = h["constraints"] as? [String: Any] {
+            shapeMultiple = (c["multiple_of"] as? Int) ?? 1
+            fusedSharedOnly = (c["fused_shared_expert"] as? Bool) ?? false
         }
         pythonVersion = h["python"] as? String ?? "?"
         device = (h["device"] as? String).map { "\($0) via Python \(pythonVersion)" } ?? "Python"

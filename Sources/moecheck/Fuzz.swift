@@ -116,7 +116,10 @@ struct Fuzz: ParsableCommand {
         sh = try failing("fuzz") { try FuzzShard(parsing: shard) }
         let lim = base.capped(maxTokens: caps.maxTokens, maxExperts: caps.maxExperts, maxHidden: caps.maxHidden, maxCost: caps.maxCost)
         var generator = FuzzGenerator(seed: seed, limits: lim, allExperts: allExperts)
-        if let py = kernel as? PythonKernel { generator.formats = py.formats; generator.huggingFaceConfigsOnly = true }
+        if let py = kernel as? PythonKernel {
+            generator.formats = py.formats; generator.huggingFaceConfigsOnly = true
+            generator.shapeMultiple = py.shapeMultiple; generator.fusedSharedOnly = py.fusedSharedOnly
+        }
         var campaign = FuzzCampaign(generator: generator, verifier: verifier, shard: sh,
                                     maxCases: cases ?? (seconds == nil ? 50 : nil), seconds: seconds)
         campaign.shrinkBudget = shrinkAttempts

@@ -196,6 +196,36 @@ struct PythonAdapterTests {
         #expect(r.passed, "\(r.line)")
     }
 
+    @Test("an adapter's CONSTRAINTS: fuzz draws only layers inside them (none skipped); a malformed one fails at hello")
+    func constraints() throws {
+        let k = try PythonKernel(adapter: fixture("constrained"), caseTimeout: 30)
+        #expect(k.shapeMultiple == 8 && k.fusedSharedOnly)
+        var g = FuzzGenerator(seed: 4, limits: FuzzLimits(maxTokens: 16, maxExperts: 8, maxHidden: 256, maxIntermediate: 128, maxCost: 2_000_000))
+        g.formats = k.formats; g.huggingFaceConfigsOnly = true
+        g.shapeMultiple = k.shapeMultiple; g.fusedSharedOnly = k.fusedSharedOnly
+        let drawn = g.cases(count: 200)
+        for vc in drawn {
+            let c = try #require(vc.spec).config
+            #expect(c.hidden % 8 == 0 && c.intermediate % 8 == 0 && c.sharedIntermediate % 8 == 0, "\(vc.name): H \(c.hidden) I \(c.intermediate) Is \(c.sharedIntermediate)")
+            #expect(c.sharedIntermediate == 0 || (c.fusable && vc.fuseShared), "\(vc.name): shared expert not fused")
+        }
+        // the same draws without the constraints would have been refused by this kernel
+        var free = g
+        free.shapeMultiple = 1; free.fusedSharedOnly = false
+        #expect(free.cases(count: 200).contains { vc in let c = vc.spec!.config; return c.hidden % 8 != 0 || (c.sharedIntermediate > 0 && !vc.fuseShared) })
+        let v = CaseVerifier(kernel: k)
+        for vc in drawn.prefix(6) {
+            let r = v.verify(vc)
+            #expect(r.skipped == nil && r.passed, "\(r.line)")
+        }
+        do {
+            _ = try PythonKernel(adapter: fixture("bad_constraints"), caseTimeout: 30)
+            Issue.record("bad_constraints: no error")
+        } catch {
+            #expect("\(error)".contains("multiple_of"), "\(error)")
+        }
+    }
+
     @Test("an adapter's FORMATS: cases of other formats are left out of a run, and refused when given")
     func formats() throws {
         let k = try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 30)
