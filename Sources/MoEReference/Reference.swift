@@ -373,10 +373,10 @@ public final class MoEReferenceEngine {
             interVariance: keep && stats ? [Double](repeating: 0, count: T * S * Imax) : nil,
             interTie: keep && stats ? [Double](repeating: 0, count: T * S * Imax) : nil,
             elementVariance: [Double](repeating: 0, count: stats ? T * H : 0), expertTokenVariance: [Double](repeating: 0, count: stats ? T : 0),
+            expertTokenBlockMax: [Double](repeating: 0, count: stats ? T : 0),
             slotNorm: [Double](repeating: 0, count: stats ? T * slotsAll : 0), tieNorm: [Double](repeating: 0, count: stats ? T : 0),
             correlatedVariance: [Double](repeating: 0, count: stats ? T * H : 0),
             contributions: keepContributions ? [Float](repeating: 0, count: T * slotsAll * H) : nil)
-        acc.expertTokenBlockMax = [Double](repeating: 0, count: stats ? T : 0)
         if recipe.combine.simulatesOrder {
             acc.ordered = OrderedCombineState(tokens: T, hidden: H, stats: stats && options.computeBounds, mode: recipe.combine)
         }

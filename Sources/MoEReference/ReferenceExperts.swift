@@ -454,8 +454,9 @@ extension MoEReferenceEngine {
                     var block = 0.0
                     for h in 0..<H {
                         let d = Swift.abs(Double(part[r * H + h])) + slack * absDot[r * H + h]
-                        correlated[r * H + h] += f * d * d
-                        block += f * d * d
+                        let v = f * d * d
+                        correlated[r * H + h] += v
+                        block += v
                     }
                     rowBlockMax[r] = Swift.max(rowBlockMax[r], block)
                 }

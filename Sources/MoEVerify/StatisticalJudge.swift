@@ -165,7 +165,7 @@ public enum StatisticalJudge {
                 // independent part apart (c unknown): max of the two pure cases bounds any mix
                 let corr = E + R, k = tokenM / corr
                 let blockA2 = k * k * (bE * E + R * R), blockMax = k * Swift.max(bE, R)
-                if st.elementVariance.isEmpty || tokenPre == 0 && ref.recipe.combine.simulatesOrder {
+                if tokenPre == 0 && ref.recipe.combine.simulatesOrder {
                     A2 += Swift.max(tokenA2, blockA2); Amax = Swift.max(Amax, tokenMax, blockMax)
                 } else {
                     let c = corr / (tokenPre + corr)
