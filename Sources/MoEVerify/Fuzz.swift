@@ -83,6 +83,20 @@ public enum FuzzCost {
         let r = T * c.experts * H
         return o1 ? Int.max : g &+ w &+ r
     }
+
+    /// The reference's work on one case, for balancing shards, in the proportions of the oracle's
+    /// times on the H200 host's catalogue (2026-12-03): the routed experts' GEMMs `T·K·3·I·H`; the
+    /// shared expert's `T·3·Is·H` at half weight (one large GEMM runs near peak); the router
+    /// `T·E·H` eight times over (its bounds and range statistics per logit); the weights decoded
+    /// for the experts touched. (`cost` charges every slot at max(I, Is), which made an unfused
+    /// Qwen2-57B layer, Is = 8·I, a whole shard's share of the catalogue.)
+    public static func work(_ vc: VerifyCase) -> Double {
+        guard let spec = vc.spec else { return 0 }
+        let c = spec.config, T = Double(spec.tokens), H = Double(c.hidden)
+        let I = Double(c.intermediate), Is = Double(c.hasSharedExpert ? c.sharedIntermediate : 0)
+        let touched = Double(Swift.min(c.experts, spec.tokens * c.topK))
+        return T * 3 * H * (Double(c.topK) * I + Is / 2) + 4 * 3 * H * (touched * I + Is) + 8 * T * Double(c.experts) * H
+    }
 }
 
 // MARK: - The generator
@@ -106,12 +120,14 @@ public struct FuzzShard: Codable, Sendable, Equatable, CustomStringConvertible {
     public var description: String { "\(index)/\(count)" }
 
     /// This shard's part of a fixed case list, balanced by work: cases are dealt, largest
-    /// `FuzzCost` first, each to the shard with the least work so far (ties to the lowest shard),
+    /// `FuzzCost.work` first, each to the shard with the least work so far (ties to the lowest shard),
     /// so every shard of a catalogue gets its share of the T = 4096 cases. Deterministic: the
     /// same list gives the same partition in every process. Order within the shard is the list's.
-    public func part(of cases: [VerifyCase]) -> [VerifyCase] {
+    /// `multiplicity[i]`: how many references case i needs (several kernels of different recipes
+    /// judged together); 1 when nil.
+    public func part(of cases: [VerifyCase], multiplicity: [Int]? = nil) -> [VerifyCase] {
         guard count > 1 else { return cases }
-        let costs = cases.map { Double(FuzzCost.cost($0, allExperts: true)) }
+        let costs = cases.indices.map { i in FuzzCost.work(cases[i]) * Double(multiplicity?[i] ?? 1) }
         let order = cases.indices.sorted { costs[$0] != costs[$1] ? costs[$0] > costs[$1] : $0 < $1 }
         var load = [Double](repeating: 0, count: count)
         var mine = Set<Int>()

@@ -81,12 +81,13 @@ struct Verify: ParsableCommand {
         let sh = try failing("verify") { try FuzzShard(parsing: shard) }
         if opened.count > 1 {
             // shard only the cases some kernel takes: a shard of fp8 cases is idle under bf16-only adapters
-            let takenByAny = Set(opened.flatMap { CaseSelection.runnable(selected, on: $0).run.map(\.name) })
-            let untaken = selected.count - takenByAny.count
-            selected = selected.filter { takenByAny.contains($0.name) }
-            if untaken > 0 { source += ", \(untaken) case(s) no kernel takes left out" }
+            let taken = opened.map { Set(CaseSelection.runnable(selected, on: $0).run.map(\.name)) }
+            let before = selected.count
+            selected = selected.filter { vc in taken.contains { $0.contains(vc.name) } }
+            if before > selected.count { source += ", \(before - selected.count) case(s) no kernel takes left out" }
             if sh.count > 1 {
-                selected = sh.part(of: selected)
+                // a case weighs its work times the kernels that take it (each may need its own reference)
+                selected = sh.part(of: selected, multiplicity: selected.map { vc in taken.filter { $0.contains(vc.name) }.count })
                 source += ", shard \(sh) (balanced by work)"
             }
             try runSeveral(opened, selected, source: source, recipe: forced)

@@ -52,6 +52,28 @@ struct FuzzGeneratorTests {
         #expect((0..<100).map { union[$0]! } == all)
     }
 
+    @Test("catalogue shards partition the cases and balance the reference's work", arguments: [4, 8])
+    func catalogueShards(n: Int) throws {
+        let all = try CatalogueRun(suite: "all").cases()
+        // bf16 cases judged by three kernels, the others by one
+        let multiplicity = all.map { $0.spec?.format == .bf16 ? 3 : 1 }
+        var seen: [String: Int] = [:]
+        var loads: [Double] = []
+        for i in 0..<n {
+            let part = try FuzzShard(parsing: "\(i)/\(n)").part(of: all, multiplicity: multiplicity)
+            for vc in part { seen[vc.name, default: 0] += 1 }
+            loads.append(part.reduce(0) { $0 + FuzzCost.work($1) * ($1.spec?.format == .bf16 ? 3 : 1) })
+        }
+        #expect(seen.count == all.count && seen.values.allSatisfy { $0 == 1 }, "every case in exactly one shard")
+        let total = loads.reduce(0, +), largest = all.map { FuzzCost.work($0) * ($0.spec?.format == .bf16 ? 3 : 1) }.max()!
+        // greedy largest-first: no shard above the mean by more than the largest case
+        #expect(loads.max()! <= total / Double(n) + largest, "loads \(loads)")
+        // an unfused shared expert counts once, not in every slot: Qwen2-57B-TP4 at T 4096 is not a shard's whole share
+        let q2 = try #require(all.first { $0.name == "qwen2-57b-a14b-tp4-bf16-T4096" })
+        let q35 = try #require(all.first { $0.name == "qwen3.5-35b-a3b-tp1-bf16-T4096" })
+        #expect(FuzzCost.work(q2) < 3 * FuzzCost.work(q35))
+    }
+
     @Test("bad --shard values are rejected", arguments: ["1", "2/2", "-1/3", "a/b", "0/0", "1/2/3"])
     func badShard(s: String) {
         #expect(throws: VerifyError.self) { try FuzzShard(parsing: s) }
