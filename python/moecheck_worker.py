@@ -177,6 +177,28 @@ def synchronize() -> None:
             pass
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, ROCm), a CUDA/HIP 'out of memory' runtime error, MemoryError."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+def release_device_memory(state) -> None:
+    """Drops what the adapter built for the current layer (the helper's per-layer cache: fused
+    weights, HF blocks on the GPU) and hands torch's cached blocks back to the driver, so a worker
+    holds no GPU memory while it waits for the next case. Many shards' workers share one GPU: on
+    the H200, 40 workers each keeping their last layer's ~6 GiB ran it out of memory."""
+    if state.layer is not None:
+        state.layer.cache.clear()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
 # --------------------------------------------------------------------------------------------
 # layers and inputs
 # --------------------------------------------------------------------------------------------
@@ -330,6 +352,8 @@ def run(state: State, adapter, mutants, req: dict) -> dict:
             except helper.Unsupported as e:
                 raise RunError("unsupported", f"route(): {e}") from None
             except Exception as e:
+                if is_out_of_memory(e):
+                    raise RunError("memory", f"route(): {describe(e)}", tail(e)) from None
                 raise RunError("exception", f"route(): {describe(e)}", tail(e)) from None
             route_ms = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
@@ -350,6 +374,8 @@ def run(state: State, adapter, mutants, req: dict) -> dict:
             except helper.Unsupported as e:
                 raise RunError("unsupported", str(e)) from None
             except Exception as e:
+                if is_out_of_memory(e):
+                    raise RunError("memory", describe(e), tail(e)) from None
                 raise RunError("exception", describe(e), tail(e)) from None
             forward_ms.append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
@@ -371,6 +397,28 @@ def run(state: State, adapter, mutants, req: dict) -> dict:
             "device": torch_device_name(),
             "worker_ms": {"load": round(load_ms, 3), "setup": round(setup_ms, 3), "convert": round(convert_ms, 3),
                           "write": round(write_ms, 3)}}
+
+
+def run_retrying(state: State, adapter, mutants, req: dict) -> dict:
+    """`run`, then the GPU memory released. Out of memory (other processes on the GPU), the run is
+    retried after a pause while the waits fit MOECHECK_WORKER_OOM_WAIT seconds (default 60; under
+    the case timeout), then reported as error kind `memory`: the case is not judged, not failed."""
+    budget = float(os.environ.get("MOECHECK_WORKER_OOM_WAIT", "60"))
+    waited, pause, tries = 0.0, 2.0, 1
+    while True:
+        try:
+            return run(state, adapter, mutants, req)
+        except RunError as e:
+            if e.kind != "memory":
+                raise
+            release_device_memory(state)
+            if waited + pause > budget:
+                e.message = f"{e.message} (out of GPU memory in {tries} attempt(s) over {waited:.0f} s)"
+                raise
+            time.sleep(pause)
+            waited, pause, tries = waited + pause, pause * 2, tries + 1
+        finally:
+            release_device_memory(state)
 
 
 def check_route(r, T: int, layer):
@@ -449,7 +497,7 @@ def main(argv) -> int:
                    "message": f"unknown op {op!r} (run, quit)"})
             continue
         try:
-            rep = run(state, adapter, mutants, req)
+            rep = run_retrying(state, adapter, mutants, req)
         except RunError as e:
             rep = {"ok": False, "op": "run", "id": req.get("id"), "error": e.kind, "message": e.message}
             if e.tb:

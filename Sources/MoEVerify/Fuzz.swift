@@ -514,6 +514,9 @@ public struct FuzzSummary: Codable, Sendable {
     public var failed: Int
     /// Generated cases the kernel declared outside its contract (not counted in `casesRun`).
     public var skipped: Int = 0
+    /// Generated cases not judged because the adapter ran out of GPU memory after its retries
+    /// (not counted in `casesRun`; another case is drawn).
+    public var notJudged: Int = 0
     public var seconds: Double
     /// Seconds spent shrinking (included in `seconds`).
     public var shrinkSeconds: Double
@@ -534,7 +537,8 @@ public struct FuzzSummary: Codable, Sendable {
     public var line: String {
         String(format: "fuzz: %@, seed %llu, shard %@: %d cases, %d failures, %.1f s%@ — %d passed, %d failed",
                kernel, seed, shard.description, casesRun, failed, seconds,
-               skipped > 0 ? " (\(skipped) generated cases outside the kernel's contract skipped)" : "", passed, failed)
+               (skipped > 0 ? " (\(skipped) generated cases outside the kernel's contract skipped)" : "")
+               + (notJudged > 0 ? " (\(notJudged) not judged: the adapter ran out of GPU memory)" : ""), passed, failed)
     }
     /// Cases/s and where the time went: reference, kernel, judging, waiting for the reference
     /// (pipelined) and the rest (case generation, transfers, shrinking). Pipelined, the reference
@@ -598,7 +602,7 @@ public struct FuzzCampaign {
         var reproducers: [String] = []
         var shrunkStages = Set<String>()
         var shrinkSeconds = 0.0
-        var run = 0, failed = 0, generated = 0, skipped = 0
+        var run = 0, failed = 0, generated = 0, skipped = 0, notJudged = 0
         var keepAll = true
         var k = 0
         var times = (reference: 0.0, kernel: 0.0, judge: 0.0, wait: 0.0)
@@ -608,7 +612,7 @@ public struct FuzzCampaign {
             if let maxCases, generated >= maxCases { return nil }
             if let seconds, Date().timeIntervalSince(start) >= seconds { return nil }
             if maxCases == nil && seconds == nil { return nil }
-            if skipped > 20 * Swift.max(run, 1) + 100 { return nil }   // a kernel that refuses (nearly) everything
+            if skipped + notJudged > 20 * Swift.max(run, 1) + 100 { return nil }   // a kernel that refuses (nearly) everything
             let index = shard.caseIndex(k)
             k += 1
             generated += 1
@@ -617,9 +621,9 @@ public struct FuzzCampaign {
         }
         func judged(_ vc: VerifyCase, _ r: CaseReport) {
             let index = indices.removeFirst()
-            if r.skipped != nil {
-                // outside the kernel's contract: not a case of the campaign, another is drawn
-                skipped += 1
+            if let why = r.skipped {
+                // outside the kernel's contract (or no GPU memory): not a case of the campaign, another is drawn
+                if why.hasPrefix("not judged") { notJudged += 1 } else { skipped += 1 }
                 generated -= 1
                 return
             }
@@ -655,7 +659,7 @@ public struct FuzzCampaign {
             while let vc = next() { judged(vc, verifier.verify(vc)) }
         }
         return FuzzSummary(kernel: verifier.kernel.name, device: verifier.kernel.device, seed: generator.seed, shard: shard,
-                           limits: generator.limits, casesRun: run, failed: failed, skipped: skipped, seconds: Date().timeIntervalSince(start),
+                           limits: generator.limits, casesRun: run, failed: failed, skipped: skipped, notJudged: notJudged, seconds: Date().timeIntervalSince(start),
                            shrinkSeconds: shrinkSeconds, reportsIncluded: keepAll ? "all" : "failures", reports: reports,
                            shrunk: shrunk, reproducers: reproducers,
                            referenceSeconds: times.reference, kernelSeconds: times.kernel, judgeSeconds: times.judge,

@@ -153,6 +153,30 @@ struct PythonAdapterTests {
         #expect(summary.countLine == "1 passed, 0 failed, 1 skipped")
     }
 
+    @Test("out of GPU memory: the run is retried after a pause; still out of memory, the case is not judged (a skip saying so), not failed")
+    func outOfMemory() throws {
+        try withScratchDirectory { dir in
+            let marker = dir.appendingPathComponent("oom-count").path
+            setenv("MOECHECK_FIXTURE_MARKER", marker, 1)
+            setenv("MOECHECK_FIXTURE_OOM_TIMES", "1", 1)
+            setenv("MOECHECK_WORKER_OOM_WAIT", "3", 1)
+            defer { unsetenv("MOECHECK_FIXTURE_OOM_TIMES"); unsetenv("MOECHECK_WORKER_OOM_WAIT") }
+            let once = try PythonKernel(adapter: fixture("out_of_memory"), caseTimeout: 30)
+            let retried = CaseVerifier(kernel: once).verify(cases[0])
+            #expect(retried.passed && retried.skipped == nil && retried.error == nil, "\(retried.line)")
+            #expect((try? String(contentsOfFile: marker, encoding: .utf8)) == "x", "one out-of-memory attempt, then the retry")
+            unlink(marker)
+            setenv("MOECHECK_FIXTURE_OOM_TIMES", "100", 1)
+            setenv("MOECHECK_WORKER_OOM_WAIT", "0", 1)
+            let always = try PythonKernel(adapter: fixture("out_of_memory"), caseTimeout: 30)
+            let r = CaseVerifier(kernel: always).verify(cases[0])
+            #expect(r.passed && r.error == nil, "\(r.line)")
+            #expect(r.skipped?.hasPrefix("not judged: the adapter ran out of GPU memory") == true, "\(r.line)")
+            #expect(r.skipped?.contains("Tried to allocate 2.00 GiB") == true, "\(r.line)")
+            #expect(CatalogueRunSummary(reports: [r], seconds: 1).countLine == "0 passed, 0 failed, 1 skipped")
+        }
+    }
+
     @Test("NaN output is a failed case (non-finite counted), not an error")
     func nanOutput() throws {
         let k = try PythonKernel(adapter: fixture("nan_output"), caseTimeout: 30)
