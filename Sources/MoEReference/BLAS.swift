@@ -1,8 +1,34 @@
+import CFastGEMM
 import COpenBLAS
 import Foundation
 
 /// The OpenBLAS calls the reference makes; nothing else touches the C symbols.
 public enum BLAS {
+    /// The kernel family OpenBLAS picked for this CPU at load time (`openblas_get_corename`).
+    public static var coreName: String { String(cString: openblas_get_corename()) }
+
+    /// OpenBLAS families without AVX2 kernels (lower case), which an OpenBLAS older than the CPU
+    /// falls back to when it does not know the CPU's model.
+    static let preAVX2Cores: Set<String> = ["prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "sandybridge",
+                                            "barcelona", "opteron", "opteron(sse3)", "bulldozer", "piledriver", "steamroller",
+                                            "bobcat", "katmai", "coppermine", "northwood", "banias", "unknown"]
+
+    /// The family to force (`OPENBLAS_CORETYPE`) where OpenBLAS fell back to one without AVX2
+    /// kernels on a CPU that has AVX2 and FMA, else nil. Debian 12's OpenBLAS 0.3.21 runs the
+    /// H200 host's Xeon as Prescott (SSE3): on that host the reference of a 397B-TP8 T = 256 case
+    /// took 3.6–3.8 s under Prescott, 3.2–3.3 s as Haswell and 3.0–3.2 s as SkylakeX (16
+    /// threads, 2026-12-03). Haswell's kernels run on every AVX2+FMA CPU.
+    public static func upgradedCore(current: String, cpuPath: Int32) -> String? {
+        guard preAVX2Cores.contains(current.lowercased()), cpuPath >= Int32(MC_PATH_AVX2) else { return nil }
+        return "Haswell"
+    }
+
+    /// Set by the tool when it forced the core (printed where the thread count is).
+    nonisolated(unsafe) public static var coreNote: String? = nil
+
+    /// `upgradedCore` for this process's OpenBLAS and CPU.
+    public static var upgradedCore: String? { upgradedCore(current: coreName, cpuPath: mc_gemm_best_path()) }
+
     /// Pins OpenBLAS's thread count (recorded in every output's metadata). While engines run
     /// BLAS calls (`withThreads`) the new count applies once they are done.
     public static func setThreads(_ n: Int) {

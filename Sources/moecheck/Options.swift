@@ -13,7 +13,10 @@ struct BLASOptions: ParsableArguments {
 
     /// Pins OpenBLAS's threads: the option, else MOECHECK_BLAS_THREADS, else `fallback` (nil:
     /// the usable CPUs).
-    func apply(fallback: Int? = nil) { BLAS.configureThreads(requested: blasThreads, fallback: fallback) }
+    func apply(fallback: Int? = nil) {
+        BLAS.configureThreads(requested: blasThreads, fallback: fallback)
+        if let n = BLAS.coreNote { note("moecheck: \(n)") }
+    }
 }
 
 /// `--kernels`: a kernel library implementing the C ABI.

@@ -11,6 +11,18 @@ import MoECheckTestSupport
 /// weights at odd addresses; padding columns of W and C never touched; NaN/Inf weights reported.
 @Suite("Fused bf16-weight GEMM (CFastGEMM)")
 struct FastGEMMTests {
+    @Test("OpenBLAS fallen back to a pre-AVX2 family on an AVX2+FMA CPU is upgraded to Haswell; nothing else is")
+    func openBLASCoreUpgrade() {
+        let avx2 = Int32(MC_PATH_AVX2), avx512 = Int32(MC_PATH_AVX512)
+        #expect(BLAS.upgradedCore(current: "Prescott", cpuPath: avx512) == "Haswell")
+        #expect(BLAS.upgradedCore(current: "Nehalem", cpuPath: avx2) == "Haswell")
+        #expect(BLAS.upgradedCore(current: "Prescott", cpuPath: 0) == nil, "no AVX2: the fallback is right")
+        for good in ["Haswell", "Zen", "SkylakeX", "CooperLake", "SapphireRapids"] {
+            #expect(BLAS.upgradedCore(current: good, cpuPath: avx512) == nil, "\(good)")
+        }
+        #expect(!BLAS.coreName.isEmpty)
+    }
+
     static let best = mc_gemm_best_path()
     /// The paths to test: those this CPU runs (a path it lacks is checked to be refused with -1
     /// in `degenerate`, and has no argument in the parameterized tests).

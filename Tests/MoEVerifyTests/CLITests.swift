@@ -51,6 +51,14 @@ struct CLITests {
         #expect(run.stdout.contains("fusable:     yes (Is == I): shared expert rides as expert \(c.experts), top-k \(c.topK + 1)"), "\(run)")
     }
 
+    @Test("a process re-run with a forced OpenBLAS core says so on stderr (the re-run itself needs a CPU OpenBLAS does not know)")
+    func forcedOpenBLASCore() throws {
+        let run = try MoECheckTool.run(["verify", "--cpu-model", "--suite", "smoke", "--filter", "smoke-q35-small-bf16-T1", "--no-cache"],
+                                       environment: ["MOECHECK_BLAS_CORE_UPGRADED": "Prescott", "OPENBLAS_CORETYPE": "Haswell"])
+        #expect(run.exitStatus == 0, "\(run.stderr)")
+        #expect(run.stderr.contains("moecheck: OpenBLAS core Haswell (forced: the library took this CPU for Prescott)"), "\(run.stderr)")
+    }
+
     @Test("inspect reports an unfusable shared expert")
     func inspectUnfusable() throws {
         let dir = try TemporaryDirectory("cli-unfusable")
