@@ -260,15 +260,28 @@ public struct CaseVerifier {
         func rerun(_ routing: RoutingOverride) throws -> ReferenceResult { try reference.rerun(routing) }
     }
 
-    /// The memo's key: everything the reference depends on, with the kernel's recipes for every format.
-    func memoKey(_ vc: VerifyCase) -> String {
+    /// The memo's key: everything the reference depends on. A synthetic case's stored inputs are
+    /// its kernel inputs (both its bf16 hidden states), so there the key is what the reference
+    /// computes — the case, the fusion it runs, the recipe of the case's format — and a C ABI
+    /// library and an adapter of the same recipe share one reference; for a case file, also the
+    /// kernel's kind and its recipes for every format.
+    public func memoKey(_ vc: VerifyCase) -> String {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
-        let recipes = WeightFormat.allCases.map { f -> String in
-            guard let r = try? recipe(for: f) else { return "-" }
+        // the recipe's name is a label (reports show the verifier's own): a library's "declared by …" fused-bf16 is fused-bf16
+        func json(_ r: Recipe?) -> String {
+            guard var r else { return "-" }
+            r.name = ""
             return (try? String(decoding: encoder.encode(r), as: UTF8.self)) ?? "?"
         }
         let caseKey = (try? String(decoding: encoder.encode(vc), as: UTF8.self)) ?? vc.name
+        if case let .synthetic(spec) = vc.source {
+            let c = spec.config
+            let fuse = routedOnlyWhenUnfused ? vc.fuseShared : c.fusable
+            let routedOnly = !(fuse || !c.hasSharedExpert || !routedOnlyWhenUnfused)
+            return "\(caseKey)|fuse \(fuse)|routed-only \(routedOnly)|\(mode)|" + json(try? recipe(for: spec.format))
+        }
+        let recipes = WeightFormat.allCases.map { json(try? recipe(for: $0)) }
         return "\(caseKey)|\(kernel is WholeLayerKernel)|\(routedOnlyWhenUnfused)|\(mode)|" + recipes.joined(separator: "|")
     }
 
@@ -340,7 +353,8 @@ public struct CaseVerifier {
         let judgeStart = Date()
         defer { report.judgeSeconds = Date().timeIntervalSince(judgeStart) }
         let ref = p.reference.reference, run = p.run
-        report.recipe = ref.recipe.name
+        // its own name where the reference was shared with a kernel of the same recipe under another name
+        report.recipe = (vc.spec.flatMap { try? recipe(for: $0.format) })?.name ?? ref.recipe.name
         report.referenceSeconds = p.referenceSeconds
         report.referenceCached = p.reference.cached
         report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count

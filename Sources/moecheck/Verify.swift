@@ -121,9 +121,9 @@ struct Verify: ParsableCommand {
         if summary.failed > 0 { throw ExitCode(1) }
     }
 
-    /// Several Python adapters on the same cases: each case's reference is computed once and
-    /// shared by the adapters whose recipe, fusion and inputs match (ReferenceMemo); per-kernel
-    /// summaries at the end.
+    /// Several kernels on the same cases: each case's reference is computed once and shared by
+    /// the kernels whose recipe, fusion and inputs match (ReferenceMemo; a C ABI library and an
+    /// adapter of the same recipe too, on synthetic cases); per-kernel summaries at the end.
     func runSeveral(_ kernels: [KernelUnderTest], _ cases: [VerifyCase], source: String, recipe forced: Recipe?) throws {
         let memo = ReferenceMemo()
         let cache = references.open("verify")
@@ -143,7 +143,14 @@ struct Verify: ParsableCommand {
         var reports = [[CaseReport]](repeating: [], count: kernels.count)
         var seconds = [Double](repeating: 0, count: kernels.count)
         for vc in cases {
-            for i in kernels.indices where runnable[i].contains(vc.name) {
+            // kernels whose reference is the same run one after the other: the memo holds one reference
+            let taking = kernels.indices.filter { runnable[$0].contains(vc.name) }
+            let keys = taking.map { verifiers[$0].memoKey(vc) }
+            let order = taking.indices.sorted { a, b in
+                let fa = keys.firstIndex(of: keys[a])!, fb = keys.firstIndex(of: keys[b])!
+                return fa != fb ? fa < fb : a < b
+            }.map { taking[$0] }
+            for i in order {
                 let t0 = Date()
                 let r = verifiers[i].verify(vc)
                 seconds[i] += Date().timeIntervalSince(t0)

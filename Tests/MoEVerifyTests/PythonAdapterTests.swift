@@ -67,6 +67,29 @@ struct PythonAdapterTests {
         #expect(memo.hits == cases.count)
     }
 
+    @Test("a staged kernel and an adapter of the same recipe share a synthetic case's reference, with the verdicts it gets alone")
+    func sharedAcrossKernelKinds() throws {
+        let fusable = cases.filter { $0.spec?.config.fusable == true }
+        try #require(!fusable.isEmpty)
+        func strip(_ line: String) -> String {   // the timings differ
+            line.replacingOccurrences(of: #"kernel [0-9.]+ ms, reference [0-9.]+ s"#, with: "", options: .regularExpression)
+        }
+        for vc in fusable {
+            let alone = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
+            let memo = ReferenceMemo()
+            var adapterSide = CaseVerifier(kernel: try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 60))
+            adapterSide.memo = memo
+            var modelSide = CaseVerifier(kernel: try CPUModelKernel())
+            modelSide.memo = memo
+            #expect(adapterSide.memoKey(vc) == modelSide.memoKey(vc), "\(vc.name)")
+            let first = adapterSide.verify(vc), shared = modelSide.verify(vc)
+            #expect(first.passed && shared.passed, "\(first.line) / \(shared.line)")
+            #expect(shared.referenceSeconds == 0 && memo.hits == 1, "\(vc.name): the CPU model reuses the adapter's reference")
+            #expect(strip(shared.line) == strip(alone.line), "\(vc.name): same verdict as with its own reference")
+            #expect(shared.stages.map(\.passed) == alone.stages.map(\.passed))
+        }
+    }
+
     @Test("moecheck verify with two adapters and the CPU model judges each case for all three; fuzz refuses two kernels",
           .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
     func verifySeveralKernelsCLI() throws {
@@ -75,7 +98,7 @@ struct PythonAdapterTests {
         #expect(run.exitStatus == 0, "\(run)")
         #expect(run.stdout.contains("verify: 3 kernels"), "\(run)")
         for i in 1...3 { #expect(run.stdout.contains("[\(i)] PASS smoke-q35-small-bf16-T33"), "kernel \(i): \(run)") }
-        #expect(run.stdout.contains("verify: 1 reference(s) shared between kernels"), "the two adapters share the reference: \(run)")
+        #expect(run.stdout.contains("verify: 2 reference(s) shared between kernels"), "the two adapters and the CPU model (same recipe) share the reference: \(run)")
         #expect(run.stdout.hasSuffix("3 passed, 0 failed\n"), "\(run)")
         let fuzz = try MoECheckTool.run(["fuzz", "--python", a, "--cpu-model", "--cases", "1"])
         #expect(fuzz.exitStatus != 0 && fuzz.output.contains("not both"), "\(fuzz)")

@@ -14,6 +14,20 @@ let smallSmokeCases: [VerifyCase] = Catalogue.smoke().filter { $0.spec!.config.h
 
 @Suite("CaseVerifier with the CPU model kernel")
 struct VerifierTests {
+    @Test("the library's declared recipes (Kernels/src/moe_api.hip) are fused-bf16 and fused-fp8 but for the name: a catalogue judging it beside the torch compositions computes one reference per case")
+    func declaredRecipesAreTheDefaults() {
+        // moe_declared_recipe: router bf16, routing weights fp32, shared gate bf16, scale multiply-reciprocal, combine fp32, output bf16
+        for fp8 in [false, true] {
+            var declared = Recipe.declared(router: 1, routingWeights: 0, sharedGate: 1, activationFP8: fp8 ? 1 : 0, activationScale: 1,
+                                           intermediate: fp8 ? 1 : 0, combine: 0, output: 1, libraryName: "moecheck-kernels")
+            var standard = fp8 ? Recipe.fusedFP8 : Recipe.fusedBF16
+            #expect(declared.name.hasPrefix("declared by"))
+            declared.name = ""
+            standard.name = ""
+            #expect(declared == standard, "fp8 \(fp8): \(declared) vs \(standard)")
+        }
+    }
+
     @Test("a correct CPU model passes every small smoke case", arguments: smallSmokeCases)
     func smokeCasePasses(_ vc: VerifyCase) throws {
         let report = CaseVerifier(kernel: try CPUModelKernel()).verify(vc)
