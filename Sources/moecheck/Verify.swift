@@ -86,8 +86,11 @@ struct Verify: ParsableCommand {
             selected = selected.filter { vc in taken.contains { $0.contains(vc.name) } }
             if before > selected.count { source += ", \(before - selected.count) case(s) no kernel takes left out" }
             if sh.count > 1 {
-                // a case weighs its work times the kernels that take it (each may need its own reference)
-                selected = sh.part(of: selected, multiplicity: selected.map { vc in taken.filter { $0.contains(vc.name) }.count })
+                // a case weighs its work times the references it needs (kernels of one recipe share one)
+                let keyed = opened.map { k in CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }) }
+                selected = sh.part(of: selected, multiplicity: selected.map { vc in
+                    Set(keyed.indices.filter { taken[$0].contains(vc.name) }.map { keyed[$0].memoKey(vc) }).count
+                })
                 source += ", shard \(sh) (balanced by work)"
             }
             try runSeveral(opened, selected, source: source, recipe: forced)
