@@ -10,9 +10,10 @@ LIB=$PWD/Kernels/build/nvidia-mma/libmoekernels.so
 CACHE=/tmp/moecheck-cache; rm -rf "$CACHE"
 step() {  # name seconds args...
   local name=$1 secs=$2; shift 2
-  local t0; t0=$(date +%s.%N)
+  local t0; t0=$(date +%s%N)
   timeout "$secs" "$B" "$@" > "$LOG/$name.log" 2>&1; local rc=$?
-  printf '== %s (exit %s, %.1f s wall): moecheck %s\n' "$name" "$rc" "$(echo "$(date +%s.%N) - $t0" | bc)" "$*"
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  printf '== %s (exit %s, %d.%03d s wall): moecheck %s\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) "$*"
   grep -E 'OpenBLAS core|cases/s|time split|reference cache|passed, [0-9]+ failed|^fuzz:|reference:|^(PASS|FAIL)' "$LOG/$name.log" | cut -c1-300 | tail -8
 }
 step cold "${COLD:-150}" verify --kernels "$LIB" --suite all --cache "$CACHE" --json "$LOG/cold.json"
