@@ -16,4 +16,9 @@ start_beside $(( $(left) - 15 ))
 VERIFY_SECONDS=$(( $(left) - 15 )) PROCS=${PROCS:-8} THREADS=${THREADS:-2} MOECHECK=$B \
   bash scripts/gpu_campaign.sh "$K" "$LOG" 0 2>&1 | tee "$LOG/summary.txt"
 wait
+# per kernel over every shard: passed, failed, skipped (contract), not judged (out of memory)
+awk 'FNR == 1 { delete name } /^  \[[0-9]+\] .*: [0-9]+ cases/ { i = substr($1, 2, length($1) - 2); n = $0; sub(/^  \[[0-9]+\] /, "", n); sub(/: [0-9]+ cases.*/, "", n); name[i] = n; names[i] = n }
+     /^\[[0-9]+\] (PASS|FAIL|SKIP) / { i = substr($1, 2, length($1) - 2); k = $2; if (k == "SKIP" && index($0, "not judged")) k = "NOT-JUDGED"; c[i, k]++ }
+     END { for (i in names) printf "  [%s] %s: %d passed, %d failed, %d skipped, %d not judged\n", i, names[i], c[i, "PASS"], c[i, "FAIL"], c[i, "SKIP"], c[i, "NOT-JUDGED"] }' \
+  "$LOG"/verify-*.log | sort | tee -a "$LOG/summary.txt"
 report_beside
