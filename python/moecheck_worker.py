@@ -411,14 +411,13 @@ def run_retrying(state: State, adapter, mutants, req: dict) -> dict:
         except RunError as e:
             if e.kind != "memory":
                 raise
-            release_device_memory(state)
             if waited + pause > budget:
                 e.message = f"{e.message} (out of GPU memory in {tries} attempt(s) over {waited:.0f} s)"
                 raise
-            time.sleep(pause)
-            waited, pause, tries = waited + pause, pause * 2, tries + 1
         finally:
-            release_device_memory(state)
+            release_device_memory(state)  # after every attempt, before a pause
+        time.sleep(pause)
+        waited, pause, tries = waited + pause, pause * 2, tries + 1
 
 
 def check_route(r, T: int, layer):

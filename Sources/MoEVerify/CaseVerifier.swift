@@ -67,6 +67,9 @@ public struct CaseReport: Codable, Sendable {
     /// Why the case was not run: the kernel declared the layer outside its contract (a Python
     /// adapter's `Unsupported`), or the declared recipe cannot run on its weights. Not a failure.
     public var skipped: String? = nil
+    /// How `skipped` begins where the case ran but could not be judged (out of GPU memory), as
+    /// against outside a contract.
+    public static let notJudged = "not judged: "
     /// Whether the reference came from the on-disk cache (nil: no cache in use).
     public var referenceCached: Bool? = nil
     /// Seconds the kernel side waited for this case's reference (pipelined runs; nil: not pipelined).
@@ -230,7 +233,7 @@ public struct CaseVerifier {
             report.passed = true
         case PythonAdapterError.caseFailed(_, "memory", let message, _):
             // the GPU was full (other processes): no verdict either way
-            report.skipped = "not judged: the adapter ran out of GPU memory: \(message)"
+            report.skipped = CaseReport.notJudged + "the adapter ran out of GPU memory: \(message)"
             report.passed = true
         case ReferenceError.unsupported(let message):
             report.skipped = "unsupported by the declared recipe: \(message)"
@@ -354,7 +357,7 @@ public struct CaseVerifier {
         defer { report.judgeSeconds = Date().timeIntervalSince(judgeStart) }
         let ref = p.reference.reference, run = p.run
         // its own name where the reference was shared with a kernel of the same recipe under another name
-        report.recipe = (vc.spec.flatMap { try? recipe(for: $0.format) })?.name ?? ref.recipe.name
+        report.recipe = (try? recipe(for: p.reference.layer.weightFormat))?.name ?? ref.recipe.name
         report.referenceSeconds = p.referenceSeconds
         report.referenceCached = p.reference.cached
         report.ambiguousTokens = ref.ambiguousTokens.filter { $0 }.count

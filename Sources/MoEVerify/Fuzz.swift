@@ -623,7 +623,7 @@ public struct FuzzCampaign {
             let index = indices.removeFirst()
             if let why = r.skipped {
                 // outside the kernel's contract (or no GPU memory): not a case of the campaign, another is drawn
-                if why.hasPrefix("not judged") { notJudged += 1 } else { skipped += 1 }
+                if why.hasPrefix(CaseReport.notJudged) { notJudged += 1 } else { skipped += 1 }
                 generated -= 1
                 return
             }

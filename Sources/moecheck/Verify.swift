@@ -80,20 +80,7 @@ struct Verify: ParsableCommand {
         }
         let sh = try failing("verify") { try FuzzShard(parsing: shard) }
         if opened.count > 1 {
-            // shard only the cases some kernel takes: a shard of fp8 cases is idle under bf16-only adapters
-            let taken = opened.map { Set(CaseSelection.runnable(selected, on: $0).run.map(\.name)) }
-            let before = selected.count
-            selected = selected.filter { vc in taken.contains { $0.contains(vc.name) } }
-            if before > selected.count { source += ", \(before - selected.count) case(s) no kernel takes left out" }
-            if sh.count > 1 {
-                // a case weighs its work times the references it needs (kernels of one recipe share one)
-                let keyed = opened.map { k in CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }) }
-                selected = sh.part(of: selected, multiplicity: selected.map { vc in
-                    Set(keyed.indices.filter { taken[$0].contains(vc.name) }.map { keyed[$0].memoKey(vc) }).count
-                })
-                source += ", shard \(sh) (balanced by work)"
-            }
-            try runSeveral(opened, selected, source: source, recipe: forced)
+            try runSeveral(opened, selected, shard: sh, source: source, recipe: forced)
             return
         }
         var (runnable, skipped) = CaseSelection.runnable(selected, on: k)
@@ -127,7 +114,7 @@ struct Verify: ParsableCommand {
     /// Several kernels on the same cases: each case's reference is computed once and shared by
     /// the kernels whose recipe, fusion and inputs match (ReferenceMemo; a C ABI library and an
     /// adapter of the same recipe too, on synthetic cases); per-kernel summaries at the end.
-    func runSeveral(_ kernels: [KernelUnderTest], _ cases: [VerifyCase], source: String, recipe forced: Recipe?) throws {
+    func runSeveral(_ kernels: [KernelUnderTest], _ selected: [VerifyCase], shard sh: FuzzShard, source: String, recipe forced: Recipe?) throws {
         let memo = ReferenceMemo()
         let cache = references.open("verify")
         let verifiers = kernels.map { k -> CaseVerifier in
@@ -136,10 +123,23 @@ struct Verify: ParsableCommand {
             v.cache = cache
             return v
         }
-        let runnable = kernels.map { Set(CaseSelection.runnable(cases, on: $0).run.map(\.name)) }
+        // which kernels take each case (FORMATS) and the reference each needs, once: for the
+        // shards' balance and for the order of the runs
+        let taken = kernels.map { Set(CaseSelection.runnable(selected, on: $0).run.map(\.name)) }
+        var source = source
+        // only the cases some kernel takes: a shard of fp8 cases is idle under bf16-only adapters
+        var cases = selected.filter { vc in taken.contains { $0.contains(vc.name) } }
+        if selected.count > cases.count { source += ", \(selected.count - cases.count) case(s) no kernel takes left out" }
+        var keys: [String: [(kernel: Int, key: String)]] = [:]
+        for vc in cases { keys[vc.name] = kernels.indices.filter { taken[$0].contains(vc.name) }.map { ($0, verifiers[$0].memoKey(vc)) } }
+        if sh.count > 1 {
+            // a case weighs its work times the references it needs (kernels of one recipe share one)
+            cases = sh.part(of: cases, multiplicity: cases.map { vc in Set(keys[vc.name]!.map(\.key)).count })
+            source += ", shard \(sh) (balanced by work)"
+        }
         print("verify: \(kernels.count) kernels, \(source), \(cases.count) cases, OpenBLAS threads \(BLAS.threads)")
         for (i, k) in kernels.enumerated() {
-            var about = "  [\(i + 1)] \(k.name): \(runnable[i].count) cases"
+            var about = "  [\(i + 1)] \(k.name): \(cases.filter { taken[i].contains($0.name) }.count) cases"
             if let py = k as? PythonKernel { about += "; \(py.libraryVersions)\(py.hasRoute ? "" : "; no route(): forward-only")" }
             print(about)
         }
@@ -147,12 +147,11 @@ struct Verify: ParsableCommand {
         var seconds = [Double](repeating: 0, count: kernels.count)
         for vc in cases {
             // kernels whose reference is the same run one after the other: the memo holds one reference
-            let taking = kernels.indices.filter { runnable[$0].contains(vc.name) }
-            let keys = taking.map { verifiers[$0].memoKey(vc) }
+            let taking = keys[vc.name]!
             let order = taking.indices.sorted { a, b in
-                let fa = keys.firstIndex(of: keys[a])!, fb = keys.firstIndex(of: keys[b])!
+                let fa = taking.firstIndex { $0.key == taking[a].key }!, fb = taking.firstIndex { $0.key == taking[b].key }!
                 return fa != fb ? fa < fb : a < b
-            }.map { taking[$0] }
+            }.map { taking[$0].kernel }
             for i in order {
                 let t0 = Date()
                 let r = verifiers[i].verify(vc)

@@ -16,14 +16,15 @@ left() { echo $(( ${DEADLINE:-540} - ($(date +%s) - T0) )); }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc;
   python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'; } 2>&1 | tee "$LOG/host.txt"
 
-# BESIDE: moecheck argument lists, one per line, run in the background beside a campaign (@LIB@ and
-# @FAULTS@ replaced by $LIB and $FAULTLIB; $LOG may be named); each stopped after BESIDE_SECS.
+# BESIDE: moecheck argument lists, one per line, run in the background beside a campaign (`expand`:
+# @LIB@ and @FAULTS@ replaced by $LIB and $FAULTLIB; $LOG may be named); each stopped after BESIDE_SECS.
+expand() { local c=${1//@LIB@/${LIB:-}}; printf '%s\n' "${c//@FAULTS@/${FAULTLIB:-}}"; }
 nb=0
 start_beside() {  # default timeout
   local cmd
   while IFS= read -r cmd; do
     [ -n "$cmd" ] || continue
-    nb=$((nb + 1)); cmd=${cmd//@LIB@/${LIB:-}}; cmd=${cmd//@FAULTS@/${FAULTLIB:-}}
+    nb=$((nb + 1)); cmd=$(expand "$cmd")
     echo "$cmd" > "$LOG/beside-$nb.cmd"
     # shellcheck disable=SC2086
     eval "timeout ${BESIDE_SECS:-$1} \"\$B\" $cmd" > "$LOG/beside-$nb.log" 2>&1 &

@@ -18,7 +18,7 @@ FAULTLIB=$(dirname "$LIB")/libmoekernels_faults.so
 n=0
 while IFS= read -r cmd; do
   [ -n "$cmd" ] || continue
-  n=$((n + 1)); cmd=${cmd//@LIB@/$LIB}; cmd=${cmd//@FAULTS@/$FAULTLIB}
+  n=$((n + 1)); cmd=$(expand "$cmd")
   echo "=== moecheck $cmd"
   # shellcheck disable=SC2086
   eval "\"\$B\" $cmd" > "$LOG/pre-$n.log" 2>&1; echo "=== exit $?"
