@@ -12,6 +12,14 @@ folder of kernels-community's `finegrained-fp8`, a pure Python/Triton package): 
 imports it and hands its `matmul_2d` / `matmul_batched` / `matmul_grouped` to transformers, exactly
 the entry points transformers takes from the hub build. CUDA only.
 
+Autotuning: the hub kernel's block-scaled FP8 matmuls are `triton.autotune`d over num_warps and
+num_stages only (the tile comes from the 128×128 block size), re-tuned for every new (N, K,
+BLOCK_SIZE_M) — 16–75 s per new layer shape on the H200, which starves a fuzz campaign of its
+thousands of shapes. Those configs schedule the same arithmetic (same tile, same K order), so the
+adapter pins each such autotuner to one of its own configs (4 warps, 3 stages where offered);
+autotuners whose configs differ in anything else are left alone. Env
+MOECHECK_FINEGRAINED_FP8_AUTOTUNE=1 keeps the kernel's full autotuning.
+
 Rounding points (docs/python-adapters.md): router logits bf16, routing weights cast to bf16,
 every FP8 linear quantises its bf16 input per token and 128-column group with scale amax/448
 (a division) and writes bf16; silu and silu·up bf16 (then requantised by the down linear);
@@ -19,6 +27,7 @@ w·down a bf16 product; routed sum in fp32 then bf16; the bf16 shared-expert ter
 are FP8Linear too, sigmoid gate bf16) added in bf16.
 """
 import os
+import sys
 
 import numpy as np
 
@@ -160,9 +169,43 @@ def _local_hub_kernel():
                                               grouped_matmul=pkg.matmul_grouped)
 
 
+def _pin_autotuners(package):
+    """Pins every Triton autotuner of `package` (and its submodules) whose configs share their
+    meta-parameters — they differ only in num_warps / num_stages / num_ctas, so in scheduling,
+    not arithmetic — to one of them. Returns the names pinned."""
+    import sys
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return []
+    pinned = []
+    for modname, mod in list(sys.modules.items()):
+        if mod is None or not (modname == package or modname.startswith(package + ".")):
+            continue
+        for attr, obj in list(vars(mod).items()):
+            if not isinstance(obj, Autotuner) or len(obj.configs) <= 1:
+                continue
+            if any(c.kwargs != obj.configs[0].kwargs for c in obj.configs):
+                continue
+            pick = [c for c in obj.configs if c.num_warps == 4 and c.num_stages == 3] or obj.configs[:1]
+            obj.configs = pick[:1]
+            pinned.append(f"{modname}.{attr}")
+    return pinned
+
+
+_PINNED = []
+
+
 def _get(layer):
     import torch
     _local_hub_kernel()
+    if not _PINNED and os.environ.get("MOECHECK_FINEGRAINED_FP8_AUTOTUNE") != "1":
+        import transformers.integrations.finegrained_fp8 as tf8
+        if tf8._FINEGRAINED_FP8 is None and torch.cuda.is_available():
+            tf8._load_finegrained_fp8_kernel()  # from the hub cache; ImportError names what is missing
+        if tf8._FINEGRAINED_FP8 is not None:
+            _PINNED.extend(_pin_autotuners(tf8._FINEGRAINED_FP8.matmul.__module__.split(".")[0]) or ["(none)"])
+            print(f"hf_finegrained_fp8: autotuners pinned to one config: {', '.join(_PINNED)}", file=sys.stderr)
     if not torch.cuda.is_available() and os.environ.get("MOECHECK_HF_FP8_ALLOW_CPU") != "1":
         raise RuntimeError("transformers' fine-grained FP8 path runs its Triton (or DeepGEMM) kernels on CUDA only; "
                            "no CUDA device here")

@@ -3,7 +3,8 @@
 # reference per case for kernels of the same recipe), in PROCS shards × THREADS OpenBLAS threads.
 # Env: KERNELS (comma-separated: adapters/X.py or "LIB" for the C ABI library built here with
 # IMPL=mma), PROCS (8), THREADS (2), DEADLINE (seconds into the call when shards are stopped),
-# BESIDE (moecheck argument lists run beside it, one per line; see common.sh).
+# BESIDE (moecheck argument lists run beside it, one per line; see common.sh), AFTER (argument
+# lists run one by one after it until DEADLINE; @LIB@ = the library).
 . "$(dirname "$0")/common.sh"
 export MOECHECK_TORCH_STRICT=1
 K=${KERNELS:?KERNELS}
@@ -22,3 +23,4 @@ awk 'FNR == 1 { delete name } /^  \[[0-9]+\] .*: [0-9]+ cases/ { i = substr($1, 
      END { for (i in names) printf "  [%s] %s: %d passed, %d failed, %d skipped, %d not judged\n", i, names[i], c[i, "PASS"], c[i, "FAIL"], c[i, "SKIP"], c[i, "NOT-JUDGED"] }' \
   "$LOG"/verify-*.log | sort | tee -a "$LOG/summary.txt"
 report_beside
+run_after

@@ -10,6 +10,8 @@ trap 'tar -C "$OUT" -czf "$OUT/logs.tgz" logs 2>/dev/null' EXIT
 tar -C /tmp/moecheck -xJf .carry/moecheck.tar.xz || { echo "cannot unpack .carry/moecheck.tar.xz"; exit 2; }
 export LD_LIBRARY_PATH=/tmp/moecheck${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 B=/tmp/moecheck/moecheck
+# the HF kernel hub's finegrained-fp8 source, where carried (adapters/hf_finegrained_fp8.py)
+[ -d .carry/finegrained-fp8 ] && export MOECHECK_FINEGRAINED_FP8_SRC=$PWD/.carry/finegrained-fp8
 T0=$(date +%s)
 # seconds left before DEADLINE (seconds after the start of the call; default 540)
 left() { echo $(( ${DEADLINE:-540} - ($(date +%s) - T0) )); }
@@ -29,6 +31,20 @@ start_beside() {  # default timeout
     # shellcheck disable=SC2086
     eval "timeout ${BESIDE_SECS:-$1} \"\$B\" $cmd" > "$LOG/beside-$nb.log" 2>&1 &
   done <<< "${BESIDE:-}"
+}
+# AFTER: moecheck argument lists, one per line, run one after another once the campaign is done,
+# each stopped at the call's DEADLINE (`left`); logs $LOG/after-N.log, summary lines printed.
+run_after() {
+  local cmd n=0
+  while IFS= read -r cmd; do
+    [ -n "$cmd" ] || continue
+    n=$((n + 1)); cmd=$(expand "$cmd")
+    [ "$(left)" -gt 20 ] || { echo "=== after: not run (deadline): moecheck $cmd"; continue; }
+    echo "=== after: moecheck $cmd (${SECONDS}s into the script, $(left) s left)"
+    # shellcheck disable=SC2086
+    eval "timeout $(left) \"\$B\" $cmd" > "$LOG/after-$n.log" 2>&1; echo "=== exit $?"
+    grep -E '^(PASS|FAIL|SKIP)|passed, [0-9]+ failed|as expected|^sensitivity|rows' "$LOG/after-$n.log" | cut -c1-300 | tail -12
+  done <<< "${AFTER:-}"
 }
 report_beside() {
   local i
