@@ -4,7 +4,8 @@
 # Env: KERNELS (comma-separated: adapters/X.py or "LIB" for the C ABI library built here with
 # IMPL=mma), PROCS (8), THREADS (2), DEADLINE (seconds into the call when shards are stopped),
 # BESIDE (moecheck argument lists run beside it, one per line; see common.sh), AFTER (argument
-# lists run one by one after it until DEADLINE; @LIB@ = the library).
+# lists run one by one after it until DEADLINE; @LIB@ = the library), PRE (likewise, before it,
+# together stopped after PRE_SECS, default 200).
 . "$(dirname "$0")/common.sh"
 export MOECHECK_TORCH_STRICT=1
 K=${KERNELS:?KERNELS}
@@ -13,6 +14,7 @@ if [[ ",$K," == *",LIB,"* ]]; then
   LIB=$PWD/Kernels/build/nvidia-mma/libmoekernels.so
   K=${K//LIB/$LIB}
 fi
+if [ -n "${PRE:-}" ]; then AFTER=$PRE DEADLINE=$(( $(date +%s) - T0 + ${PRE_SECS:-200} )) run_after; fi
 start_beside $(( $(left) - 15 ))
 VERIFY_SECONDS=$(( $(left) - 15 )) PROCS=${PROCS:-8} THREADS=${THREADS:-2} MOECHECK=$B \
   bash scripts/gpu_campaign.sh "$K" "$LOG" 0 2>&1 | tee "$LOG/summary.txt"
