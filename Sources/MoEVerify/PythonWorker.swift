@@ -2,6 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import MoEReference
 
 /// Why a Python adapter's worker could not give an answer. Every case names the adapter and,
 /// where one ran, the case; the worker's own last stderr lines are attached.
@@ -127,6 +128,7 @@ final class PythonWorker {
         let dir = (script as NSString).deletingLastPathComponent
         env["PYTHONPATH"] = [dir, env["PYTHONPATH"]].compactMap { $0 }.filter { !$0.isEmpty }.joined(separator: ":")
         env["PYTHONUNBUFFERED"] = "1"
+        for (k, v) in Self.threadEnvironment(env, blasThreads: BLAS.threads) { env[k] = v }
         process.environment = env
         process.standardInput = stdin
         process.standardOutput = stdout
@@ -205,6 +207,18 @@ final class PythonWorker {
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
         return status
+    }
+
+    /// CPU threads of the worker's own libraries (torch's intra-op pool, NumPy's BLAS, OpenMP):
+    /// `MOECHECK_WORKER_THREADS`, else this process's OpenBLAS thread count — so a campaign of
+    /// n shards × t threads does not start n workers that each spin up a pool as wide as the
+    /// machine (measured on the H200, 16 shards' workers at torch's default of one thread per
+    /// core: small cases took 5–9 s each in the adapter). Variables the user set are kept.
+    static func threadEnvironment(_ env: [String: String], blasThreads: Int) -> [String: String] {
+        let n = env["MOECHECK_WORKER_THREADS"].flatMap { Int($0) }.map { Swift.max(1, $0) } ?? Swift.max(1, blasThreads)
+        var out = ["MOECHECK_WORKER_THREADS": String(n)]
+        for k in ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"] where env[k] == nil { out[k] = String(n) }
+        return out
     }
 
     /// The directory holding `moecheck_worker.py`: `$MOECHECK_PYTHON_DIR`, else `python/` next

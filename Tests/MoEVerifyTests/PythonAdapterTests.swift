@@ -1,7 +1,7 @@
 import Foundation
 import LowPrecision
 import MoEReference
-import MoEVerify
+@testable import MoEVerify
 import Testing
 import TensorIO
 import MoECheckTestSupport
@@ -198,6 +198,27 @@ struct PythonAdapterTests {
             #expect(r.skipped?.contains("Tried to allocate 2.00 GiB") == true, "\(r.line)")
             #expect(CatalogueRunSummary(reports: [r], seconds: 1).countLine == "0 passed, 0 failed, 1 skipped")
         }
+    }
+
+    @Test("the worker's CPU thread pools follow this process's thread count (or MOECHECK_WORKER_THREADS); variables the user set are kept")
+    func workerThreads() throws {
+        #expect(PythonWorker.threadEnvironment([:], blasThreads: 2) ==
+                ["MOECHECK_WORKER_THREADS": "2", "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"])
+        #expect(PythonWorker.threadEnvironment(["OMP_NUM_THREADS": "7", "MOECHECK_WORKER_THREADS": "3"], blasThreads: 2) ==
+                ["MOECHECK_WORKER_THREADS": "3", "OPENBLAS_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"])
+        #expect(PythonWorker.threadEnvironment(["MOECHECK_WORKER_THREADS": "0"], blasThreads: 0)["OMP_NUM_THREADS"] == "1")
+        let names: [String] = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"]
+        let kept: [(String, String?)] = names.map { n in (n, getenv(n).map { String(cString: $0) }) }
+        for (k, _) in kept { unsetenv(k) }
+        setenv("MOECHECK_FIXTURE_EXPECT_THREADS", "3", 1)
+        setenv("MOECHECK_WORKER_THREADS", "3", 1)
+        defer {
+            unsetenv("MOECHECK_FIXTURE_EXPECT_THREADS"); unsetenv("MOECHECK_WORKER_THREADS")
+            for (k, v) in kept { if let v { setenv(k, v, 1) } }
+        }
+        let k = try PythonKernel(adapter: fixture("threads"), caseTimeout: 30)
+        let r = CaseVerifier(kernel: k).verify(cases[0])
+        #expect(r.passed && r.error == nil, "\(r.line) \(r.error ?? "")")
     }
 
     @Test("NaN output is a failed case (non-finite counted), not an error")
