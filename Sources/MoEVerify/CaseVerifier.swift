@@ -189,8 +189,10 @@ public struct CaseVerifier {
 
     /// Verifies one case. `reference`: its reference prepared beforehand (`ReferencePipeline`),
     /// after the kernel side `waited` seconds for it; nil: prepared here.
-    public func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>? = nil, waited: Double? = nil) -> CaseReport {
-        judge(runKernel(vc, reference: reference, waited: waited))
+    /// `shared`: `reference` was already used by another kernel's verifier (its seconds are
+    /// reported there, 0 here).
+    public func verify(_ vc: VerifyCase, reference: Result<PreparedReference, Error>? = nil, waited: Double? = nil, shared: Bool = false) -> CaseReport {
+        judge(runKernel(vc, reference: reference, waited: waited, shared: shared))
     }
 
     /// A case whose kernel has run (or failed), waiting to be judged.
@@ -203,7 +205,7 @@ public struct CaseVerifier {
 
     /// The first half of `verify`: the reference (given, or prepared here) and the kernel's run,
     /// on the caller's thread (the kernel's).
-    func runKernel(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, waited: Double?) -> KernelDone {
+    func runKernel(_ vc: VerifyCase, reference: Result<PreparedReference, Error>?, waited: Double?, shared: Bool = false) -> KernelDone {
         var source: String? = nil
         if case let .file(path, _) = vc.source { source = path }
         var report = CaseReport(name: vc.name, spec: vc.spec, source: source, kernel: kernel.name, splitK: vc.splitK, fused: vc.fuseShared, recipe: "",
@@ -211,7 +213,7 @@ public struct CaseVerifier {
                                 referenceSeconds: 0, error: nil, sensitivity: nil)
         report.waitSeconds = waited
         var prepared: Prepared? = nil
-        do { prepared = try prepare(vc, reference: reference) } catch { Self.classify(error, into: &report) }
+        do { prepared = try prepare(vc, reference: reference, shared: shared) } catch { Self.classify(error, into: &report) }
         return KernelDone(vc: vc, report: report, prepared: prepared)
     }
 
@@ -289,13 +291,13 @@ public struct CaseVerifier {
     }
 
     /// The case's reference (`given`, else shared through the memo, else prepared now), then the kernel's run.
-    func prepare(_ vc: VerifyCase, reference given: Result<PreparedReference, Error>? = nil) throws -> Prepared {
+    func prepare(_ vc: VerifyCase, reference given: Result<PreparedReference, Error>? = nil, shared: Bool = false) throws -> Prepared {
         var prepared: PreparedReference
         var seconds: Double
         let key = given == nil && memo != nil ? memoKey(vc) : nil
         if let given {
             prepared = try given.get()
-            seconds = prepared.seconds
+            seconds = shared ? 0 : prepared.seconds
         } else if let memo, let key, let hit = memo.lookup(key) {
             prepared = hit.prepared
             seconds = 0

@@ -141,3 +141,79 @@ public struct ReferencePipeline {
         }, each: each)
     }
 }
+
+extension ReferencePipeline {
+    /// A reference being prepared on a background thread.
+    final class Pending: @unchecked Sendable {
+        let ready = DispatchSemaphore(value: 0)
+        var result: Result<PreparedReference, Error>!
+        let bytes: Int
+        init(bytes: Int) { self.bytes = bytes }
+    }
+
+    /// Several kernels on the same cases (`verify` with several kernels): each case's reference
+    /// is prepared once per distinct key of `keys[case]` (kernel index, memo key) and given to
+    /// every kernel of that key, which run one after the other on the caller's thread. With
+    /// `pipelined`, the next case's references are prepared on background threads while the
+    /// kernels run this case (one case ahead, when the estimated footprint of both cases' references
+    /// fits `memoryBudget`). `each` gets (kernel index, report, seconds including the wait for
+    /// the reference) in order. Returns how many runs used a reference another kernel had used.
+    public static func runSeveral(_ cases: [VerifyCase], keys: [String: [(kernel: Int, key: String)]], verifiers: [CaseVerifier],
+                                  pipelined: Bool, memoryBudget: Int, each: (Int, CaseReport, Double) -> Void) -> Int {
+        // recipes read from the kernels here, once: kernels are called on this thread only
+        let recipes: [[WeightFormat: Result<Recipe, Error>]] = verifiers.map { v in
+            var t: [WeightFormat: Result<Recipe, Error>] = [:]
+            for f in WeightFormat.allCases { t[f] = Result { try v.recipe(for: f) } }
+            return t
+        }
+        let queue = DispatchQueue(label: "moecheck.several-references", attributes: .concurrent)
+        func start(_ vc: VerifyCase) -> [String: Pending] {
+            var out: [String: Pending] = [:]
+            for (i, key) in keys[vc.name] ?? [] where out[key] == nil {
+                let p = Pending(bytes: footprint(vc))
+                out[key] = p
+                let v = verifiers[i], table = recipes[i]
+                queue.async {
+                    p.result = Result {
+                        try v.prepareReference(vc) { f in
+                            guard let r = table[f] else { throw VerifyError.failed("no recipe for \(f.rawValue)") }
+                            return try r.get()
+                        }
+                    }
+                    p.ready.signal()
+                }
+            }
+            return out
+        }
+        var shared = 0
+        var next: [String: Pending]? = nil
+        for (n, vc) in cases.enumerated() {
+            let current = next ?? start(vc)
+            next = nil
+            if pipelined, n + 1 < cases.count {
+                let held = current.values.reduce(0) { $0.addingReportingOverflow($1.bytes).partialValue }
+                let more = Set((keys[cases[n + 1].name] ?? []).map(\.key)).count.multipliedReportingOverflow(by: footprint(cases[n + 1])).partialValue
+                if held.addingReportingOverflow(more).partialValue <= memoryBudget { next = start(cases[n + 1]) }
+            }
+            // kernels whose reference is the same run one after the other
+            let taking = keys[vc.name] ?? []
+            let order = taking.indices.sorted { a, b in
+                let fa = taking.firstIndex { $0.key == taking[a].key }!, fb = taking.firstIndex { $0.key == taking[b].key }!
+                return fa != fb ? fa < fb : a < b
+            }.map { taking[$0] }
+            var used = Set<String>()
+            for (i, key) in order {
+                let p = current[key]!
+                let t0 = Date()
+                p.ready.wait()
+                p.ready.signal()   // stays open for the other kernels of this key
+                let waited = Date().timeIntervalSince(t0)
+                let again = !used.insert(key).inserted
+                if again { shared += 1 }
+                let r = verifiers[i].verify(vc, reference: p.result, waited: waited, shared: again)
+                each(i, r, Date().timeIntervalSince(t0))
+            }
+        }
+        return shared
+    }
+}

@@ -112,14 +112,13 @@ struct Verify: ParsableCommand {
     }
 
     /// Several kernels on the same cases: each case's reference is computed once and shared by
-    /// the kernels whose recipe, fusion and inputs match (ReferenceMemo; a C ABI library and an
-    /// adapter of the same recipe too, on synthetic cases); per-kernel summaries at the end.
+    /// the kernels whose memo key (recipe, fusion, inputs) matches — a C ABI library and an
+    /// adapter of the same recipe too, on synthetic cases — and the next case's references are
+    /// computed beside this case's kernel runs; per-kernel summaries at the end.
     func runSeveral(_ kernels: [KernelUnderTest], _ selected: [VerifyCase], shard sh: FuzzShard, source: String, recipe forced: Recipe?) throws {
-        let memo = ReferenceMemo()
         let cache = references.open("verify")
         let verifiers = kernels.map { k -> CaseVerifier in
             var v = CaseVerifier(kernel: k, adjustRecipe: forced.map { r in { _ in r } }, rigorousOnly: tier.rigorousOnly)
-            v.memo = memo
             v.cache = cache
             return v
         }
@@ -145,21 +144,12 @@ struct Verify: ParsableCommand {
         }
         var reports = [[CaseReport]](repeating: [], count: kernels.count)
         var seconds = [Double](repeating: 0, count: kernels.count)
-        for vc in cases {
-            // kernels whose reference is the same run one after the other: the memo holds one reference
-            let taking = keys[vc.name]!
-            let order = taking.indices.sorted { a, b in
-                let fa = taking.firstIndex { $0.key == taking[a].key }!, fb = taking.firstIndex { $0.key == taking[b].key }!
-                return fa != fb ? fa < fb : a < b
-            }.map { taking[$0].kernel }
-            for i in order {
-                let t0 = Date()
-                let r = verifiers[i].verify(vc)
-                seconds[i] += Date().timeIntervalSince(t0)
-                reports[i].append(r)
-                print("[\(i + 1)] " + r.line)
-                fflush(stdout)
-            }
+        let shared = ReferencePipeline.runSeveral(cases, keys: keys, verifiers: verifiers, pipelined: !references.noPipeline,
+                                                  memoryBudget: references.memoryBudget) { i, r, secs in
+            seconds[i] += secs
+            reports[i].append(r)
+            print("[\(i + 1)] " + r.line)
+            fflush(stdout)
         }
         try report.write(reports.flatMap { $0 })
         for (i, k) in kernels.enumerated() {
@@ -167,10 +157,11 @@ struct Verify: ParsableCommand {
             print(String(format: "verify: [%d] %@ on %@, %.1f s", i + 1, k.name, k.device, seconds[i]) + summary.timeSplit)
             print("  [\(i + 1)] \(summary.countLine)")
         }
-        print("verify: \(memo.hits) reference(s) shared between kernels (several kernels: references are not pipelined)")
+        print("verify: \(shared) reference(s) shared between kernels" + (references.noPipeline ? "" : "; the next case's references computed beside the kernels"))
         if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
         let all = CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: seconds.reduce(0, +))
         print(all.countLine)
         if all.failed > 0 { throw ExitCode(1) }
     }
 }
+

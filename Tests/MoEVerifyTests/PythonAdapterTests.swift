@@ -67,6 +67,36 @@ struct PythonAdapterTests {
         #expect(memo.hits == cases.count)
     }
 
+    @Test("several kernels pipelined (the next case's references beside this case's runs) give the serial run's verdicts, one reference per key")
+    func severalPipelined() throws {
+        func strip(_ line: String) -> String {   // the timings differ
+            line.replacingOccurrences(of: #"kernel [0-9.]+ ms, reference [0-9.]+ s"#, with: "", options: .regularExpression)
+        }
+        let verifiers = [CaseVerifier(kernel: try PythonKernel(adapter: adapter("numpy_fused_bf16"), caseTimeout: 60)),
+                         CaseVerifier(kernel: try CPUModelKernel()),
+                         CaseVerifier(kernel: try PythonKernel(adapter: adapter("numpy_exact"), caseTimeout: 60))]
+        let runnable = cases.filter { $0.spec?.config.fusable == true }
+        try #require(runnable.count >= 2)
+        var keys: [String: [(kernel: Int, key: String)]] = [:]
+        for vc in runnable { keys[vc.name] = verifiers.indices.map { ($0, verifiers[$0].memoKey(vc)) } }
+        #expect(runnable.allSatisfy { keys[$0.name]![0].key == keys[$0.name]![1].key && keys[$0.name]![0].key != keys[$0.name]![2].key })
+        var lines: [[String]] = [[], []]
+        var sharedCounts: [Int] = []
+        for (n, pipelined) in [false, true].enumerated() {
+            var reused = 0
+            sharedCounts.append(ReferencePipeline.runSeveral(runnable, keys: keys, verifiers: verifiers, pipelined: pipelined,
+                                                             memoryBudget: 1 << 30) { i, r, _ in
+                #expect(r.passed, "\(r.line)")
+                if i == 1 && r.referenceSeconds == 0 { reused += 1 }
+                lines[n].append("[\(i)] " + strip(r.line))
+            })
+            #expect(reused == runnable.count, "the CPU model reuses the adapter's reference on every case")
+        }
+        #expect(sharedCounts == [runnable.count, runnable.count])
+        #expect(lines[0] == lines[1])
+        #expect(lines[0].count == 3 * runnable.count)
+    }
+
     @Test("a staged kernel and an adapter of the same recipe share a synthetic case's reference, with the verdicts it gets alone")
     func sharedAcrossKernelKinds() throws {
         let fusable = cases.filter { $0.spec?.config.fusable == true }
