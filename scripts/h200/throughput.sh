@@ -3,7 +3,7 @@
 # catalogue with an empty reference cache and again with it filled (one process, default
 # threads), GPU fuzz at the default caps, and the oracle alone on the 397B-TP8 T 4096 BF16 case
 # (`reference` with bounds; `judge` of its own output: bounds and statistics).
-# Env: COLD (s, default 150), WARM (60), FUZZ (60), SEED (94).
+# Env: COLD (s, default 150), WARM (60), FUZZ (60), SEED (94), CACHE_MAX (40G).
 . "$(dirname "$0")/common.sh"
 make -C Kernels PLATFORM=nvidia IMPL=mma -j16 > "$LOG/build.log" 2>&1 || { tail -20 "$LOG/build.log"; exit 2; }
 LIB=$PWD/Kernels/build/nvidia-mma/libmoekernels.so
@@ -16,8 +16,12 @@ step() {  # name seconds args...
   printf '== %s (exit %s, %d.%03d s wall): moecheck %s\n' "$name" "$rc" $((ms / 1000)) $((ms % 1000)) "$*"
   grep -E 'OpenBLAS core|cases/s|time split|reference cache|passed, [0-9]+ failed|^fuzz:|^reference:|^FAIL' "$LOG/$name.log" | cut -c1-300 | tail -8
 }
-step cold "${COLD:-150}" verify --kernels "$LIB" --suite all --cache "$CACHE" --json "$LOG/cold.json"
-step warm "${WARM:-60}" verify --kernels "$LIB" --suite all --cache "$CACHE"
+# the catalogue's references take many GB (a T = 4096 case's can exceed 1 GiB, half the default cap:
+# not stored); the default 2 GiB cap evicted most before the warm run (2026-12-03 night: the
+# 397B-TP8 cases took 8-16 s of reference again)
+CAP=${CACHE_MAX:-40G}
+step cold "${COLD:-150}" verify --kernels "$LIB" --suite all --cache "$CACHE" --cache-max-bytes "$CAP" --json "$LOG/cold.json"
+step warm "${WARM:-60}" verify --kernels "$LIB" --suite all --cache "$CACHE" --cache-max-bytes "$CAP"
 step fuzz "$(( ${FUZZ:-60} + 60 ))" fuzz --kernels "$LIB" --seed "${SEED:-94}" --seconds "${FUZZ:-60}" --cases 100000 --json "$LOG/fuzz.json"
 mkdir -p /tmp/big
 "$B" cases export --suite all --filter qwen3.5-397b-a17b-tp8-bf16-T4096 --out /tmp/big > "$LOG/export.log" 2>&1
