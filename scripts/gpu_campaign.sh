@@ -42,12 +42,14 @@ for k in "${kernels[@]}"; do
   esac
 done
 name=$(for k in "${kernels[@]}"; do basename "$k"; done | paste -sd+)
+nk=${#kernels[@]}
 
 totals() {  # phase: sums "N passed, M failed" over the shards' last count lines
   local phase=$1 p=0 f=0 n
   for ((i = 0; i < procs; i++)); do
     n=$(grep -Eo '[0-9]+ passed, [0-9]+ failed' "$out/$phase-$i.log" | tail -1)
     if [ -z "$n" ]; then echo "  $phase shard $i: no summary line (see $out/$phase-$i.log):"; tail -3 "$out/$phase-$i.log" | sed 's/^/    /'; continue; fi
+    grep -q '^verify: stopped by signal' "$out/$phase-$i.log" && echo "  $phase shard $i: stopped at the deadline; $n of the runs that finished:" && grep -E '^verify: (\[[0-9]+\] )?.* s \(' "$out/$phase-$i.log" | tail -"$nk" | cut -c1-400 | sed 's/^/    /'
     p=$((p + ${n%% passed*})); n=${n#*passed, }; f=$((f + ${n%% failed*}))
   done
   echo "$name $phase: $((p + f)) cases, $p passed, $f failed"

@@ -211,9 +211,8 @@ final class PythonWorker {
 
     /// CPU threads of the worker's own libraries (torch's intra-op pool, NumPy's BLAS, OpenMP):
     /// `MOECHECK_WORKER_THREADS`, else this process's OpenBLAS thread count — so a campaign of
-    /// n shards × t threads does not start n workers that each spin up a pool as wide as the
-    /// machine (measured on the H200, 16 shards' workers at torch's default of one thread per
-    /// core: small cases took 5–9 s each in the adapter). Variables the user set are kept.
+    /// n shards × t threads does not start workers that each spin up a pool as wide as the
+    /// machine. Variables the user set are kept.
     static func threadEnvironment(_ env: [String: String], blasThreads: Int) -> [String: String] {
         let n = env["MOECHECK_WORKER_THREADS"].flatMap { Int($0) }.map { Swift.max(1, $0) } ?? Swift.max(1, blasThreads)
         var out = ["MOECHECK_WORKER_THREADS": String(n)]

@@ -97,11 +97,12 @@ struct Verify: ParsableCommand {
         let cache = references.open("verify")
         about += "; " + (cache.map { "reference cache \($0.root.path)" } ?? "no reference cache")
         print("verify: " + about)
+        fflush(stdout)
+        let progress = StopSummary(kernels: ["\(k.name) on \(k.device)"], pipelined: !references.noPipeline)
         let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced, cache: cache,
                                        pipelined: !references.noPipeline, inFlight: references.depth,
                                        memoryBudget: references.memoryBudget) { r in
-            print(r.line)
-            fflush(stdout)
+            progress.record(kernel: 0, r, line: r.line)
         }
         try report.write(summary.reports)
         print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds) + summary.timeSplit)
@@ -144,16 +145,17 @@ struct Verify: ParsableCommand {
         }
         var reports = [[CaseReport]](repeating: [], count: kernels.count)
         var seconds = [Double](repeating: 0, count: kernels.count)
+        fflush(stdout)
+        let progress = StopSummary(kernels: kernels.map { "\($0.name) on \($0.device)" }, pipelined: !references.noPipeline)
         let shared = ReferencePipeline.runSeveral(cases, keys: keys, verifiers: verifiers, pipelined: !references.noPipeline,
                                                   memoryBudget: references.memoryBudget) { i, r, secs in
             seconds[i] += secs
             reports[i].append(r)
-            print("[\(i + 1)] " + r.line)
-            fflush(stdout)
+            progress.record(kernel: i, r, seconds: secs, line: "[\(i + 1)] " + r.line)
         }
         try report.write(reports.flatMap { $0 })
         for (i, k) in kernels.enumerated() {
-            let summary = CatalogueRunSummary(reports: reports[i], seconds: seconds[i])
+            let summary = CatalogueRunSummary(reports: reports[i], seconds: seconds[i], pipelined: !references.noPipeline)
             print(String(format: "verify: [%d] %@ on %@, %.1f s", i + 1, k.name, k.device, seconds[i]) + summary.timeSplit)
             print("  [\(i + 1)] \(summary.countLine)")
         }

@@ -37,6 +37,41 @@ private func expectExit(_ run: ToolRun, _ status: Int32?, sourceLocation: Source
 
 @Suite("moecheck end to end", .tags(.endToEnd), .enabled(if: MoECheckTool.isAvailable, Comment(rawValue: MoECheckTool.missingReason)))
 struct CLITests {
+    @Test("a stopped verify (SIGTERM, as from timeout) prints the summary of the runs that finished and exits 128 + 15")
+    func stoppedVerifyPrintsSummary() throws {
+        let dir = try TemporaryDirectory("stop")
+        let out = dir.path("stdout")
+        _ = FileManager.default.createFile(atPath: out, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: out))
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: MoECheckTool.executable!)
+        // two cases of the 35B shape: tens of seconds on the CPU model, stopped long before
+        p.arguments = ["verify", "--cpu-model", "--suite", "all", "--filter", "qwen3.5-35b-a3b-tp1-bf16-T1", "--no-cache"]
+        var env = ProcessInfo.processInfo.environment
+        env["MOECHECK_BLAS_THREADS"] = "1"
+        p.environment = env
+        p.standardOutput = handle
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        // the signal handler is in place once the header is out
+        let deadline = Date().addingTimeInterval(60)
+        while p.isRunning && Date() < deadline && !((try? String(contentsOfFile: out, encoding: .utf8)) ?? "").contains("verify: cpu-model") {
+            usleep(50_000)
+        }
+        usleep(500_000)
+        let stoppedEarly = p.isRunning
+        p.terminate()
+        p.waitUntilExit()
+        try? handle.close()
+        let text = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+        try #require(stoppedEarly, "the run ended before it was stopped: \(text)")
+        #expect(p.terminationReason == .exit && p.terminationStatus == 143, "\(p.terminationReason) \(p.terminationStatus): \(text)")
+        #expect(text.contains("verify: stopped by signal 15 after"), "\(text)")
+        let lines = text.split(separator: "\n").map(String.init)
+        #expect(lines.last?.range(of: #"^[0-9]+ passed, [0-9]+ failed"#, options: .regularExpression) != nil, "\(text)")
+        #expect(lines.contains { $0.hasPrefix("verify: cpu-model on CPU") && $0.contains("cases/s") }, "\(text)")
+    }
+
     @Test("inspect on a good case file prints family, H, I, E, K, fusable and exits 0")
     func inspectGood() throws {
         let w = try goodCase()
