@@ -73,12 +73,20 @@ struct ParallelPipelineTests {
         let kernel = try CPUModelKernel()
         let serial = CatalogueRun.run(cases, on: kernel, pipelined: false)
         #expect(serial.reports.map(\.name) == cases.map(\.name))
-        let expected = try comparable(serial.reports, settingsBefore: settings)
+        var runs: [(depth: Int, budget: Int, reports: [CaseReport])] = []
         for (depth, budget) in [(1, Int.max), (3, Int.max), (8, Int.max), (8, 1)] {
             let run = CatalogueRun.run(cases, on: kernel, inFlight: depth, memoryBudget: budget)
             #expect(run.reports.map(\.name) == cases.map(\.name), "depth \(depth), budget \(budget): order")
-            #expect(try comparable(run.reports, settingsBefore: settings) == expected, "depth \(depth), budget \(budget): verdicts")
             #expect(run.reports.allSatisfy { $0.waitSeconds != nil })
+            runs.append((depth, budget, run.reports))
+        }
+        // compared in one form, decided once all runs are done: another suite may switch OpenBLAS's
+        // thread count in between (the flake of 2026-12-03: the serial side compared with its
+        // statistical numbers, a later run's without)
+        let rigorousOnly = BLAS.settingsMade != settings
+        let expected = try serial.reports.map { try verdictJSON($0, rigorousOnly: rigorousOnly) }
+        for r in runs {
+            #expect(try r.reports.map { try verdictJSON($0, rigorousOnly: rigorousOnly) } == expected, "depth \(r.depth), budget \(r.budget): verdicts")
         }
     }
 
