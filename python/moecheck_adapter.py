@@ -544,15 +544,17 @@ def to_torch(a, device=None, dtype=None, exact: bool = True):
     dev = device if device is not None else globals()["device"]()
     a = np.asarray(a)
     src = a.dtype
-    views = {np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
-             np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
-             np.dtype(ml_dtypes.float8_e4m3fnuz): (np.uint8, torch.float8_e4m3fnuz)}
-    if src in views:
-        raw, tdt = views[src]
-        t = torch.from_numpy(np.array(a.view(raw), copy=True)).view(tdt)
+    if torch.device(dev).type != "cpu":
+        t = host_view(a).to(dev)  # the upload is the copy: none on the host
     else:
-        t = torch.from_numpy(np.array(a, copy=True))
-    t = t.to(dev)
+        views = {np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
+                 np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
+                 np.dtype(ml_dtypes.float8_e4m3fnuz): (np.uint8, torch.float8_e4m3fnuz)}
+        if src in views:
+            raw, tdt = views[src]
+            t = torch.from_numpy(np.array(a.view(raw), copy=True)).view(tdt)
+        else:
+            t = torch.from_numpy(np.array(a, copy=True))
     if dtype is not None and t.dtype != dtype:
         c = t.to(dtype)
         if exact and c.is_floating_point() and t.is_floating_point():
@@ -564,6 +566,25 @@ def to_torch(a, device=None, dtype=None, exact: bool = True):
                                  f"case's values exactly representable in {dtype})")
         t = c
     return t
+
+
+def host_view(a):
+    """A CPU torch tensor over the NumPy array `a`'s memory, no copy (ml_dtypes bf16/fp8 as torch's
+    bf16/fp8): for copying a case file's mapped weights straight into a device tensor
+    (``dst.copy_(host_view(a))``). Never write through it: the worker's arrays are views of a
+    read-only mapping (torch warns about that; the warning is silenced here)."""
+    import warnings
+    torch = _torch()
+    a = np.asarray(a)
+    views = {np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
+             np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
+             np.dtype(ml_dtypes.float8_e4m3fnuz): (np.uint8, torch.float8_e4m3fnuz)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if a.dtype in views:
+            raw, tdt = views[a.dtype]
+            return torch.from_numpy(a.view(raw)).view(tdt)
+        return torch.from_numpy(a)
 
 
 def to_numpy(t) -> np.ndarray:
@@ -587,8 +608,23 @@ def fused_weights_torch(layer: Layer, device=None, dtype=None):
     fnuz = mutant("fnuz_as_fn") and layer.fp8 == "e4m3fnuz"
 
     def build():
+        torch = _torch()
         n = layer.experts + (1 if layer.fusable else 0)
         I, H = layer.intermediate, layer.hidden
+        if layer.fp8 is None and layer.weight_dtype == np.dtype(ml_dtypes.bfloat16) and dtype == torch.bfloat16:
+            # bf16 as stored: copied from the case file's mapping straight into the device tensor
+            # (no host copies; 2026-12-02: two NumPy copies before the upload held it to ~1 GB/s)
+            w13 = torch.empty((n, 2 * I, H), dtype=dtype, device=dev)
+            w2 = torch.empty((n, H, I), dtype=dtype, device=dev)
+            if layer.combined:
+                w13[:layer.experts].copy_(host_view(layer.tensor("experts.gate_up_proj")))
+                w2[:layer.experts].copy_(host_view(layer.tensor("experts.down_proj")))
+            for e in range(0 if not layer.combined else layer.experts, n):
+                (g, _, _), (u, _, _), (d, _, _) = layer.stored(e)
+                w13[e, :I].copy_(host_view(g))
+                w13[e, I:].copy_(host_view(u))
+                w2[e].copy_(host_view(d))
+            return w13, w2
         if layer.fp8 is None:  # as stored, one conversion of the whole tensor
             w13 = np.empty((n, 2 * I, H), layer.weight_dtype)
             w2 = np.empty((n, H, I), layer.weight_dtype)
@@ -599,7 +635,6 @@ def fused_weights_torch(layer: Layer, device=None, dtype=None):
                 (g, _, _), (u, _, _), (d, _, _) = layer.stored(e)
                 w13[e, :I], w13[e, I:], w2[e] = g, u, d
             return to_torch(w13, dev, dtype), to_torch(w2, dev, dtype)
-        torch = _torch()
         w13 = torch.empty((n, 2 * I, H), dtype=dtype, device=dev)
         w2 = torch.empty((n, H, I), dtype=dtype, device=dev)
         for e in range(n):  # fp8: exact float64 dequantisation one expert at a time
@@ -631,16 +666,18 @@ def fused_fp8_weights(layer: Layer, device=None):
         E, I, H = layer.experts, layer.intermediate, layer.hidden
         si, sh = -(-I // 128), -(-H // 128)
         n = E + (1 if layer.fusable else 0)
-        w13 = np.empty((n, 2 * I, H), np.uint8)
-        w2 = np.empty((n, H, I), np.uint8)
+        # codes copied from the case file's mapping straight into the device tensors (no host copy)
+        w13 = torch.empty((n, 2 * I, H), dtype=torch.uint8, device=dev)
+        w2 = torch.empty((n, H, I), dtype=torch.uint8, device=dev)
+        if layer.combined:
+            w13[:E].copy_(host_view(layer.tensor("experts.gate_up_proj").view(np.uint8)))
+            w2[:E].copy_(host_view(layer.tensor("experts.down_proj").view(np.uint8)))
         s13 = np.empty((n, 2 * si, sh), np.float32)
         s2 = np.empty((n, sh, si), np.float32)
         t = layer.tensors
         for e in range(n):
             if e < E and layer.combined:
-                gu = layer.tensor("experts.gate_up_proj")[e]
                 gs = layer.tensor("experts.gate_up_proj_scale_inv")[e]
-                w13[e] = gu.view(np.uint8)
                 if layer.gate_up_per_half:
                     s13[e] = gs
                 else:  # combined blocking: re-block per half, only if every 128-row block of each half has one scale
@@ -656,20 +693,18 @@ def fused_fp8_weights(layer: Layer, device=None):
                                     f"(I={I} not a multiple of 128) and expert {e}'s scales differ across the "
                                     f"gate/up boundary; per-half kernels cannot represent them")
                             s13[e, half * si + b] = vals[0]
-                w2[e] = layer.tensor("experts.down_proj")[e].view(np.uint8)
                 s2[e] = layer.tensor("experts.down_proj_scale_inv")[e]
             else:
                 b = "shared_expert." if e == E else f"experts.{e}."
-                w13[e, :I] = layer.tensor(b + "gate_proj.weight").view(np.uint8)
-                w13[e, I:] = layer.tensor(b + "up_proj.weight").view(np.uint8)
-                w2[e] = layer.tensor(b + "down_proj.weight").view(np.uint8)
+                w13[e, :I].copy_(host_view(layer.tensor(b + "gate_proj.weight").view(np.uint8)))
+                w13[e, I:].copy_(host_view(layer.tensor(b + "up_proj.weight").view(np.uint8)))
+                w2[e].copy_(host_view(layer.tensor(b + "down_proj.weight").view(np.uint8)))
                 s13[e, :si] = layer.tensor(b + "gate_proj.weight_scale_inv")
                 s13[e, si:] = layer.tensor(b + "up_proj.weight_scale_inv")
                 s2[e] = layer.tensor(b + "down_proj.weight_scale_inv")
         fmt = "e4m3fn" if fnuz else layer.fp8
         tdt = getattr(torch, _TORCH_FP8[fmt])
-        return (torch.from_numpy(w13).to(dev).view(tdt), torch.from_numpy(w2).to(dev).view(tdt),
-                torch.from_numpy(s13).to(dev), torch.from_numpy(s2).to(dev))
+        return (w13.view(tdt), w2.view(tdt), torch.from_numpy(s13).to(dev), torch.from_numpy(s2).to(dev))
 
     r = layer.cached(("fused_fp8", str(dev), fnuz), build)
     if fnuz:
