@@ -116,10 +116,13 @@ public final class SyntheticLayer: GenericDecodingLayerSource, KernelLayerSource
     /// Raw kernel-layout bytes of one matrix of expert `slot` (`rows × cols`).
     func matrixBytes(stream: UInt64, slot: Int, rows: Int, cols: Int, param: Int) -> [UInt8] {
         let n = rows * cols
-        if spec.format == .bf16 {
-            var out = [UInt16](repeating: 0, count: n)
-            out.withUnsafeMutableBufferPointer { generator.fillBF16($0.baseAddress!, count: n, stream: stream, offset: slot * n, param: param) }
-            return out.withUnsafeBytes { Array($0) }
+        if spec.format == .bf16 {   // generated in place as the bytes' UInt16 values (one allocation)
+            if n == 0 { return [] }
+            return [UInt8](unsafeUninitializedCapacity: 2 * n) { buf, count in
+                let p = UnsafeMutableRawPointer(buf.baseAddress!).bindMemory(to: UInt16.self, capacity: n)
+                generator.fillBF16(p, count: n, stream: stream, offset: slot * n, param: param)
+                count = 2 * n
+            }
         }
         var out = [UInt8](repeating: 0, count: n)
         out.withUnsafeMutableBufferPointer { generator.fillFP8($0.baseAddress!, count: n, stream: stream, offset: slot * n) }
@@ -304,7 +307,7 @@ public final class SyntheticLayer: GenericDecodingLayerSource, KernelLayerSource
         if let sg = sharedGateBF16() { tensors.append((pre + "shared_expert_gate.weight", Tensor(bits: sg, shape: [1, H], dtype: .bf16))) }
         let esize = spec.format == .bf16 ? 2 : 1
         func matrix(_ bytes: ArraySlice<UInt8>, _ shape: [Int]) -> Tensor {
-            Tensor(dtype: wdtype, shape: shape, storage: Array(bytes).withUnsafeBytes { ByteStorage(copying: $0) })
+            Tensor(dtype: wdtype, shape: shape, storage: bytes.withUnsafeBytes { ByteStorage(copying: $0) })
         }
         func scales(_ s: ArraySlice<Float>, _ shape: [Int]) -> Tensor { Tensor(Array(s), shape: shape, dtype: .f32) }
         func perExpert(_ base: String, _ e: Int) {

@@ -200,15 +200,34 @@ public enum SafetensorsWriter {
         if !metadata.isEmpty { header["__metadata__"] = metadata }
         var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
         while (8 + json.count) % 8 != 0 { json.append(0x20) }
-        var out = Data(capacity: 8 + json.count + offset)
+        var head = Data(capacity: 8 + json.count)
         var n = UInt64(json.count).littleEndian
-        withUnsafeBytes(of: &n) { out.append(contentsOf: $0) }
-        out.append(json)
-        for (_, t) in tensors { out.append(contentsOf: t.rawBytes) }
-        do {
-            try out.write(to: URL(fileURLWithPath: path), options: .atomic)
-        } catch {
-            throw TensorIOError(file: path, "cannot write: \(error.localizedDescription)")
+        withUnsafeBytes(of: &n) { head.append(contentsOf: $0) }
+        head.append(json)
+        // streamed from the tensors' own storage into a temporary file renamed into place: no
+        // copy of the whole file in memory (a 1.6 GB case file used to be assembled in one Data)
+        let tmp = path + ".partial-\(getpid())"
+        guard let f = fopen(tmp, "wb") else {
+            throw TensorIOError(file: path, "cannot write: \(String(cString: strerror(errno)))")
+        }
+        func put(_ bytes: UnsafeRawBufferPointer) -> Bool {
+            var done = 0
+            while done < bytes.count {
+                let chunk = Swift.min(bytes.count - done, 64 << 20)
+                let w = fwrite(bytes.baseAddress! + done, 1, chunk, f)
+                if w == 0 { return false }
+                done += w
+            }
+            return true
+        }
+        var ok = head.withUnsafeBytes { put($0) }
+        for (_, t) in tensors where ok { ok = put(t.rawBytes) }
+        let err = errno
+        if fclose(f) != 0 { ok = false }
+        guard ok, rename(tmp, path) == 0 else {
+            let why = String(cString: strerror(ok ? errno : err))
+            unlink(tmp)
+            throw TensorIOError(file: path, "cannot write: \(why)")
         }
     }
 }
