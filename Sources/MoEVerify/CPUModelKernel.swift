@@ -41,8 +41,8 @@ public final class CPUModelKernel: KernelUnderTest {
     static let block = 32
 
     struct Weights {
-        let w13: [Float]   // [slots, 2I, H] dequantized per element, or raw values
-        let w2: [Float]    // [slots, H, I]
+        let bf16_13: [UInt8]   // bf16 layers: [slots, 2I, H] bf16 bits as stored (widened at use: no float copy of the layer)
+        let bf16_2: [UInt8]    // [slots, H, I]
         let codes13: [UInt8], codes2: [UInt8]
         let s13: [Float], s2: [Float]
         let fp8: FP8Codec?
@@ -53,11 +53,9 @@ public final class CPUModelKernel: KernelUnderTest {
         if let f = layer.weightFormat.fp8 {
             // fnuz_as_fn: fnuz bytes decoded with the fn table, scales not adjusted (values doubled)
             let codec = (on("fnuz_as_fn") && f == .e4m3fnuz) ? FP8Codec.e4m3fn : FP8Codec.codec(for: f)
-            return Weights(w13: [], w2: [], codes13: kw.w13, codes2: kw.w2, s13: kw.w13Scale, s2: kw.w2Scale, fp8: codec)
+            return Weights(bf16_13: [], bf16_2: [], codes13: kw.w13, codes2: kw.w2, s13: kw.w13Scale, s2: kw.w2Scale, fp8: codec)
         }
-        let w13 = kw.w13.withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { BFloat16.float($0) } }
-        let w2 = kw.w2.withUnsafeBytes { $0.bindMemory(to: UInt16.self).map { BFloat16.float($0) } }
-        return Weights(w13: w13, w2: w2, codes13: [], codes2: [], s13: [], s2: [], fp8: nil)
+        return Weights(bf16_13: kw.w13, bf16_2: kw.w2, codes13: [], codes2: [], s13: [], s2: [], fp8: nil)
     }
 
     // MARK: router
@@ -134,16 +132,20 @@ public final class CPUModelKernel: KernelUnderTest {
               actScales: [Float], splits: Int, reverse: Bool, garbage: Float) -> SIMD4<Float> {
         let base = (slot &* rows &+ r) &* k
         if w.fp8 == nil {
-            let m = matrixIsW13 ? w.w13 : w.w2
+            let m = matrixIsW13 ? w.bf16_13 : w.bf16_2
             var acc = SIMD4<Float>(repeating: 0)
-            m.withUnsafeBufferPointer { mp in
+            m.withUnsafeBytes { raw in
+                let mp = raw.bindMemory(to: UInt16.self)
                 act.withUnsafeBufferPointer { ap in
                     precondition(base.min() >= 0 && base.max() + k <= mp.count && k <= ap.count)
                     let m0 = mp.baseAddress! + base[0], m1 = mp.baseAddress! + base[1], m2 = mp.baseAddress! + base[2], m3 = mp.baseAddress! + base[3]
+                    @inline(__always) func wv(_ i: Int) -> SIMD4<Float> {
+                        SIMD4(BFloat16.float(m0[i]), BFloat16.float(m1[i]), BFloat16.float(m2[i]), BFloat16.float(m3[i]))
+                    }
                     if reverse {
-                        for i in stride(from: k - 1, through: 0, by: -1) { acc += SIMD4(repeating: ap[i]) * SIMD4(m0[i], m1[i], m2[i], m3[i]) }
+                        for i in stride(from: k - 1, through: 0, by: -1) { acc += SIMD4(repeating: ap[i]) * wv(i) }
                     } else {
-                        for i in 0..<k { acc += SIMD4(repeating: ap[i]) * SIMD4(m0[i], m1[i], m2[i], m3[i]) }
+                        for i in 0..<k { acc += SIMD4(repeating: ap[i]) * wv(i) }
                     }
                 }
             }
