@@ -544,17 +544,8 @@ def to_torch(a, device=None, dtype=None, exact: bool = True):
     dev = device if device is not None else globals()["device"]()
     a = np.asarray(a)
     src = a.dtype
-    if torch.device(dev).type != "cpu":
-        t = host_view(a).to(dev)  # the upload is the copy: none on the host
-    else:
-        views = {np.dtype(ml_dtypes.bfloat16): (np.int16, torch.bfloat16),
-                 np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, torch.float8_e4m3fn),
-                 np.dtype(ml_dtypes.float8_e4m3fnuz): (np.uint8, torch.float8_e4m3fnuz)}
-        if src in views:
-            raw, tdt = views[src]
-            t = torch.from_numpy(np.array(a.view(raw), copy=True)).view(tdt)
-        else:
-            t = torch.from_numpy(np.array(a, copy=True))
+    # the upload is the copy; on the CPU a copy, never a view of the read-only mapping
+    t = host_view(a).to(dev) if torch.device(dev).type != "cpu" else host_view(a).clone()
     if dtype is not None and t.dtype != dtype:
         c = t.to(dtype)
         if exact and c.is_floating_point() and t.is_floating_point():

@@ -33,9 +33,24 @@ public struct ReferencePipeline {
         self.verifier = verifier
         self.depth = Swift.max(1, depth)
         self.memoryBudget = memoryBudget
+        recipes = Self.recipeTable(verifier)
+    }
+
+    /// The verifier's (adjusted) recipe for every weight format, read once on the caller's thread.
+    static func recipeTable(_ verifier: CaseVerifier) -> [WeightFormat: Result<Recipe, Error>] {
         var table: [WeightFormat: Result<Recipe, Error>] = [:]
         for f in WeightFormat.allCases { table[f] = Result { try verifier.recipe(for: f) } }
-        recipes = table
+        return table
+    }
+
+    /// `vc`'s reference prepared by `verifier` with the recipes of `table` (any thread).
+    static func prepare(_ vc: VerifyCase, _ verifier: CaseVerifier, _ table: [WeightFormat: Result<Recipe, Error>]) -> Result<PreparedReference, Error> {
+        Result {
+            try verifier.prepareReference(vc) { f in
+                guard let r = table[f] else { throw VerifyError.failed("no recipe for \(f.rawValue)") }
+                return try r.get()
+            }
+        }
     }
 
     /// A rough upper estimate of the bytes one case holds while in flight: the reference's
@@ -70,12 +85,7 @@ public struct ReferencePipeline {
         let slot = Slot(vc, bytes: Self.footprint(vc))
         let verifier = self.verifier, recipes = self.recipes
         queue.async {
-            slot.reference = Result {
-                try verifier.prepareReference(vc) { f in
-                    guard let r = recipes[f] else { throw VerifyError.failed("no recipe for \(f.rawValue)") }
-                    return try r.get()
-                }
-            }
+            slot.reference = Self.prepare(vc, verifier, recipes)
             slot.referenceReady.signal()
         }
         return slot
@@ -161,11 +171,7 @@ extension ReferencePipeline {
     public static func runSeveral(_ cases: [VerifyCase], keys: [String: [(kernel: Int, key: String)]], verifiers: [CaseVerifier],
                                   pipelined: Bool, memoryBudget: Int, each: (Int, CaseReport, Double) -> Void) -> Int {
         // recipes read from the kernels here, once: kernels are called on this thread only
-        let recipes: [[WeightFormat: Result<Recipe, Error>]] = verifiers.map { v in
-            var t: [WeightFormat: Result<Recipe, Error>] = [:]
-            for f in WeightFormat.allCases { t[f] = Result { try v.recipe(for: f) } }
-            return t
-        }
+        let recipes = verifiers.map(recipeTable)
         let queue = DispatchQueue(label: "moecheck.several-references", attributes: .concurrent)
         func start(_ vc: VerifyCase) -> [String: Pending] {
             var out: [String: Pending] = [:]
@@ -174,12 +180,7 @@ extension ReferencePipeline {
                 out[key] = p
                 let v = verifiers[i], table = recipes[i]
                 queue.async {
-                    p.result = Result {
-                        try v.prepareReference(vc) { f in
-                            guard let r = table[f] else { throw VerifyError.failed("no recipe for \(f.rawValue)") }
-                            return try r.get()
-                        }
-                    }
+                    p.result = prepare(vc, v, table)
                     p.ready.signal()
                 }
             }

@@ -7,7 +7,8 @@ import MoEVerify
 /// What `verify` has done so far, printed when it is stopped (SIGTERM from `timeout` or a
 /// campaign's deadline, SIGINT): the per-kernel time split and counts of the cases that
 /// finished, so a stopped shard still says where its time went. The summary lines are the
-/// ones a finished run prints, after a `stopped` line; the exit status is 128 + the signal.
+/// ones a finished run prints, after a `stopped` line; `--json` gets the finished runs' reports;
+/// the exit status is 128 + the signal.
 final class StopSummary: @unchecked Sendable {
     private let lock = NSLock()
     private let names: [String]
@@ -16,6 +17,8 @@ final class StopSummary: @unchecked Sendable {
     private let start = Date()
     private let pipelined: Bool
     private var sources: [DispatchSourceSignal] = []
+    /// Writes the finished runs' reports (`--json`) when stopped.
+    var writeReports: (([CaseReport]) throws -> Void)?
 
     /// `names`: each kernel's "name on device"; one kernel: its seconds are the run's wall time.
     init(kernels names: [String], pipelined: Bool) {
@@ -62,6 +65,9 @@ final class StopSummary: @unchecked Sendable {
         let done = reports.reduce(0) { $0 + $1.count }
         print(String(format: "verify: stopped by signal %d after %.1f s, %d run(s) finished; the summary of those:", sig, Date().timeIntervalSince(start), done))
         for l in lines() { print(l) }
+        if let writeReports {
+            do { try writeReports(reports.flatMap { $0 }) } catch { print("verify: the JSON report of the finished runs was not written: \(error)") }
+        }
         fflush(stdout)
         _exit(128 + sig)
     }

@@ -99,6 +99,7 @@ struct Verify: ParsableCommand {
         print("verify: " + about)
         fflush(stdout)
         let progress = StopSummary(kernels: ["\(k.name) on \(k.device)"], pipelined: !references.noPipeline)
+        progress.writeReports = { [report] in try report.write($0) }
         let summary = CatalogueRun.run(runnable, on: k, rigorousOnly: tier.rigorousOnly, recipe: forced, cache: cache,
                                        pipelined: !references.noPipeline, inFlight: references.depth,
                                        memoryBudget: references.memoryBudget) { r in
@@ -147,6 +148,7 @@ struct Verify: ParsableCommand {
         var seconds = [Double](repeating: 0, count: kernels.count)
         fflush(stdout)
         let progress = StopSummary(kernels: kernels.map { "\($0.name) on \($0.device)" }, pipelined: !references.noPipeline)
+        progress.writeReports = { [report] in try report.write($0) }
         let shared = ReferencePipeline.runSeveral(cases, keys: keys, verifiers: verifiers, pipelined: !references.noPipeline,
                                                   memoryBudget: references.memoryBudget) { i, r, secs in
             seconds[i] += secs

@@ -46,7 +46,8 @@ struct CLITests {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: MoECheckTool.executable!)
         // two cases of the 35B shape: tens of seconds on the CPU model, stopped long before
-        p.arguments = ["verify", "--cpu-model", "--suite", "all", "--filter", "qwen3.5-35b-a3b-tp1-bf16-T1", "--no-cache"]
+        let json = dir.path("stopped.json")
+        p.arguments = ["verify", "--cpu-model", "--suite", "all", "--filter", "qwen3.5-35b-a3b-tp1-bf16-T1", "--no-cache", "--json", json]
         var env = ProcessInfo.processInfo.environment
         env["MOECHECK_BLAS_THREADS"] = "1"
         p.environment = env
@@ -70,6 +71,9 @@ struct CLITests {
         let lines = text.split(separator: "\n").map(String.init)
         #expect(lines.last?.range(of: #"^[0-9]+ passed, [0-9]+ failed"#, options: .regularExpression) != nil, "\(text)")
         #expect(lines.contains { $0.hasPrefix("verify: cpu-model on CPU") && $0.contains("cases/s") }, "\(text)")
+        // the finished runs' reports (none finished this early: an empty list, still valid JSON)
+        let written = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: json)))
+        #expect(written is [Any], "\(written)")
     }
 
     @Test("inspect on a good case file prints family, H, I, E, K, fusable and exits 0")
