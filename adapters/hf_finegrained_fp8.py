@@ -59,6 +59,9 @@ def _hopper():
 if _hopper():
     RECIPE["accumulatorUnitRoundoff"] = 2.0 ** -14
 FORMATS = ["fp8-e4m3fn"]  # weight formats of the case files this adapter takes
+# fuzz draws H, I and Is as multiples of 128 (the block size: FP8Experts blocks gate and up rows
+# together, so other I are unsupported unless their scales agree; real FP8 checkpoints are 128-aligned)
+CONSTRAINTS = {"multiple_of": 128}
 MUTANTS = ["expert_down_x1p01", "shared_slot_weight_zero"]
 IMPLEMENTATION = os.environ.get("MOECHECK_HF_FP8_EXPERTS", "eager")
 _EXPERTS_CLASS = []

@@ -373,6 +373,12 @@ public struct Shrinker {
     public let verifier: CaseVerifier
     public var budget: Int
     public var sameStage: Bool
+    /// The kernel's contract (the generator's): candidates keep H, I and Is multiples of
+    /// `shapeMultiple`, a fused shared expert fused, and a weight format in `formats` — a
+    /// candidate outside it only comes back `Unsupported` (or fails for the wrong reason).
+    public var shapeMultiple = 1
+    public var fusedSharedOnly = false
+    public var formats: [WeightFormat]? = nil
 
     public init(verifier: CaseVerifier, budget: Int = 150, sameStage: Bool = true) {
         self.verifier = verifier
@@ -396,11 +402,17 @@ public struct Shrinker {
         return out
     }
 
-    /// Candidates, simplest change first within each dimension.
-    public static func candidates(_ vc: VerifyCase) -> [(String, VerifyCase)] {
+    /// Candidates, simplest change first within each dimension, inside the contract: H, I and
+    /// Is stay multiples of `multiple`, a fused shared expert stays fused (`fusedSharedOnly`),
+    /// the format stays in `formats`.
+    public static func candidates(_ vc: VerifyCase, multiple: Int = 1, fusedSharedOnly: Bool = false,
+                                  formats: [WeightFormat]? = nil) -> [(String, VerifyCase)] {
         var out: [(String, VerifyCase)] = []
         guard let s = vc.spec else { return [] }
         let c = s.config
+        let m = Swift.max(1, multiple)
+        // a dimension's smaller values that keep it a multiple of m (all of them when m = 1)
+        func dims(_ v: Int) -> [Int] { v % m == 0 ? smaller(v / m).map { $0 * m } : smaller(v).filter { $0 % m == 0 } }
         func with(_ what: String, _ f: (inout VerifyCase) -> Void) {
             var n = vc
             f(&n)
@@ -415,15 +427,15 @@ public struct Shrinker {
         for t in smaller(s.tokens) { with("T \(s.tokens)→\(t)") { $0.spec!.tokens = t } }
         for e in smaller(c.experts) { with("E \(c.experts)→\(e)") { $0.spec!.config.experts = e } }
         for k in smaller(c.topK) { with("K \(c.topK)→\(k)") { $0.spec!.config.topK = k } }
-        for h in smaller(c.hidden) { with("H \(c.hidden)→\(h)") { $0.spec!.config.hidden = h } }
-        for i in smaller(c.intermediate) {
+        for h in dims(c.hidden) { with("H \(c.hidden)→\(h)") { $0.spec!.config.hidden = h } }
+        for i in dims(c.intermediate) {
             with("I \(c.intermediate)→\(i)") {
                 if c.fusable { $0.spec!.config.sharedIntermediate = i }
                 $0.spec!.config.intermediate = i
             }
         }
         if c.hasSharedExpert && !c.fusable {
-            for i in smaller(c.sharedIntermediate) where i != c.intermediate {
+            for i in dims(c.sharedIntermediate) where i != c.intermediate {
                 with("Is \(c.sharedIntermediate)→\(i)") { $0.spec!.config.sharedIntermediate = i }
             }
         }
@@ -435,10 +447,11 @@ public struct Shrinker {
             if vc.splitK > 2 { with("split_k \(vc.splitK)→\(vc.splitK / 2)") { $0.splitK = vc.splitK / 2 } }
         }
         if c.hasSharedExpert { with("shared expert off") { $0.spec!.config.sharedIntermediate = 0; $0.fuseShared = false } }
-        if vc.fuseShared { with("shared expert unfused") { $0.fuseShared = false } }
+        if vc.fuseShared && !fusedSharedOnly { with("shared expert unfused") { $0.fuseShared = false } }
         if s.format != .bf16 {
-            with("format \(s.format.rawValue)→bf16") { $0.spec!.format = .bf16 }
-            if s.format == .fp8e4m3fnuz { with("format fnuz→fn") { $0.spec!.format = .fp8e4m3fn } }
+            let allowed = { (f: WeightFormat) in formats?.contains(f) ?? true }
+            if allowed(.bf16) { with("format \(s.format.rawValue)→bf16") { $0.spec!.format = .bf16 } }
+            if s.format == .fp8e4m3fnuz && allowed(.fp8e4m3fn) { with("format fnuz→fn") { $0.spec!.format = .fp8e4m3fn } }
         }
         return out
     }
@@ -457,7 +470,7 @@ public struct Shrinker {
         var improved = true
         while improved && attempts < budget {
             improved = false
-            for (what, cand) in Self.candidates(best) {
+            for (what, cand) in Self.candidates(best, multiple: shapeMultiple, fusedSharedOnly: fusedSharedOnly, formats: formats) {
                 if attempts >= budget { break }
                 let k = key(cand)
                 if tried.contains(k) { continue }
@@ -645,7 +658,11 @@ public struct FuzzCampaign {
                 shrunkStages.insert(sig)
                 let t0 = Date()
                 let res = withoutActuallyEscaping(event) { ev in
-                    Shrinker(verifier: verifier, budget: shrinkBudget).shrink(vc, report: r) { ev(.shrinkStep($0)) }
+                    var shrinker = Shrinker(verifier: verifier, budget: shrinkBudget)
+                    shrinker.shapeMultiple = generator.shapeMultiple
+                    shrinker.fusedSharedOnly = generator.fusedSharedOnly
+                    shrinker.formats = generator.formats
+                    return shrinker.shrink(vc, report: r) { ev(.shrinkStep($0)) }
                 }
                 shrinkSeconds += Date().timeIntervalSince(t0)
                 shrunk.append(res)

@@ -170,6 +170,25 @@ struct FuzzCampaignTests {
         #expect(CaseVerifier(kernel: try CPUModelKernel()).verify(res.minimal).passed)
     }
 
+    @Test("shrinking stays inside the kernel's contract: H, I, Is multiples of CONSTRAINTS' multiple_of, the shared expert fused, FORMATS")
+    func shrinkInsideContract() throws {
+        let config = MoEConfig(family: .qwen35Moe, hidden: 384, intermediate: 256, sharedIntermediate: 256, experts: 7, topK: 3)
+        let vc = VerifyCase(name: "c", spec: SyntheticSpec(config: config, format: .fp8e4m3fnuz, tokens: 33, seed: 9), fuseShared: true)
+        let free = Shrinker.candidates(vc)
+        #expect(free.contains { $0.1.spec!.config.hidden % 128 != 0 })
+        #expect(free.contains { !$0.1.fuseShared } && free.contains { $0.1.spec!.format == .bf16 })
+        let bound = Shrinker.candidates(vc, multiple: 128, fusedSharedOnly: true, formats: [.fp8e4m3fn, .fp8e4m3fnuz])
+        #expect(!bound.isEmpty)
+        for (what, c) in bound {
+            let k = c.spec!.config
+            #expect(k.hidden % 128 == 0 && k.intermediate % 128 == 0 && k.sharedIntermediate % 128 == 0, "\(what)")
+            #expect(c.fuseShared || k.sharedIntermediate == 0, "\(what)")
+            #expect(c.spec!.format != .bf16, "\(what)")
+        }
+        #expect(bound.contains { $0.1.spec!.config.hidden == 128 } && bound.contains { $0.1.spec!.config.intermediate == 128 })
+        #expect(bound.contains { $0.1.spec!.format == .fp8e4m3fn })
+    }
+
     @Test("the shrinker keeps only failing candidates and respects its budget")
     func shrinkerBudget() throws {
         let verifier = CaseVerifier(kernel: try CPUModelKernel(fault: "shared_slot_dropped"))
