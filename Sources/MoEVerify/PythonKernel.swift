@@ -47,6 +47,7 @@ public final class PythonKernel: WholeLayerKernel {
     private let scratch: String
     private let echoStderr: Bool
     private var nextID = 0
+    /// The generated case file this adapter's last case used (claimed in `SharedCaseFiles`).
     private var lastSynthetic: String?
 
     /// Starts the worker and reads the adapter's declarations; throws a `PythonAdapterError`
@@ -61,12 +62,14 @@ public final class PythonKernel: WholeLayerKernel {
         script = try PythonWorker.locateScripts() + "/moecheck_worker.py"
         scratch = try PythonWorker.scratchDirectory()
         adapterName = URL(fileURLWithPath: adapter).deletingPathExtension().lastPathComponent
+        SharedCaseFiles.shared.retain()
         try start()
     }
 
     deinit {
         worker?.stop(force: false)
-        try? FileManager.default.removeItem(atPath: scratch)
+        PythonWorker.removeScratch(scratch)
+        SharedCaseFiles.shared.release(last: lastSynthetic)
     }
 
     private func start() throws {
@@ -119,11 +122,8 @@ public final class PythonKernel: WholeLayerKernel {
         guard formats.contains(layer.weightFormat) else {
             throw PythonAdapterError.caseFailed(case: vc.name, kind: "format", message: "the adapter takes \(formats.map(\.rawValue).joined(separator: ", ")) weights (FORMATS), this case stores \(layer.weightFormat.rawValue)", traceback: "")
         }
-        let location = try layer.caseFile(in: scratch)
-        if location.path.hasPrefix(scratch), let previous = lastSynthetic, previous != location.path {
-            try? FileManager.default.removeItem(atPath: previous) // one generated layer at a time in memory
-        }
-        if location.path.hasPrefix(scratch) { lastSynthetic = location.path }
+        let (location, claimed) = try SharedCaseFiles.shared.location(of: layer, replacing: lastSynthetic)
+        lastSynthetic = claimed
         let materialized = Date().timeIntervalSince(started)
         nextID += 1
         let id = nextID
@@ -206,5 +206,53 @@ public final class PythonKernel: WholeLayerKernel {
             default: return raw.bindMemory(to: Double.self).map { $0 }
             }
         }
+    }
+}
+
+/// Generated layers written as case files for the workers, shared by every adapter of the
+/// process: with several adapters on one case (`verify --python A --python B`) the layer is
+/// generated and written once, not once per adapter. Each adapter claims the file of its last
+/// case; a file no adapter claims is removed (one generated layer per adapter at most in
+/// memory, as before, and fewer when they share); the directory goes with the last adapter.
+final class SharedCaseFiles: @unchecked Sendable {
+    static let shared = SharedCaseFiles()
+    private let lock = NSLock()
+    private var directory: String?
+    private var claims: [String: Int] = [:]
+    private var users = 0
+
+    func retain() { lock.lock(); users += 1; lock.unlock() }
+
+    /// An adapter is gone: its claim on `last` ends, and the directory with the last adapter.
+    func release(last: String?) {
+        lock.lock()
+        defer { lock.unlock() }
+        if let last { unclaim(last) }
+        users -= 1
+        if users <= 0, let d = directory {
+            PythonWorker.removeScratch(d)
+            directory = nil
+            claims = [:]
+        }
+    }
+
+    private func unclaim(_ path: String) {
+        guard let n = claims[path] else { return }
+        if n <= 1 { claims[path] = nil; try? FileManager.default.removeItem(atPath: path) } else { claims[path] = n - 1 }
+    }
+
+    /// The layer's case file — the file itself for a case file, else one generated here and
+    /// claimed — and the adapter's claim on `previous` (its last generated file) given up.
+    /// Returns the location and the path now claimed (nil for a user's case file).
+    func location(of layer: KernelLayerSource, replacing previous: String?) throws -> (CaseFileLocation, String?) {
+        lock.lock()
+        defer { lock.unlock() }
+        if directory == nil { directory = try PythonWorker.scratchDirectory() }
+        let dir = directory!
+        let location = try layer.caseFile(in: dir)
+        let generated = location.path.hasPrefix(dir + "/")
+        if generated { claims[location.path, default: 0] += 1 }
+        if let previous { unclaim(previous) }
+        return (location, generated ? location.path : nil)
     }
 }

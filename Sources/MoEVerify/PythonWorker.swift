@@ -242,6 +242,33 @@ final class PythonWorker {
         let base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : NSTemporaryDirectory()
         var template = Array("\(base)/moecheck-XXXXXX".utf8CString)
         guard let p = mkdtemp(&template) else { throw PythonAdapterError.setup("cannot create a scratch directory in \(base)") }
-        return String(cString: p)
+        let dir = String(cString: p)
+        scratchLock.lock(); scratchDirectories.insert(dir); scratchLock.unlock()
+        return dir
     }
+
+    nonisolated(unsafe) private static var scratchDirectories = Set<String>()
+    private static let scratchLock = NSLock()
+
+    /// Removes a scratch directory made by `scratchDirectory`.
+    static func removeScratch(_ dir: String) {
+        try? FileManager.default.removeItem(atPath: dir)
+        scratchLock.lock(); scratchDirectories.remove(dir); scratchLock.unlock()
+    }
+
+    /// Removes every scratch directory still there (a process stopped by a signal: the case
+    /// files in /dev/shm are memory).
+    static func removeAllScratch() {
+        scratchLock.lock()
+        let all = scratchDirectories
+        scratchDirectories = []
+        scratchLock.unlock()
+        for d in all { try? FileManager.default.removeItem(atPath: d) }
+    }
+}
+
+/// The Python adapters' scratch directories (case files and outputs in /dev/shm).
+public enum PythonScratch {
+    /// Removes every one still there: for a process about to exit on a signal.
+    public static func removeAll() { PythonWorker.removeAllScratch() }
 }

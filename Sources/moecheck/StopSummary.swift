@@ -69,6 +69,7 @@ final class StopSummary: @unchecked Sendable {
             do { try writeReports(reports.flatMap { $0 }) } catch { print("verify: the JSON report of the finished runs was not written: \(error)") }
         }
         fflush(stdout)
+        PythonScratch.removeAll()
         _exit(128 + sig)
     }
 }

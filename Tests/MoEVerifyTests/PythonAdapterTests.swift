@@ -230,6 +230,24 @@ struct PythonAdapterTests {
         }
     }
 
+    @Test("adapters share one generated case file per layer; it goes when no adapter claims it")
+    func sharedCaseFiles() throws {
+        let store = SharedCaseFiles()
+        store.retain(); store.retain()
+        let a = try cases[0].openLayer(), b = try cases[1].openLayer()
+        let (la, ca) = try store.location(of: a, replacing: nil)
+        let (la2, ca2) = try store.location(of: a, replacing: nil)      // a second adapter, same case
+        #expect(la.path == la2.path && ca == la.path && ca2 == la.path)
+        let (lb, cb) = try store.location(of: b, replacing: ca)         // the first moves on
+        #expect(lb.path != la.path && FileManager.default.fileExists(atPath: la.path), "still claimed by the second adapter")
+        let (_, cb2) = try store.location(of: b, replacing: ca2)        // the second moves on
+        #expect(!FileManager.default.fileExists(atPath: la.path) && FileManager.default.fileExists(atPath: lb.path))
+        store.release(last: cb)
+        #expect(FileManager.default.fileExists(atPath: lb.path))
+        store.release(last: cb2)
+        #expect(!FileManager.default.fileExists(atPath: (lb.path as NSString).deletingLastPathComponent), "the directory goes with the last adapter")
+    }
+
     @Test("the worker's CPU thread pools follow this process's thread count (or MOECHECK_WORKER_THREADS); variables the user set are kept")
     func workerThreads() throws {
         #expect(PythonWorker.threadEnvironment([:], blasThreads: 2) ==
