@@ -65,6 +65,7 @@ done
 wait
 echo "$name verify --suite $suite: $procs shards × $threads threads, $(( $(date +%s) - start )) s wall"
 grep -h 'time split\|cases/s' "$out"/verify-*.log | head -"$procs" | sed 's/^/  /'
+for ((i = 0; i < procs; i++)); do grep -h 'peak memory' "$out/verify-$i.log" | tail -1 | sed "s/^verify: /  shard $i: /"; done
 totals verify
 fi
 

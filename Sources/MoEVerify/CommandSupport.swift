@@ -229,3 +229,14 @@ public enum JSONReport {
         try encoder(escapingSlashes: escapingSlashes).encode(value).write(to: URL(fileURLWithPath: path))
     }
 }
+
+/// This process's peak resident memory (getrusage), for the last lines of long runs: several
+/// campaign shards share a host, and a shard that is killed for memory says nothing itself.
+public enum PeakMemory {
+    public static var bytes: Int {
+        var u = rusage()
+        guard getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &u) == 0 else { return 0 }
+        return Int(u.ru_maxrss) * 1024   // kilobytes on Linux
+    }
+    public static var line: String { String(format: "peak memory of this process %.2f GiB", Double(bytes) / Double(1 << 30)) }
+}

@@ -64,6 +64,7 @@ final class StopSummary: @unchecked Sendable {
         lock.lock()
         let done = reports.reduce(0) { $0 + $1.count }
         print(String(format: "verify: stopped by signal %d after %.1f s, %d run(s) finished; the summary of those:", sig, Date().timeIntervalSince(start), done))
+        print("verify: " + PeakMemory.line)
         for l in lines() { print(l) }
         if let writeReports {
             do { try writeReports(reports.flatMap { $0 }) } catch { print("verify: the JSON report of the finished runs was not written: \(error)") }

@@ -108,6 +108,7 @@ struct Verify: ParsableCommand {
         try report.write(summary.reports)
         print(String(format: "verify: %@ on %@, %.1f s", k.name, k.device, summary.seconds) + summary.timeSplit)
         if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
+        print("verify: " + PeakMemory.line)
         if let py = k as? PythonKernel, py.restarts > 0 { print("verify: the adapter's worker was restarted \(py.restarts) time(s)") }
         print(summary.countLine)
         if summary.failed > 0 { throw ExitCode(1) }
@@ -163,6 +164,7 @@ struct Verify: ParsableCommand {
         }
         print("verify: \(shared) reference(s) shared between kernels" + (references.noPipeline ? "" : "; the next case's references computed beside the kernels"))
         if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
+        print("verify: " + PeakMemory.line)
         let all = CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: seconds.reduce(0, +))
         print(all.countLine)
         if all.failed > 0 { throw ExitCode(1) }

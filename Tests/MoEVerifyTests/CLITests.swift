@@ -68,6 +68,7 @@ struct CLITests {
         try #require(stoppedEarly, "the run ended before it was stopped: \(text)")
         #expect(p.terminationReason == .exit && p.terminationStatus == 143, "\(p.terminationReason) \(p.terminationStatus): \(text)")
         #expect(text.contains("verify: stopped by signal 15 after"), "\(text)")
+        #expect(text.contains("verify: peak memory of this process"), "\(text)")
         let lines = text.split(separator: "\n").map(String.init)
         #expect(lines.last?.range(of: #"^[0-9]+ passed, [0-9]+ failed"#, options: .regularExpression) != nil, "\(text)")
         #expect(lines.contains { $0.hasPrefix("verify: cpu-model on CPU") && $0.contains("cases/s") }, "\(text)")
