@@ -45,8 +45,11 @@ final class StopSummary: @unchecked Sendable {
         fflush(stdout)
     }
 
-    /// The summary lines of the cases so far.
-    func lines() -> [String] {
+    /// The reports so far, per kernel.
+    var reportsByKernel: [[CaseReport]] { lock.lock(); defer { lock.unlock() }; return reports }
+
+    /// Each kernel's summary lines (time split, counts) of the cases so far.
+    func kernelLines() -> [String] {
         var out: [String] = []
         let wall = Date().timeIntervalSince(start)
         for (i, name) in names.enumerated() {
@@ -56,7 +59,13 @@ final class StopSummary: @unchecked Sendable {
             out.append(String(format: "verify: %@%@, %.1f s", tag, name, secs) + s.timeSplit)
             out.append((names.count == 1 ? "" : "  [\(i + 1)] ") + s.countLine)
         }
-        if names.count > 1 { out.append(CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: wall).countLine) }
+        return out
+    }
+
+    /// The summary lines of the cases so far: each kernel's, then (several kernels) the total count.
+    func lines() -> [String] {
+        var out = kernelLines()
+        if names.count > 1 { out.append(CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: 0).countLine) }
         return out
     }
 

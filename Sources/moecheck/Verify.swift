@@ -145,27 +145,20 @@ struct Verify: ParsableCommand {
             if let py = k as? PythonKernel { about += "; \(py.libraryVersions)\(py.hasRoute ? "" : "; no route(): forward-only")" }
             print(about)
         }
-        var reports = [[CaseReport]](repeating: [], count: kernels.count)
-        var seconds = [Double](repeating: 0, count: kernels.count)
         fflush(stdout)
         let progress = StopSummary(kernels: kernels.map { "\($0.name) on \($0.device)" }, pipelined: !references.noPipeline)
         progress.writeReports = { [report] in try report.write($0) }
         let shared = ReferencePipeline.runSeveral(cases, keys: keys, verifiers: verifiers, pipelined: !references.noPipeline,
                                                   memoryBudget: references.memoryBudget) { i, r, secs in
-            seconds[i] += secs
-            reports[i].append(r)
             progress.record(kernel: i, r, seconds: secs, line: "[\(i + 1)] " + r.line)
         }
+        let reports = progress.reportsByKernel
         try report.write(reports.flatMap { $0 })
-        for (i, k) in kernels.enumerated() {
-            let summary = CatalogueRunSummary(reports: reports[i], seconds: seconds[i], pipelined: !references.noPipeline)
-            print(String(format: "verify: [%d] %@ on %@, %.1f s", i + 1, k.name, k.device, seconds[i]) + summary.timeSplit)
-            print("  [\(i + 1)] \(summary.countLine)")
-        }
+        for line in progress.kernelLines() { print(line) }
         print("verify: \(shared) reference(s) shared between kernels" + (references.noPipeline ? "" : "; the next case's references computed beside the kernels"))
         if let cache { print("verify: " + cache.counters.line(directory: cache.root.path)) }
         print("verify: " + PeakMemory.line)
-        let all = CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: seconds.reduce(0, +))
+        let all = CatalogueRunSummary(reports: reports.flatMap { $0 }, seconds: 0)   // its count line only
         print(all.countLine)
         if all.failed > 0 { throw ExitCode(1) }
     }
